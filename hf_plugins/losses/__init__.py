@@ -1,0 +1,27 @@
+"""Functional losses on materialised logits (the readable definitions) and the target rules the fused head uses.
+
+Conventions: `logits` [B, T, V] and `labels` [B, T] are aligned (`logits[b, t]` predicts `labels[b, t]`), label -100
+is ignored, and the reduction is `sum / num_items_in_batch` when that is given, else the mean over supervised tokens.
+"""
+
+from ..ops.method import LossMethod
+from .dft import DFTMethod, dft_loss
+from .sft import SFTMethod, sft_loss
+from .weighted import WeightedMethod, weighted_sft_loss
+
+#: Methods the fused head knows by name. Later methods register here.
+METHODS: dict[str, type[LossMethod]] = {
+    SFTMethod.name: SFTMethod,
+    DFTMethod.name: DFTMethod,
+    WeightedMethod.name: WeightedMethod,
+}
+
+__all__ = [
+    "METHODS",
+    "DFTMethod",
+    "SFTMethod",
+    "WeightedMethod",
+    "dft_loss",
+    "sft_loss",
+    "weighted_sft_loss",
+]

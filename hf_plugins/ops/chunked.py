@@ -1,0 +1,160 @@
+"""The `chunked` backend: the fused linear loss head in pure torch, for CPU and any GPU.
+
+Rows are processed `chunk_size` at a time, so at most two `[chunk_size, V]` tiles exist at once (the log-probs and
+the probabilities, which then become the logits gradient in place). Because every method's target weights are known
+in the forward pass, the gradients w.r.t. hidden, weight and bias are computed there too and only scaled by the
+incoming gradient in backward: three matmuls per tile (logits, grad_hidden, grad_weight), no recompute.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .method import Chunk, LossMethod
+
+#: Default tile budget in elements (4 MiB of float32 per tile): small enough to stay in cache-friendly territory on
+#: CPU and far below the full logits, large enough that the matmuls stay efficient.
+DEFAULT_TILE_ELEMENTS = 1 << 20
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(16, DEFAULT_TILE_ELEMENTS // max(vocab_size, 1))
+
+
+def chunk_compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (tests), else float32 (bf16/fp16 inputs are upcast per tile)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def run_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    method: LossMethod,
+    row_inputs: dict[str, torch.Tensor],
+    chunk_size: int,
+    grad_scale: float | None,
+    want_metrics: bool,
+):
+    """One pass over the supervised rows.
+
+    Returns `(loss_sum, grads, metric_sums)`: the summed per-row loss, `(grad_hidden, grad_weight, grad_bias)` of
+    `grad_scale * loss_sum` (None entries when `grad_scale` is None or the input needs none), and per-metric sums.
+    """
+    dtype = chunk_compute_dtype(hidden, weight, bias)
+    n_rows = hidden.shape[0]
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    want_grad = grad_scale is not None
+
+    grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=hidden.device) if want_grad else None
+    grad_weight = torch.zeros_like(w) if want_grad else None
+    grad_bias = torch.zeros_like(b) if want_grad and b is not None else None
+
+    loss_sum = torch.zeros((), dtype=dtype, device=hidden.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+
+    def add_metric(name, per_row):
+        metric_sums[name] = metric_sums.get(name, 0) + per_row.sum()
+
+    for start in range(0, n_rows, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_rows))
+        h = hidden[rows].to(dtype)
+        y = labels[rows]
+        logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        del logits
+        probs = log_probs.exp()
+        label_log_probs = log_probs.gather(1, y.unsqueeze(-1)).squeeze(-1)
+        chunk = Chunk(
+            log_probs=log_probs,
+            probs=probs,
+            labels=y,
+            label_log_probs=label_log_probs,
+            rows=rows,
+            inputs={name: value[rows] for name, value in row_inputs.items()},
+        )
+        targets = method.targets(chunk)
+        loss_sum += -targets.weighted_log_prob(log_probs).sum()
+
+        if want_metrics:
+            add_metric("label_prob", label_log_probs.exp())
+            add_metric("entropy", -torch.linalg.vecdot(probs, log_probs))
+            add_metric("token_accuracy", (log_probs.argmax(-1) == y).to(dtype))
+            for name, per_row in method.metrics(chunk, targets).items():
+                add_metric(name, per_row.to(dtype))
+        del log_probs, chunk
+
+        if want_grad:
+            # dl/dz = (sum_v w) * p - w, scaled by the reduction; built in place in the probabilities tile
+            grad_logits = probs.mul_((targets.total() * grad_scale).unsqueeze(-1))
+            targets.value = targets.value * grad_scale if targets.value is not None else None
+            targets.dense = targets.dense * grad_scale if targets.dense is not None else None
+            targets.subtract_from(grad_logits)
+            torch.mm(grad_logits, w, out=grad_hidden[rows])
+            grad_weight.addmm_(grad_logits.t(), h)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        del probs, targets
+
+    return loss_sum, (grad_hidden, grad_weight, grad_bias), metric_sums
+
+
+class ChunkedLinearLoss(torch.autograd.Function):
+    """`loss_sum / denominator` of a method over `hidden @ weight.T + bias`, gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out):
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss_sum, grads, metric_sums = run_chunks(
+            hidden,
+            weight,
+            bias,
+            labels,
+            method,
+            row_inputs,
+            chunk_size,
+            grad_scale=1.0 / denominator if need_grad else None,
+            want_metrics=metrics_out is not None,
+        )
+        if metrics_out is not None:
+            metrics_out.update(metric_sums)
+        grad_hidden, grad_weight, grad_bias = grads
+        ctx.save_for_backward(
+            grad_hidden if ctx.needs_input_grad[0] else None,
+            grad_weight if ctx.needs_input_grad[1] else None,
+            grad_bias if ctx.needs_input_grad[2] else None,
+        )
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return loss_sum / denominator
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            grads.append(None if grad is None else (grad * grad_output.to(grad.dtype)).to(dtype))
+        return (*grads, None, None, None, None, None, None)
+
+
+def chunked_linear_loss(hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out):
+    return ChunkedLinearLoss.apply(
+        hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out
+    )
+
+
+@torch.no_grad()
+def chunked_label_log_probs(hidden, weight, bias, labels, chunk_size) -> torch.Tensor:
+    """`log p(label)` per row without gradient and without the full logits (for sequence-level methods)."""
+    dtype = chunk_compute_dtype(hidden, weight, bias)
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, min(start + chunk_size, hidden.shape[0]))
+        h = hidden[rows].to(dtype)
+        logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+        out[rows] = logits.gather(1, labels[rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return out

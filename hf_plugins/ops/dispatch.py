@@ -1,0 +1,144 @@
+"""`fused_linear_loss`: the one loss-head primitive every trainer in this library calls."""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked import chunked_label_log_probs, chunked_linear_loss, default_chunk_size
+from .method import IGNORE_INDEX, LossMethod, Rows
+from .reference import reference_linear_loss
+
+BACKENDS = ("auto", "chunked", "reference")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that `backend` names on `device` ("auto": the fastest available; on CPU that is "chunked")."""
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown loss backend {backend!r}: choose one of {', '.join(map(repr, BACKENDS))}.")
+    return "chunked" if backend == "auto" else backend
+
+
+def resolve_method(method: str | LossMethod) -> LossMethod:
+    from ..losses import METHODS
+
+    if isinstance(method, LossMethod):
+        return method
+    if isinstance(method, str) and method in METHODS:
+        return METHODS[method]()
+    raise ValueError(
+        f"Unknown loss method {method!r}: choose one of {', '.join(map(repr, METHODS))} or pass a `LossMethod`."
+    )
+
+
+def _flatten(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None):
+    if hidden.dim() not in (2, 3) or tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(
+            f"`hidden` {tuple(hidden.shape)} and `labels` {tuple(labels.shape)} do not match: pass hidden [B, T, D] "
+            "with labels [B, T], or hidden [N, D] with labels [N]."
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"`weight` has shape {tuple(weight.shape)} but `hidden` has dimension {hidden.shape[-1]}: the lm_head "
+            "weight must be [V, D] with D the hidden size."
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"`bias` has shape {tuple(bias.shape)}; it must be [V] = [{weight.shape[0]}].")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"`labels` must hold integer token ids, got dtype {labels.dtype}.")
+    mask = labels != IGNORE_INDEX
+    row_labels = labels[mask].long()
+    if row_labels.numel():
+        low, high = int(row_labels.min()), int(row_labels.max())
+        if low < 0 or high >= weight.shape[0]:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"`labels` holds {bad}, outside the vocabulary [0, {weight.shape[0]}): labels must be token ids or "
+                "-100 (ignored). Check the tokenizer matches the model's lm_head."
+            )
+    if labels.dim() == 2:
+        sequence_index = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+        num_sequences = labels.shape[0]
+    else:
+        sequence_index = torch.zeros_like(row_labels)
+        num_sequences = 1
+    return hidden[mask], row_labels, mask, sequence_index, num_sequences
+
+
+def fused_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    method: str | LossMethod = "sft",
+    *,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_metrics: bool = False,
+    **method_inputs,
+):
+    """A method's loss over `hidden @ weight.T (+ bias)` without materialising the logits.
+
+    Equal in value and gradient to the functional loss of `method` in `hf_plugins.losses` applied to the logits.
+
+    Args:
+        hidden (`torch.Tensor` of shape `[B, T, D]` or `[N, D]`): hidden states, aligned with `labels`
+            (`hidden[b, t]` predicts `labels[b, t]`: shift before calling).
+        weight (`torch.Tensor` of shape `[V, D]`): the lm_head weight.
+        labels (`torch.LongTensor` of shape `[B, T]` or `[N]`): token ids, -100 where no loss is taken.
+        method (`str` or `LossMethod`): `"sft"`, `"dft"`, `"weighted"` (more as methods land) or a method object.
+        bias (`torch.Tensor` of shape `[V]`, *optional*): the lm_head bias.
+        backend (`str`): `"auto"` (fastest on the device), `"chunked"` (pure torch, any device) or `"reference"`
+            (materialises the logits; for tests).
+        chunk_size (`int`, *optional*): rows per tile; default keeps a tile near 1M elements.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default:
+            the mean over supervised tokens.
+        return_metrics (`bool`): also return a dict of per-token means: `label_prob` (mean p(label)),
+            `token_accuracy` (argmax == label), `entropy`, plus the method's own (e.g. `dft_weight`), and
+            `num_tokens`, the number of supervised tokens. They cost no extra pass.
+        **method_inputs: the method's inputs (e.g. `token_weights` [B, T] for `"weighted"`).
+
+    Returns:
+        The scalar loss (float32, float64 for float64 inputs), or `(loss, metrics)` with `return_metrics=True`.
+    """
+    method = resolve_method(method)
+    backend = resolve_backend(backend, hidden.device)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"`chunk_size` must be a positive integer number of rows, got {chunk_size!r}.")
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, torch.Tensor)):
+        raise ValueError(f"`num_items_in_batch` must be a number or a tensor, got {type(num_items_in_batch)}.")
+
+    row_hidden, row_labels, mask, sequence_index, num_sequences = _flatten(hidden, weight, labels, bias)
+    chunk_size = chunk_size or default_chunk_size(weight.shape[0])
+    rows = Rows(
+        labels=row_labels,
+        mask=mask,
+        sequence_index=sequence_index,
+        num_sequences=num_sequences,
+        label_log_probs=lambda: chunked_label_log_probs(row_hidden, weight, bias, row_labels, chunk_size),
+    )
+    try:
+        row_inputs = method.prepare(rows, **method_inputs)
+    except TypeError as error:  # an input the method's `prepare` does not take
+        raise ValueError(f"Method '{method.name}' got an unexpected input: {error}") from error
+
+    num_rows = row_labels.numel()
+    if num_items_in_batch is None:
+        denominator = float(max(num_rows, 1))
+    else:
+        denominator = float(max(float(num_items_in_batch), 1.0))
+
+    metric_sums = {} if return_metrics else None
+    if backend == "reference":
+        loss = reference_linear_loss(
+            row_hidden, weight, bias, row_labels, method, row_inputs, denominator, metric_sums
+        )
+    else:
+        loss = chunked_linear_loss(
+            row_hidden, weight, bias, row_labels, method, row_inputs, chunk_size, denominator, metric_sums
+        )
+    if not return_metrics:
+        return loss
+    metrics = {name: float(value) / max(num_rows, 1) for name, value in metric_sums.items()}
+    metrics["num_tokens"] = num_rows
+    return loss, metrics

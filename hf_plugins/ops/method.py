@@ -1,0 +1,143 @@
+"""The interface between the fused loss head and a training method.
+
+Every loss in this library is a weighted-target cross-entropy on the logits `z_t` of a supervised token:
+
+    l_t = - sum_v w[t, v] * log softmax(z_t)[v]        (w detached)
+    dl_t / dz_t = (sum_v w[t, v]) * softmax(z_t) - w[t, :]
+
+A method only says what `w` is, one chunk of rows at a time, and which metrics it wants; the backends own the loop
+over chunks, the matmuls and the gradients. `w` is given as a sparse part (`index`, `value`: a few tokens per row,
+e.g. the label) plus an optional dense part (`dense`: a full [rows, V] distribution, e.g. a reference model's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Targets:
+    """Detached target weights of one chunk of rows: `w = scatter(index, value) + dense`.
+
+    Attributes:
+        index (`torch.LongTensor` of shape `[C, K]`, *optional*): token ids that get a sparse weight (repeats add up).
+        value (`torch.Tensor` of shape `[C, K]`, *optional*): the weight of each `index` entry.
+        dense (`torch.Tensor` of shape `[C, V]`, *optional*): a dense weight over the whole vocabulary.
+    """
+
+    index: torch.Tensor | None = None
+    value: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    def total(self) -> torch.Tensor:
+        """`sum_v w[t, v]` per row, the factor of `softmax(z_t)` in the logits gradient."""
+        total = 0
+        if self.value is not None:
+            total = self.value.sum(-1)
+        if self.dense is not None:
+            total = total + self.dense.sum(-1)
+        return total
+
+    def weighted_log_prob(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """`sum_v w[t, v] * log_probs[t, v]` per row, without building the dense weight when there is none."""
+        out = torch.zeros(log_probs.shape[0], dtype=log_probs.dtype, device=log_probs.device)
+        if self.index is not None:
+            out = out + (self.value * log_probs.gather(1, self.index)).sum(-1)
+        if self.dense is not None:
+            out = out + torch.linalg.vecdot(self.dense, log_probs)
+        return out
+
+    def subtract_from(self, grad: torch.Tensor) -> torch.Tensor:
+        """`grad - w`, in place."""
+        if self.index is not None:
+            grad.scatter_add_(1, self.index, -self.value)
+        if self.dense is not None:
+            grad.sub_(self.dense)
+        return grad
+
+
+@dataclass
+class Chunk:
+    """What a method sees of one chunk of supervised rows. Everything is detached and in the compute dtype.
+
+    Attributes:
+        log_probs (`torch.Tensor` of shape `[C, V]`): `log softmax(z)` of the policy.
+        probs (`torch.Tensor` of shape `[C, V]`): `softmax(z)`. Read only: the backend reuses it for the gradient.
+        labels (`torch.LongTensor` of shape `[C]`): the label of each row (all supervised).
+        label_log_probs (`torch.Tensor` of shape `[C]`): `log_probs` at the label.
+        rows (`slice`): where the chunk lies among the supervised rows.
+        inputs (`dict[str, torch.Tensor]`): the method's per-row inputs, sliced to the chunk.
+    """
+
+    log_probs: torch.Tensor
+    probs: torch.Tensor
+    labels: torch.Tensor
+    label_log_probs: torch.Tensor
+    rows: slice
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Rows:
+    """The supervised rows of a call, handed to `LossMethod.prepare`.
+
+    Attributes:
+        labels (`torch.LongTensor` of shape `[N]`): labels of the supervised rows.
+        mask (`torch.BoolTensor`): which positions of the caller's `labels` are supervised (caller's shape).
+        sequence_index (`torch.LongTensor` of shape `[N]`): the sequence each row belongs to (the batch row for
+            `[B, T]` inputs, 0 for flat `[N]` inputs).
+        num_sequences (`int`): how many sequences the call holds.
+        label_log_probs (`Callable[[], torch.Tensor]`): runs a no-grad pass of the head and returns `log p(label)`
+            per row, for methods whose weights depend on whole sequences.
+    """
+
+    labels: torch.Tensor
+    mask: torch.Tensor
+    sequence_index: torch.Tensor
+    num_sequences: int
+    label_log_probs: Callable[[], torch.Tensor]
+
+    def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Select a per-token input (shaped like the caller's labels) at the supervised rows, checking its shape."""
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"`{name}` must be a tensor shaped like `labels` {tuple(self.mask.shape)}.")
+        if tuple(tensor.shape) != tuple(self.mask.shape):
+            raise ValueError(
+                f"`{name}` has shape {tuple(tensor.shape)} but `labels` has shape {tuple(self.mask.shape)}: "
+                f"pass one `{name}` entry per label position."
+            )
+        return tensor.to(self.mask.device)[self.mask]
+
+
+class LossMethod:
+    """Base class of the methods the fused head understands.
+
+    Subclasses set `name`, implement `prepare` (validate and gather the method's inputs once per call) and `targets`
+    (the detached target weights of one chunk), and may add per-row metric sums in `metrics`.
+    """
+
+    name: str = "base"
+
+    def prepare(self, rows: Rows, **method_inputs) -> dict[str, torch.Tensor]:
+        """Validate the method's inputs and return its per-row tensors (first dimension N, sliced per chunk)."""
+        if method_inputs:
+            names = ", ".join(sorted(method_inputs))
+            raise ValueError(f"Method '{self.name}' takes no inputs, got: {names}.")
+        return {}
+
+    def targets(self, chunk: Chunk) -> Targets:
+        raise NotImplementedError
+
+    def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
+        """Per-row values to average over the supervised rows and report (name -> `[C]` tensor)."""
+        return {}
+
+
+def label_targets(labels: torch.Tensor, weights: torch.Tensor) -> Targets:
+    """Targets with one weighted entry per row, on the label: `w = weights * one_hot(labels)`."""
+    return Targets(index=labels.unsqueeze(-1), value=weights.unsqueeze(-1))
