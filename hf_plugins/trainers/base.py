@@ -1,0 +1,162 @@
+"""Plumbing shared by every trainer of this library: the hidden-state forward that feeds the fused loss head.
+
+`add_loss_head_forward(model)` patches a causal LM (the base model under PEFT, like TRL patches it) so that
+`model(**inputs, loss_head=head)` runs the backbone only, aligns hidden states with next-token labels and hands them
+with the lm_head to `head`, all *inside* the model's forward. Running the head inside the forward is what keeps DDP,
+FSDP and DeepSpeed ZeRO-3 correct: their hooks fire around the forward, and the lm_head weight is gathered while it
+is used. Without `loss_head`, the forward is the previous one, so generation and TRL's own paths are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+from ..ops import fused_linear_loss
+from ..ops.method import LossMethod
+
+# Config attributes that rescale or squash the logits after the lm_head. The fused head computes plain
+# `hidden @ W.T + b`, so a model that sets one of these would silently train on the wrong logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def check_plain_lm_head(model) -> None:
+    """Raise a `ValueError` if the model transforms its logits after the lm_head (soft-capping, scaling)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(
+                f"The model's config sets `{name}={value}`: its logits are transformed after the lm_head, which the "
+                "fused loss heads of hf-plugins do not support yet. Use a model without it, or TRL's SFTTrainer."
+            )
+
+
+def lm_head_parameters(lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias the lm_head actually applies, unwrapping PEFT's `modules_to_save` copy and FSDP2 shards."""
+    module = lm_head
+    # PEFT `modules_to_save=["lm_head"]` wraps the head: the trained copy is the active adapter's, unless disabled
+    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+        active = [name for name in module.active_adapters if name in module.modules_to_save]
+        module = module.modules_to_save[active[0]] if active and not module.disable_adapters else module.original_module
+    if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+        raise ValueError(
+            "A LoRA adapter on the lm_head is not supported: the fused head reads `lm_head.weight` directly, so the "
+            "adapter would be ignored. Remove 'lm_head' from `target_modules`, or train the whole head with "
+            "`modules_to_save=['lm_head']`."
+        )
+    weight, bias = module.weight, module.bias
+    # FSDP2 keeps parameters as DTensor shards while the backbone returns plain tensors
+    if hasattr(weight, "full_tensor"):
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if bias is not None else None
+    return weight, bias
+
+
+def gather_lm_head(weight, bias):
+    """Under DeepSpeed ZeRO-3 the head is sharded and only gathered by its own forward hook, which the fused head
+    never calls: gather it for the duration of the loss (TRL's helper, reused)."""
+    try:
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+    except ImportError:  # pragma: no cover - older TRL
+        return nullcontext()
+    return maybe_gather_lm_head_ctx(weight, bias)
+
+
+def next_token_aligned(tensor: torch.Tensor, pre_shifted: bool, is_hidden: bool = False) -> torch.Tensor:
+    """Align a per-position tensor with next-token labels: position t of the hidden states predicts label t + 1.
+    Pre-shifted inputs (`shift_labels`, as context parallelism passes them) are used as they are."""
+    if pre_shifted:
+        return tensor
+    return tensor[:, :-1] if is_hidden else tensor[:, 1:]
+
+
+@dataclass
+class FusedHeadOutput(ModelOutput):
+    """What a forward with `loss_head=` returns: the loss and the head's metrics (per-token means)."""
+
+    loss: torch.Tensor | None = None
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass
+class LossHead:
+    """A call of the fused head, built by the trainer and run inside the model's forward.
+
+    Attributes:
+        method: a method name of `hf_plugins.ops.fused_linear_loss` or a `LossMethod`.
+        backend, chunk_size: passed to `fused_linear_loss`.
+        num_items_in_batch: the global count of supervised tokens that the summed loss is divided by.
+        token_inputs: method inputs with one entry per input position ([B, T], aligned with `input_ids`); they are
+            shifted like the labels.
+        other_inputs: the other method inputs (per-sequence tensors, scalars, reference tensors), passed as they are.
+    """
+
+    method: str | LossMethod
+    backend: str = "auto"
+    chunk_size: int | None = None
+    num_items_in_batch: Any = None
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    other_inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool) -> FusedHeadOutput:
+        weight, bias = lm_head_parameters(lm_head)
+        hidden = next_token_aligned(hidden_states, pre_shifted, is_hidden=True).to(weight.device)
+        labels = next_token_aligned(labels, pre_shifted).to(weight.device)
+        token_inputs = {
+            name: next_token_aligned(value, pre_shifted).to(weight.device) for name, value in self.token_inputs.items()
+        }
+        with gather_lm_head(weight, bias):
+            loss, metrics = fused_linear_loss(
+                hidden,
+                weight,
+                labels,
+                self.method,
+                bias=bias,
+                backend=self.backend,
+                chunk_size=self.chunk_size,
+                num_items_in_batch=self.num_items_in_batch,
+                return_metrics=True,
+                **token_inputs,
+                **self.other_inputs,
+            )
+        return FusedHeadOutput(loss=loss, metrics=metrics)
+
+
+def add_loss_head_forward(model) -> None:
+    """Patch `model.forward` so that `model(..., labels=..., loss_head=head)` returns `head`'s output computed from
+    the backbone's last hidden state, without ever applying the lm_head to all positions. Idempotent."""
+    if getattr(model, "_hf_plugins_loss_head", False):
+        return
+    check_plain_lm_head(model)
+    previous_forward = model.forward
+
+    # Keep the class signature: `generate` validates its model kwargs against it
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, loss_head=None, labels=None, shift_labels=None, **kwargs):
+        if loss_head is None:
+            if labels is not None:
+                kwargs["labels"] = labels
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
+            return previous_forward(*args, **kwargs)
+        kwargs.pop("num_items_in_batch", None)  # the head carries it; the backbone does not take it
+        kwargs["use_cache"] = False
+        # Looked up on each call: PEFT, FSDP and DeepSpeed replace modules after the patch
+        backbone_outputs = self.base_model(*args, **kwargs)
+        pre_shifted = shift_labels is not None
+        return loss_head(
+            backbone_outputs.last_hidden_state,
+            shift_labels if pre_shifted else labels,
+            self.get_output_embeddings(),
+            pre_shifted,
+        )
+
+    model.forward = types.MethodType(forward, model)
+    model._hf_plugins_loss_head = True

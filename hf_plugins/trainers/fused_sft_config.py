@@ -1,0 +1,62 @@
+"""Configuration of `FusedSFTTrainer`, the base of every trainer in this library."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from ..ops.dispatch import BACKENDS
+
+
+@dataclass
+class FusedSFTConfig(SFTConfig):
+    r"""
+    Configuration class for [`FusedSFTTrainer`]: every argument of TRL's `SFTConfig` (and so of
+    `transformers.TrainingArguments`), plus the choice of the fused loss head that computes the loss from the hidden
+    states without building the `[tokens, vocab]` logits.
+
+    Parameters:
+        > Parameters that control the loss head
+
+        loss_backend (`str`, *optional*, defaults to `"auto"`):
+            Backend of the fused linear loss head: `"auto"` (the fastest available on the device; `"chunked"` on
+            CPU), `"chunked"` (pure torch, any device) or `"reference"` (materialises the logits of the supervised
+            tokens; for debugging and tests only).
+        loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
+            Supervised tokens per tile of the loss head. `None` picks a tile of about one million logits. Smaller
+            tiles use less memory; larger tiles give the matmuls more work per call.
+
+    The inherited `loss_type` selects the loss: `"nll"` (cross-entropy, the default) or `"dft"` (Dynamic
+    Fine-Tuning, each token's loss scaled by its detached probability).
+    """
+
+    loss_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Backend of the fused linear loss head: 'auto' (fastest on the device; 'chunked' on CPU), "
+            "'chunked' (pure torch) or 'reference' (materialises logits; for tests).",
+            "choices": list(BACKENDS),
+        },
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Supervised tokens per tile of the loss head. None picks a tile of about one million logits."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_backend not in BACKENDS:
+            raise ValueError(
+                f"`loss_backend={self.loss_backend!r}` is not a loss backend: choose one of "
+                f"{', '.join(map(repr, BACKENDS))}."
+            )
+        if self.loss_chunk_size is not None and (
+            not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or self.loss_chunk_size <= 0
+        ):
+            raise ValueError(
+                f"`loss_chunk_size={self.loss_chunk_size!r}` must be a positive number of tokens, or None for the "
+                "default."
+            )

@@ -1,0 +1,170 @@
+"""`FusedSFTTrainer`: TRL's `SFTTrainer` with the loss computed by this library's fused linear loss head.
+
+Everything TRL does (dataset preparation, chat templates, completion-only and assistant-only masks, PEFT, packing,
+accelerate) is inherited unchanged; only `compute_loss` changes. It runs the backbone to hidden states, keeps the
+supervised positions and calls `hf_plugins.ops.fused_linear_loss`, which never builds the `[tokens, vocab]` logits
+and computes the gradients in the same pass. Method trainers (ASFT, OTR, PoFT, TL, ...) subclass this class and
+override only `loss_method` / `loss_method_inputs` (and declare their extra columns).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from trl import SFTTrainer
+
+from ..data import DataCollatorWithExtraColumns
+from ..ops.method import LossMethod
+from .base import LossHead, add_loss_head_forward
+from .fused_sft_config import FusedSFTConfig
+
+# TRL's `loss_type` names mapped to the fused head's method names
+_LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
+
+# Metric names as TRL's SFTTrainer logs them, for the metrics both compute
+_METRIC_NAMES = {"token_accuracy": "mean_token_accuracy", "entropy": "entropy", "label_prob": "mean_label_prob"}
+
+
+class FusedSFTTrainer(SFTTrainer):
+    """
+    Drop-in replacement for `trl.SFTTrainer` whose loss head never materialises the logits.
+
+    It takes exactly the arguments of `SFTTrainer` (pass a [`FusedSFTConfig`] as `args` to choose the loss backend);
+    `loss_type="nll"` and `"dft"` give the same losses as `SFTTrainer`, step for step.
+
+    Subclasses that need more than the labels set:
+        token_columns (`dict[str, float]`): per-token dataset columns the collator keeps, with their padding value;
+        example_columns (`tuple[str, ...]`): per-example dataset columns the collator keeps;
+    and override `loss_method` and `loss_method_inputs`.
+    """
+
+    _tag_names = ["trl", "sft", "hf-plugins"]
+    _name = "Fused SFT"
+
+    token_columns: dict[str, float] = {}
+    example_columns: tuple[str, ...] = ()
+
+    def __init__(self, model, args: FusedSFTConfig | None = None, *positional, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = FusedSFTConfig(f"{model_name.split('/')[-1]}-{type(self).__name__}")
+        elif not isinstance(args, FusedSFTConfig):
+            # A plain SFTConfig/TrainingArguments keeps its values; our fields take their defaults
+            args = FusedSFTConfig(**args.to_dict())
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                f"`compute_loss_func` cannot be used with {type(self).__name__}: the trainer computes the loss with "
+                "its fused head. Subclass it and override `loss_method` to change the loss."
+            )
+        if args.label_smoothing_factor > 0:
+            raise ValueError(
+                f"`label_smoothing_factor={args.label_smoothing_factor}` is not supported by {type(self).__name__}: "
+                "label smoothing needs the full logits. Set it to 0."
+            )
+        if (self.token_columns or self.example_columns) and (args.packing or args.padding_free):
+            raise ValueError(
+                f"{type(self).__name__} needs the dataset columns "
+                f"{', '.join([*self.token_columns, *self.example_columns])}, which TRL's packing drops: set "
+                "`packing=False` and `padding_free=False`."
+            )
+        if self.token_columns or self.example_columns:
+            # TRL drops every column the model's forward does not name; ours must reach the collator
+            args.remove_unused_columns = False
+        super().__init__(model, args, *positional, **kwargs)
+
+        if self.aux_loss_enabled:
+            raise ValueError(
+                f"{type(self).__name__} does not add the MoE router load-balancing loss yet: set "
+                "`router_aux_loss_coef=0.0` to train without it."
+            )
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        if parallelism is not None and getattr(parallelism, "sp_enabled", False):
+            raise ValueError(
+                f"{type(self).__name__} does not support sequence parallelism (`sp_size > 1`) yet: its loss is not "
+                "the model's own NLL that the sequence-parallel engine reduces."
+            )
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        add_loss_head_forward(base)
+        if self.token_columns or self.example_columns:
+            self.data_collator = DataCollatorWithExtraColumns(
+                self.data_collator,
+                token_columns=dict(self.token_columns),
+                example_columns=tuple(self.example_columns),
+                padding_free=bool(self.args.padding_free),
+            )
+
+    # ------------------------------------------------------------------ hooks for method trainers
+    def loss_method(self) -> str | LossMethod:
+        """The fused head's method for this trainer (from `loss_type` here)."""
+        return _LOSS_TYPE_TO_METHOD[self.args.loss_type]
+
+    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The method's inputs for one batch: `(token_inputs, other_inputs)`. Token inputs are `[B, T]` tensors
+        aligned with `input_ids` (the head shifts them like the labels); other inputs are passed as they are. The
+        extra columns are already popped from `inputs` and can be read from `self._extra_batch`."""
+        return {}, {}
+
+    # ------------------------------------------------------------------ TRL/transformers plumbing
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = [name for name in (*self.token_columns, *self.example_columns) if name not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *extra]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs = dict(inputs)
+        self._extra_batch = {name: inputs.pop(name) for name in (*self.token_columns, *self.example_columns) if name in inputs}
+        inputs["use_cache"] = False
+        token_inputs, other_inputs = self.loss_method_inputs(model, inputs)
+        head = LossHead(
+            method=self.loss_method(),
+            backend=self.args.loss_backend,
+            chunk_size=self.args.loss_chunk_size,
+            num_items_in_batch=num_items_in_batch,
+            token_inputs=token_inputs,
+            other_inputs=other_inputs,
+        )
+        outputs = model(**inputs, loss_head=head)
+        loss = outputs.loss
+        # Like `Trainer.compute_loss`: `num_items_in_batch` counts the tokens of every rank and DDP averages the
+        # gradients across ranks, so the sum is scaled back up by the number of data-parallel ranks
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+
+        self._log_head_metrics(mode, outputs.metrics, inputs)
+
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` (used for `compute_metrics` / `preprocess_logits_for_metrics`) runs an extra "
+                "forward pass that builds the full logits.",
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                logits_outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            return loss, logits_outputs
+        return loss
+
+    def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
+        """Token-weighted means across processes, under TRL's metric names (`entropy`, `mean_token_accuracy`)."""
+        device = self.accelerator.device
+        num_tokens = metrics.pop("num_tokens")
+        names = sorted(metrics)
+        local = torch.tensor([num_tokens, *(metrics[name] * num_tokens for name in names)], device=device)
+        total = self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0)
+        count = total[0].item()
+        for name, value in zip(names, total[1:].tolist()):
+            self._metrics[mode][_METRIC_NAMES.get(name, name)].append(value / count if count > 0 else 0.0)
+
+        if mode == "train":
+            # Same count as SFTTrainer: every real token of the batch, prompt included
+            if "attention_mask" in inputs:
+                local_tokens = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:
+                local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in the batch.")
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local_tokens).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
