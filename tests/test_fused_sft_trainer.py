@@ -1,0 +1,282 @@
+"""FusedSFTTrainer against stock TRL SFTTrainer on the tiny offline model."""
+
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from hf_plugins import FusedSFTConfig, FusedSFTTrainer, sft_loss
+from hf_plugins.testing import tiny_conversational_dataset, tiny_prompt_completion_dataset
+
+CPU_ARGS = dict(
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    report_to="none",
+    logging_steps=1,
+    save_strategy="no",
+    dataloader_num_workers=0,
+    seed=0,
+    learning_rate=5e-3,
+)
+
+
+def make_trainer(trainer_cls, config_cls, model_dir, tmp_path, dataset, eval_dataset=None, peft_config=None, **overrides):
+    args = {**CPU_ARGS, "output_dir": str(tmp_path / trainer_cls.__name__), "max_steps": 5}
+    args.update(overrides)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return trainer_cls(
+        model=model,
+        args=config_cls(**args),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def logged(trainer, key="loss"):
+    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+@pytest.mark.parametrize("dataset_kind", ["conversational", "prompt_completion"])
+def test_matches_stock_sft_trainer_step_by_step(tiny_model_dir, tmp_path, loss_type, dataset_kind):
+    if dataset_kind == "conversational":
+        dataset, extra = tiny_conversational_dataset(32), {"assistant_only_loss": True}
+    else:
+        dataset, extra = tiny_prompt_completion_dataset(32), {}
+    stock = make_trainer(SFTTrainer, SFTConfig, tiny_model_dir, tmp_path, dataset, loss_type=loss_type, **extra)
+    stock.train()
+    fused = make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, loss_type=loss_type, **extra)
+    fused.train()
+    stock_losses, fused_losses = logged(stock), logged(fused)
+    assert len(fused_losses) == 5
+    assert fused_losses == pytest.approx(stock_losses, abs=1e-5, rel=1e-5)
+    # the losses move: the comparison is not between two constant sequences
+    assert len({round(x, 6) for x in fused_losses}) > 1
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert logged(fused, key) == pytest.approx(logged(stock, key), abs=1e-4)
+    for (name, p_stock), p_fused in zip(stock.model.named_parameters(), fused.model.parameters()):
+        torch.testing.assert_close(p_fused, p_stock, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
+    dataset = tiny_conversational_dataset(32)
+    one_by_four = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "a", dataset,
+        max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=1, assistant_only_loss=True,
+    )
+    one_by_four.train()
+    four_by_one = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "b", dataset,
+        max_steps=3, per_device_train_batch_size=1, gradient_accumulation_steps=4, assistant_only_loss=True,
+    )
+    four_by_one.train()
+    assert logged(four_by_one) == pytest.approx(logged(one_by_four), abs=1e-5)
+    for p_a, p_b in zip(one_by_four.model.parameters(), four_by_one.model.parameters()):
+        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+
+
+def test_never_applies_lm_head_to_all_positions(tiny_model_dir, tmp_path):
+    dataset = tiny_conversational_dataset(16)
+    trainer = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, eval_dataset=dataset,
+        max_steps=2, assistant_only_loss=True,
+    )
+    calls = []
+    trainer.model.lm_head.register_forward_hook(lambda module, args, output: calls.append(tuple(output.shape)))
+    trainer.train()
+    trainer.evaluate()
+    assert calls == []
+    # the hook does record calls: a plain forward goes through the lm_head
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    trainer.model(input_ids=batch["input_ids"].to(trainer.model.device))
+    assert len(calls) == 1
+
+
+def test_eval_loss_matches_stock_and_materialised_logits(tiny_model_dir, tmp_path):
+    dataset = tiny_prompt_completion_dataset(16)
+    stock = make_trainer(SFTTrainer, SFTConfig, tiny_model_dir, tmp_path, dataset, eval_dataset=dataset)
+    fused = make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, eval_dataset=dataset)
+    stock_eval, fused_eval = stock.evaluate(), fused.evaluate()
+    assert fused_eval["eval_loss"] == pytest.approx(stock_eval["eval_loss"], abs=1e-6)
+    assert fused_eval["eval_mean_token_accuracy"] == pytest.approx(stock_eval["eval_mean_token_accuracy"])
+
+    # completion-only: the loss is the NLL of the completion tokens alone, computed here from full logits
+    tokenizer = fused.processing_class
+    model = fused.model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in dataset:
+            prompt_ids = tokenizer(example["prompt"])["input_ids"]
+            full_ids = tokenizer(example["prompt"] + example["completion"])["input_ids"] + [tokenizer.eos_token_id]
+            labels = torch.tensor([-100] * len(prompt_ids) + full_ids[len(prompt_ids):])
+            logits = model(input_ids=torch.tensor([full_ids])).logits[0, :-1]
+            total += sft_loss(logits, labels[1:], num_items_in_batch=1).item()
+            count += int((labels[1:] != -100).sum())
+    # eval batches are means per batch; compare the per-token mean over one batch of everything
+    one_batch = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "one", dataset, eval_dataset=dataset,
+        per_device_eval_batch_size=16,
+    )
+    assert one_batch.evaluate()["eval_loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_assistant_only_mask_ignores_prompt_tokens(tiny_model_dir, tmp_path):
+    """Two datasets that differ only in a trailing user turn (prompt tokens after the last assistant turn): with
+    assistant-only loss the training losses are identical; with loss on every token they differ."""
+    base = tiny_conversational_dataset(16, multi_turn=False)
+    variants = []
+    for text in ("what is the capital of france ?", "one two three four five six seven"):
+        variants.append(Dataset.from_dict({"messages": [m + [{"role": "user", "content": text}] for m in base["messages"]]}))
+
+    def losses(dataset, assistant_only, tag):
+        trainer = make_trainer(
+            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / tag, dataset,
+            max_steps=3, assistant_only_loss=assistant_only,
+        )
+        trainer.train()
+        return logged(trainer)
+
+    assert losses(variants[0], True, "a") == pytest.approx(losses(variants[1], True, "b"), abs=1e-7)
+    assert losses(variants[0], False, "c") != pytest.approx(losses(variants[1], False, "d"), abs=1e-4)
+
+
+def test_lora_trains_only_adapter_weights(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    dataset = tiny_conversational_dataset(16)
+    trainer = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=3, learning_rate=5e-2,
+        assistant_only_loss=True,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"),
+    )
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed, "no parameter changed"
+    assert all("lora_" in name for name in changed), sorted(changed)
+    assert any("lora_B" in name for name in changed)
+    assert all(math.isfinite(x) for x in logged(trainer))
+
+
+def test_peft_modules_to_save_lm_head_is_trained(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    dataset = tiny_conversational_dataset(16)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    trainer = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=2, learning_rate=5e-2,
+        assistant_only_loss=True, peft_config=config,
+    )
+    head = trainer.model.get_output_embeddings()
+    trained_copy = head.modules_to_save["default"].weight
+    before, original = trained_copy.detach().clone(), head.original_module.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(trained_copy, before)
+    assert torch.equal(head.original_module.weight, original)
+
+
+def test_lora_on_lm_head_is_refused(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="lm_head"):
+        make_trainer(
+            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(8), peft_config=config
+        )
+
+
+def test_gradient_checkpointing_gives_same_losses(tiny_model_dir, tmp_path):
+    dataset = tiny_conversational_dataset(16)
+    plain = make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "a", dataset, max_steps=3)
+    plain.train()
+    checkpointed = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "b", dataset, max_steps=3,
+        gradient_checkpointing=True,
+    )
+    checkpointed.train()
+    assert logged(checkpointed) == pytest.approx(logged(plain), abs=1e-6)
+
+
+def test_packing_matches_stock(tiny_model_dir, tmp_path):
+    dataset = tiny_conversational_dataset(32)
+    stock = make_trainer(SFTTrainer, SFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=3, packing=True, max_length=128)
+    stock.train()
+    fused = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=3, packing=True, max_length=128
+    )
+    fused.train()
+    assert logged(fused) == pytest.approx(logged(stock), abs=1e-5)
+
+
+def test_chunked_and_reference_backends_agree(tiny_model_dir, tmp_path):
+    dataset = tiny_conversational_dataset(16)
+    runs = []
+    for backend, chunk in (("chunked", 7), ("reference", None)):
+        trainer = make_trainer(
+            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / backend, dataset, max_steps=3,
+            loss_backend=backend, loss_chunk_size=chunk,
+        )
+        trainer.train()
+        runs.append(logged(trainer))
+    assert runs[0] == pytest.approx(runs[1], abs=1e-6)
+
+
+def test_resume_from_checkpoint_continues_identically(tiny_model_dir, tmp_path):
+    dataset = tiny_conversational_dataset(32)
+    full = make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "full", dataset, max_steps=4)
+    full.train()
+    # the same 4-step run (same learning-rate schedule) leaves a checkpoint after step 2 to resume from
+    first = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "resumed", dataset, max_steps=4,
+        save_strategy="steps", save_steps=2,
+    )
+    first.train()
+    resumed = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "resumed", dataset, max_steps=4,
+        save_strategy="steps", save_steps=2,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "FusedSFTTrainer" / "checkpoint-2"))
+    assert logged(resumed)[-2:] == pytest.approx(logged(full)[-2:], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"loss_backend": "fast"}, "loss_backend"),
+        ({"loss_chunk_size": 0}, "loss_chunk_size"),
+        ({"loss_chunk_size": -3}, "loss_chunk_size"),
+        ({"loss_type": "focal"}, "loss_type"),
+    ],
+)
+def test_bad_config_values_raise(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        FusedSFTConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
+
+
+def test_label_smoothing_and_compute_loss_func_are_refused(tiny_model_dir, tmp_path):
+    dataset = tiny_conversational_dataset(8)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, label_smoothing_factor=0.1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match="compute_loss_func"):
+        FusedSFTTrainer(
+            model=model,
+            args=FusedSFTConfig(output_dir=str(tmp_path), **CPU_ARGS),
+            train_dataset=dataset,
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss,
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):  # TEMP until conftest has it
+    from hf_plugins.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"))
