@@ -28,3 +28,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder holding a tiny Llama causal LM and its tokenizer, built offline once per test session."""
+    from hf_plugins.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_model_dir(tmp_path_factory):
+    """Folder holding a tiny Qwen2 causal LM and its tokenizer, built offline once per test session."""
+    from hf_plugins.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir):
+    """A fresh tiny tokenizer per test, so changes one test makes to it (pad token, template) reach no other."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

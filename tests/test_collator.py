@@ -102,9 +102,3 @@ def test_extra_columns_refuse_packing(tiny_model_dir, tmp_path):
             processing_class=tokenizer,
         )
 
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):  # TEMP until conftest has it
-    from hf_plugins.testing import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))

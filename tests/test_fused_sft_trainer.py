@@ -274,9 +274,3 @@ def test_label_smoothing_and_compute_loss_func_are_refused(tiny_model_dir, tmp_p
             compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss,
         )
 
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):  # TEMP until conftest has it
-    from hf_plugins.testing import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny"))

@@ -1,0 +1,507 @@
+"""Offline fixtures: a tiny causal LM, a locally trained tokenizer and tiny datasets, all built in code.
+
+Tests, examples and benchmarks need a model, a tokenizer with a chat template and a few datasets, but the machines
+they run on may have no network access. Everything here is generated from templates in this module and is
+deterministic: the same arguments always give the same tokenizer, the same weights and the same rows.
+
+The tokenizer is a byte-level BPE trained on an English corpus that contains every word the tiny datasets use, so a
+typical conversation is a few dozen tokens. Its ChatML template marks the assistant turns with
+``{% generation %}``/``{% endgeneration %}``, which is what ``apply_chat_template(return_assistant_tokens_mask=True)``
+and TRL's ``SFTTrainer(assistant_only_loss=True)`` rely on.
+
+Example:
+    ```python
+    from hf_plugins.testing import build_tiny_model, build_tokenizer, tiny_conversational_dataset
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer)
+    dataset = tiny_conversational_dataset(n=8)
+    ```
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+
+import torch
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+__all__ = [
+    "BOS_TOKEN",
+    "CHAT_TEMPLATE",
+    "EOS_TOKEN",
+    "IM_END",
+    "IM_START",
+    "PAD_TOKEN",
+    "SPECIAL_TOKENS",
+    "SUPPORTED_ARCHS",
+    "build_tiny_model",
+    "build_tokenizer",
+    "save_tiny_model",
+    "tiny_conversational_dataset",
+    "tiny_language_modeling_dataset",
+    "tiny_prompt_completion_dataset",
+]
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+ENDOFTEXT = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = IM_END
+# ChatML models (SmolLM2, Qwen2) have no beginning-of-sequence token; the first `<|im_start|>` plays that role.
+BOS_TOKEN = None
+# The order fixes the ids: 0..3, before the 256 byte-level symbols.
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD_TOKEN)
+
+# ChatML, as SmolLM2 and Qwen2 write it, with the assistant content wrapped in generation markers. `<|im_end|>` sits
+# inside the markers so the model is trained to end its turn; the newline after it is outside, since generation stops
+# at `<|im_end|>` and never emits it. Content may also be a list of `{"type": "text", "text": ...}` parts.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set content = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('') -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}"
+    "{{- content + '<|im_end|>' -}}"
+    "{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+# How text is cut into words before BPE, alternative by alternative: English contractions; a run of letters with at
+# most one leading character that is neither a letter, a digit nor a line break (so " capital" is one word and a
+# newline never sticks to the word after it); one digit (numbers are spelled digit by digit, as Qwen2 does); a run of
+# punctuation with an optional leading space and trailing line breaks; line breaks with the spaces before them;
+# trailing spaces; any other spaces. Merges never cross these boundaries, so a prompt that ends on punctuation
+# tokenizes the same alone and followed by its completion. It must stay equal to the pattern of transformers'
+# `Qwen2Tokenizer` (see `build_tokenizer`).
+_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+    r"|[^\r\n\p{L}\p{N}]?\p{L}+"
+    r"|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+"
+    r"|\s+(?!\S)"
+    r"|\s+"
+)
+
+# --------------------------------------------------------------------------------------------------------------------
+# Content templates shared by the corpus and the datasets
+# --------------------------------------------------------------------------------------------------------------------
+
+_SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are a helpful assistant. Answer in one short sentence.",
+    "You are a concise assistant.",
+)
+
+_CAPITALS = (
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Peru", "Lima"),
+    ("Norway", "Oslo"),
+    ("Kenya", "Nairobi"),
+)
+
+_COLOURS = (
+    ("the sky", "blue"),
+    ("grass", "green"),
+    ("snow", "white"),
+    ("a banana", "yellow"),
+    ("a tomato", "red"),
+    ("coal", "black"),
+    ("an orange", "orange"),
+    ("a plum", "purple"),
+)
+
+_NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+)
+
+_THANKS = (
+    ("Thank you!", "You are welcome."),
+    ("Thanks, that is right.", "Glad to help."),
+    ("Great, thank you.", "You are welcome. Ask me anything else."),
+)
+
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+    """One arithmetic question and its answer; single-digit operands keep the numbers to one or two tokens."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    op = rng.choice(("plus", "minus", "times"))
+    if op == "minus" and b > a:
+        a, b = b, a
+    result = {"plus": a + b, "minus": a - b, "times": a * b}[op]
+    question = rng.choice((f"What is {a} {op} {b}?", f"How much is {a} {op} {b}?"))
+    return question, f"{a} {op} {b} is {result}."
+
+
+def _capital(rng: random.Random) -> tuple[str, str]:
+    """One question about a capital city and its answer."""
+    country, city = rng.choice(_CAPITALS)
+    question = rng.choice((f"What is the capital of {country}?", f"Which city is the capital of {country}?"))
+    return question, f"The capital of {country} is {city}."
+
+
+def _colour(rng: random.Random) -> tuple[str, str]:
+    """One question about a colour and its answer."""
+    thing, colour = rng.choice(_COLOURS)
+    question = rng.choice((f"What colour is {thing}?", f"Tell me the colour of {thing}."))
+    return question, f"The colour of {thing} is {colour}."
+
+
+def _counting(rng: random.Random) -> tuple[str, str]:
+    """One question about spelling a number as a word and its answer."""
+    n = rng.randint(0, len(_NUMBER_WORDS) - 1)
+    return f"How do you write {n} in words?", f"We write {n} as {_NUMBER_WORDS[n]}."
+
+
+_QA_MAKERS = (_arithmetic, _capital, _colour, _counting)
+
+
+def _qa(rng: random.Random) -> tuple[str, str]:
+    """A question and answer drawn from one of the templates."""
+    return rng.choice(_QA_MAKERS)(rng)
+
+
+def _conversation(rng: random.Random, multi_turn: bool) -> list[dict[str, str]]:
+    """A conversation: an optional system prompt, then one to three user/assistant exchanges."""
+    messages = []
+    if rng.random() < 0.75:
+        messages.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
+    n_turns = rng.choice((1, 1, 2, 3)) if multi_turn else 1
+    for turn in range(n_turns):
+        # A multi-turn conversation sometimes ends with thanks, which gives the assistant a turn that is not a fact.
+        if turn > 0 and turn == n_turns - 1 and rng.random() < 0.3:
+            question, answer = rng.choice(_THANKS)
+        else:
+            question, answer = _qa(rng)
+        messages.append({"role": "user", "content": question})
+        messages.append({"role": "assistant", "content": answer})
+    return messages
+
+
+def _corpus(seed: int, n_conversations: int = 1500) -> Iterator[str]:
+    """Training text for the tokenizer, shaped like the chat template renders the tiny datasets.
+
+    Each message is yielded as `role` + newline + content, i.e. the text between the special tokens, so the merges
+    are spent on what the datasets actually contain, in proportion: the role headers (in every turn), the system
+    prompts and the words of the Q&A templates. The special tokens themselves are never in the text: they are added
+    tokens, split off before the BPE model sees anything.
+    """
+    rng = random.Random(seed)
+    for _ in range(n_conversations):
+        for message in _conversation(rng, multi_turn=True):
+            yield f"{message['role']}\n{message['content']}"
+    for _ in range(n_conversations // 3):
+        question, answer = _qa(rng)
+        yield f"Question: {question}\nAnswer: {answer}"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(vocab_size: int = 384, seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train a tiny byte-level BPE tokenizer with a ChatML chat template.
+
+    The corpus is generated from this module's templates, so the same `seed` always gives the same vocabulary and
+    merges, and the words of the tiny datasets are encoded in few tokens. The byte-level alphabet covers every
+    UTF-8 string, so any text can be encoded (just in more tokens).
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to `384`):
+            Size of the vocabulary, including the 4 special tokens and the 256 byte symbols; must be at least 260.
+            The corpus is small: training stops early (about 560 with the default corpus) once every word in it is
+            a single token.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the sampling of the training corpus.
+
+    Returns:
+        [`~transformers.PreTrainedTokenizerFast`]: The tokenizer, with eos `<|im_end|>`, pad `<|pad|>`, no bos and
+        a ChatML chat template whose assistant turns are wrapped in `{% generation %}` markers.
+    """
+    min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size must be at least {min_size} (special tokens + byte alphabet), got {vocab_size}.")
+
+    # Same normalizer, pre-tokenizer and model options as transformers' `Qwen2Tokenizer`, which `AutoTokenizer` uses
+    # for every `qwen2` checkpoint whatever its `tokenizer.json` says: any other pipeline would be silently replaced
+    # when a qwen2 folder is reloaded. Llama folders load as saved, so one pipeline serves both architectures.
+    tokenizer = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix=""))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    # Untrimmed offsets keep every byte of the text attributed to a token, which the assistant mask computation
+    # (overlap of token offsets with the `{% generation %}` spans) relies on.
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(seed), trainer=trainer)
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=None,
+        additional_special_tokens=[IM_START, ENDOFTEXT],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=512,
+        padding_side="right",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    arch: str = "llama",
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 64,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_position_embeddings: int = 512,
+) -> PreTrainedModel:
+    """Build a randomly initialised tiny causal LM that matches `tokenizer`.
+
+    Args:
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            Tokenizer the model is built for: the vocabulary size and the pad/eos/bos ids are taken from it.
+        arch (`str`, *optional*, defaults to `"llama"`):
+            `"llama"` for a [`~transformers.LlamaForCausalLM`], `"qwen2"` for a [`~transformers.Qwen2ForCausalLM`]
+            (which adds biases to the q/k/v projections).
+        hidden_size (`int`, *optional*, defaults to `32`):
+            Width of the residual stream; must be a multiple of `num_heads`.
+        num_layers (`int`, *optional*, defaults to `2`):
+            Number of decoder layers.
+        num_heads (`int`, *optional*, defaults to `4`):
+            Number of attention heads.
+        num_kv_heads (`int`, *optional*, defaults to `2`):
+            Number of key/value heads; fewer than `num_heads` gives grouped-query attention.
+        intermediate_size (`int`, *optional*, defaults to `64`):
+            Width of the MLP.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether the output projection shares the input embedding matrix.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the weight initialisation. The global torch RNG state is restored afterwards.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
+            Dtype of the parameters.
+        max_position_embeddings (`int`, *optional*, defaults to `512`):
+            Longest sequence the rotary embeddings are set up for.
+
+    Returns:
+        [`~transformers.PreTrainedModel`]: The model, in eval mode as `from_pretrained` would return it.
+    """
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"Unknown arch {arch!r}; expected one of {', '.join(repr(a) for a in SUPPORTED_ARCHS)}.")
+    if hidden_size % num_heads != 0:
+        raise ValueError(f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads}).")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads}).")
+
+    config_kwargs = dict(
+        # `len(tokenizer)` counts the added tokens, which `tokenizer.vocab_size` leaves out for some tokenizers.
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    if arch == "llama":
+        config_cls, model_cls = LlamaConfig, LlamaForCausalLM
+    else:
+        config_cls, model_cls = Qwen2Config, Qwen2ForCausalLM
+    config = config_cls(**config_kwargs)
+
+    # Seed a forked RNG rather than the global one, so building a model in the middle of a test does not change the
+    # random numbers the test draws afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    model = model.to(dtype)
+    model.eval()
+    # Generation must stop at the end of an assistant turn and pad with the tokenizer's pad token.
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def save_tiny_model(path: str | os.PathLike, arch: str = "llama", **kwargs) -> str:
+    """Build a tokenizer and a tiny model and save both to `path`.
+
+    The folder loads back with `AutoTokenizer.from_pretrained(path)` and `AutoModelForCausalLM.from_pretrained(path)`,
+    or can be passed by name to any trainer that takes a model id.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            Folder to write to; created if missing.
+        arch (`str`, *optional*, defaults to `"llama"`):
+            Architecture, see [`build_tiny_model`].
+        **kwargs:
+            `vocab_size` and `tokenizer_seed` go to [`build_tokenizer`] (as `vocab_size` and `seed`); the rest go to
+            [`build_tiny_model`].
+
+    Returns:
+        `str`: `path`, as a string.
+    """
+    tokenizer_kwargs = {}
+    if "vocab_size" in kwargs:
+        tokenizer_kwargs["vocab_size"] = kwargs.pop("vocab_size")
+    if "tokenizer_seed" in kwargs:
+        tokenizer_kwargs["seed"] = kwargs.pop("tokenizer_seed")
+    tokenizer = build_tokenizer(**tokenizer_kwargs)
+    model = build_tiny_model(tokenizer, arch=arch, **kwargs)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tiny_conversational_dataset(n: int = 32, seed: int = 0, multi_turn: bool = True) -> Dataset:
+    """A conversational language-modeling dataset, in TRL's `messages` format.
+
+    Each row is a list of `{"role", "content"}` messages: an optional system prompt, then user/assistant exchanges
+    about arithmetic, capitals, colours and number words. With `multi_turn=True` about half of the rows have two or
+    three exchanges.
+
+    Args:
+        n (`int`, *optional*, defaults to `32`):
+            Number of rows.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the content; the same seed always gives the same rows.
+        multi_turn (`bool`, *optional*, defaults to `True`):
+            Whether some rows have more than one user/assistant exchange.
+
+    Returns:
+        [`~datasets.Dataset`]: A dataset with a single `messages` column.
+    """
+    rng = random.Random(seed)
+    return Dataset.from_dict({"messages": [_conversation(rng, multi_turn) for _ in range(n)]})
+
+
+def tiny_prompt_completion_dataset(n: int = 32, seed: int = 0, conversational: bool = False) -> Dataset:
+    """A prompt-completion dataset, in TRL's standard or conversational format.
+
+    In the standard format the prompt is `"Question: ...\nAnswer:"` and the completion starts with a space. The prompt
+    never ends with whitespace, so the byte-level pre-tokenizer puts a token boundary between the two and the
+    tokenized prompt is a prefix of the tokenized prompt + completion (which TRL's completion mask relies on).
+
+    Args:
+        n (`int`, *optional*, defaults to `32`):
+            Number of rows.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the content; the same seed always gives the same rows.
+        conversational (`bool`, *optional*, defaults to `False`):
+            If `True`, `prompt` is a list of messages (an optional system prompt and a user turn) and `completion` a
+            list holding one assistant message.
+
+    Returns:
+        [`~datasets.Dataset`]: A dataset with `prompt` and `completion` columns.
+    """
+    rng = random.Random(seed)
+    prompts, completions = [], []
+    for _ in range(n):
+        question, answer = _qa(rng)
+        if conversational:
+            prompt = []
+            if rng.random() < 0.5:
+                prompt.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
+            prompt.append({"role": "user", "content": question})
+            prompts.append(prompt)
+            completions.append([{"role": "assistant", "content": answer}])
+        else:
+            prompts.append(f"Question: {question}\nAnswer:")
+            completions.append(f" {answer}")
+    return Dataset.from_dict({"prompt": prompts, "completion": completions})
+
+
+def tiny_language_modeling_dataset(n: int = 32, seed: int = 0) -> Dataset:
+    """A plain-text language-modeling dataset, in TRL's standard `text` format.
+
+    Args:
+        n (`int`, *optional*, defaults to `32`):
+            Number of rows.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the content; the same seed always gives the same rows.
+
+    Returns:
+        [`~datasets.Dataset`]: A dataset with a single `text` column; each row is one to three Q&A pairs.
+    """
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        pairs = [_qa(rng) for _ in range(rng.randint(1, 3))]
+        texts.append("\n".join(f"Question: {question}\nAnswer: {answer}" for question, answer in pairs))
+    return Dataset.from_dict({"text": texts})
