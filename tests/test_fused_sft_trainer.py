@@ -274,3 +274,23 @@ def test_label_smoothing_and_compute_loss_func_are_refused(tiny_model_dir, tmp_p
             compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.loss,
         )
 
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "tied_embeddings"])
+def test_matches_stock_on_other_architectures(tmp_path, variant):
+    from hf_plugins.testing import save_tiny_model
+
+    if variant == "qwen2":
+        model_dir = save_tiny_model(tmp_path / "model", arch="qwen2")
+    else:
+        model_dir = save_tiny_model(tmp_path / "model", arch="llama", tie_word_embeddings=True)
+    dataset = tiny_conversational_dataset(16)
+    stock = make_trainer(SFTTrainer, SFTConfig, model_dir, tmp_path, dataset, max_steps=3, assistant_only_loss=True)
+    stock.train()
+    fused = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, model_dir, tmp_path, dataset, max_steps=3, assistant_only_loss=True
+    )
+    fused.train()
+    assert logged(fused) == pytest.approx(logged(stock), abs=1e-5)
+    if variant == "tied_embeddings":
+        assert fused.model.lm_head.weight is fused.model.model.embed_tokens.weight

@@ -38,21 +38,24 @@ def run_chunks(
     chunk_size: int,
     grad_scale: float | None,
     want_metrics: bool,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
 ):
     """One pass over the supervised rows.
 
     Returns `(loss_sum, grads, metric_sums)`: the summed per-row loss, `(grad_hidden, grad_weight, grad_bias)` of
-    `grad_scale * loss_sum` (None entries when `grad_scale` is None or the input needs none), and per-metric sums.
+    `grad_scale * loss_sum` (None when `grad_scale` is None or `needs_grad` says that input needs none: a frozen
+    lm_head under LoRA skips the weight-gradient matmul), and per-metric sums.
     """
     dtype = chunk_compute_dtype(hidden, weight, bias)
     n_rows = hidden.shape[0]
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
-    want_grad = grad_scale is not None
+    want_grad = grad_scale is not None and any(needs_grad)
+    need_hidden, need_weight, need_bias = (want_grad and flag for flag in needs_grad)
 
-    grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=hidden.device) if want_grad else None
-    grad_weight = torch.zeros_like(w) if want_grad else None
-    grad_bias = torch.zeros_like(b) if want_grad and b is not None else None
+    grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=hidden.device) if need_hidden else None
+    grad_weight = torch.zeros_like(w) if need_weight else None
+    grad_bias = torch.zeros_like(b) if need_bias and b is not None else None
 
     loss_sum = torch.zeros((), dtype=dtype, device=hidden.device)
     metric_sums: dict[str, torch.Tensor] = {}
@@ -94,8 +97,10 @@ def run_chunks(
             targets.value = targets.value * grad_scale if targets.value is not None else None
             targets.dense = targets.dense * grad_scale if targets.dense is not None else None
             targets.subtract_from(grad_logits)
-            torch.mm(grad_logits, w, out=grad_hidden[rows])
-            grad_weight.addmm_(grad_logits.t(), h)
+            if grad_hidden is not None:
+                torch.mm(grad_logits, w, out=grad_hidden[rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         del probs, targets
@@ -119,15 +124,12 @@ class ChunkedLinearLoss(torch.autograd.Function):
             chunk_size,
             grad_scale=1.0 / denominator if need_grad else None,
             want_metrics=metrics_out is not None,
+            needs_grad=tuple(ctx.needs_input_grad[:3]),
         )
         if metrics_out is not None:
             metrics_out.update(metric_sums)
         grad_hidden, grad_weight, grad_bias = grads
-        ctx.save_for_backward(
-            grad_hidden if ctx.needs_input_grad[0] else None,
-            grad_weight if ctx.needs_input_grad[1] else None,
-            grad_bias if ctx.needs_input_grad[2] else None,
-        )
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return loss_sum / denominator
 
@@ -140,6 +142,14 @@ class ChunkedLinearLoss(torch.autograd.Function):
 
 
 def chunked_linear_loss(hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out):
+    if not torch.is_grad_enabled():
+        # Under no_grad (evaluation) autograd still reports `needs_input_grad`: skip the Function and its gradients
+        loss_sum, _, metric_sums = run_chunks(
+            hidden, weight, bias, labels, method, row_inputs, chunk_size, None, metrics_out is not None
+        )
+        if metrics_out is not None:
+            metrics_out.update(metric_sums)
+        return loss_sum / denominator
     return ChunkedLinearLoss.apply(
         hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out
     )
