@@ -1,0 +1,24 @@
+"""Train the tiny model 3 steps with stock SFTTrainer or FusedSFTTrainer; run under torchrun by the DDP test.
+
+usage: train_tiny.py MODEL_DIR OUTPUT_DIR {stock,fused}; writes OUTPUT_DIR/losses.json on the main process.
+"""
+
+import json
+import os
+import sys
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+from hf_plugins import FusedSFTConfig, FusedSFTTrainer
+from hf_plugins.testing import tiny_conversational_dataset
+model_dir, out, which = sys.argv[1:4]
+cls, cfg = (FusedSFTTrainer, FusedSFTConfig) if which == "fused" else (SFTTrainer, SFTConfig)
+args = cfg(output_dir=out, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, bf16=False, use_cpu=True,
+           gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no", seed=0, learning_rate=5e-3,
+           assistant_only_loss=True, dataloader_num_workers=0)
+t = cls(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=tiny_conversational_dataset(32),
+        processing_class=AutoTokenizer.from_pretrained(model_dir))
+t.train()
+if t.accelerator.is_main_process:
+    json.dump([h["loss"] for h in t.state.log_history if "loss" in h], open(os.path.join(out, "losses.json"), "w"))
+    print("WORLD", t.accelerator.num_processes)
