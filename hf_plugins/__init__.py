@@ -1,17 +1,30 @@
 """hf-plugins: drop-in TRL trainers for recent fine-tuning research, with loss heads that never build the logits."""
 
+import importlib
+
 __version__ = "0.1.0.dev0"
 
-from .losses import dft_loss, sft_loss, weighted_sft_loss
-from .ops import fused_linear_loss
-from .trainers import FusedSFTConfig, FusedSFTTrainer
+# Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers
+# (seconds), which the loss functions and ops do not need.
+_EXPORTS = {
+    "FusedSFTConfig": "trainers",
+    "FusedSFTTrainer": "trainers",
+    "dft_loss": "losses",
+    "sft_loss": "losses",
+    "weighted_sft_loss": "losses",
+    "fused_linear_loss": "ops",
+}
 
-__all__ = [
-    "FusedSFTConfig",
-    "FusedSFTTrainer",
-    "__version__",
-    "dft_loss",
-    "fused_linear_loss",
-    "sft_loss",
-    "weighted_sft_loss",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_plugins' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,538 @@
+"""`fused_linear_loss` against the functional losses on materialised logits.
+
+Every backend must equal `sft_loss` / `dft_loss` / `weighted_sft_loss` applied to `hidden @ weight.T + bias`, in value
+and in the gradients w.r.t. hidden, weight and bias, and the chunked backend must never hold the full logits.
+"""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hf_plugins.losses import SFTMethod, dft_loss, sft_loss, weighted_sft_loss
+from hf_plugins.ops import fused_linear_loss
+
+IGNORE = -100
+METHODS = ("sft", "dft", "weighted")
+BACKENDS = ("chunked", "reference")
+F64 = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+
+
+def make_inputs(shape, V=37, D=8, *, dtype=F64, bias=True, seed=0, ignore_frac=0.25):
+    """Random hidden [*shape, D], weight [V, D], bias [V], labels [*shape] (some -100) and token weights."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, D, generator=g, dtype=F64)
+    weight = torch.randn(V, D, generator=g, dtype=F64) * (2.0 / D**0.5)  # logits of std ~2: a non-trivial softmax
+    b = torch.randn(V, generator=g, dtype=F64) if bias else None
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
+    token_weights = 2 * torch.rand(shape, generator=g, dtype=F64)
+    token_weights[torch.rand(shape, generator=g) < 0.2] = 0.0
+
+    def leaf(t):
+        return None if t is None else t.to(dtype).requires_grad_(True)
+
+    return leaf(hidden), leaf(weight), leaf(b), labels, token_weights
+
+
+def method_inputs(method, token_weights):
+    return {"token_weights": token_weights} if method == "weighted" else {}
+
+
+def functional(method, logits, labels, num_items_in_batch, token_weights):
+    if method == "sft":
+        return sft_loss(logits, labels, num_items_in_batch=num_items_in_batch)
+    if method == "dft":
+        return dft_loss(logits, labels, num_items_in_batch=num_items_in_batch)
+    return weighted_sft_loss(logits, labels, token_weights, num_items_in_batch=num_items_in_batch)
+
+
+def leaves_of(hidden, weight, bias):
+    return [t for t in (hidden, weight, bias) if t is not None]
+
+
+def expected_loss_and_grads(method, hidden, weight, bias, labels, token_weights, num_items=None, upstream=1.0):
+    """The functional loss on float64 copies of the inputs (bf16/fp32 values upcast exactly) and its gradients."""
+    h, w, b = (None if t is None else t.detach().to(F64).requires_grad_(True) for t in (hidden, weight, bias))
+    logits = h @ w.t() + (b if b is not None else 0.0)
+    loss = functional(method, logits, labels, num_items, token_weights)
+    grads = torch.autograd.grad(upstream * loss, leaves_of(h, w, b))
+    return loss.detach(), grads
+
+
+def fused_loss_and_grads(method, backend, hidden, weight, bias, labels, token_weights, upstream=1.0, **kwargs):
+    loss = fused_linear_loss(
+        hidden, weight, labels, method, bias=bias, backend=backend, **kwargs, **method_inputs(method, token_weights)
+    )
+    grads = torch.autograd.grad(upstream * loss, leaves_of(hidden, weight, bias))
+    return loss.detach(), grads
+
+
+def assert_matches(method, backend, hidden, weight, bias, labels, token_weights, *, tol, upstream=1.0, **kwargs):
+    loss, grads = fused_loss_and_grads(
+        method, backend, hidden, weight, bias, labels, token_weights, upstream=upstream, **kwargs
+    )
+    exp_loss, exp_grads = expected_loss_and_grads(
+        method, hidden, weight, bias, labels, token_weights, kwargs.get("num_items_in_batch"), upstream=upstream
+    )
+    assert loss.dim() == 0
+    torch.testing.assert_close(loss.to(F64), exp_loss, rtol=tol, atol=tol)
+    assert len(grads) == len(exp_grads)
+    for grad, exp, leaf in zip(grads, exp_grads, leaves_of(hidden, weight, bias)):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+        torch.testing.assert_close(grad.to(F64), exp, rtol=tol, atol=tol)
+    return loss, grads
+
+
+# ----------------------------------------------------------------------------------------- value and gradients
+
+
+@pytest.mark.parametrize("shape", [(3, 7), (21,)], ids=["BTD", "ND"])
+@pytest.mark.parametrize("num_items", [None, 40, "tensor"], ids=["mean", "int", "tensor"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_functional_float64(method, backend, bias, num_items, shape):
+    seed = METHODS.index(method) + 10 * len(shape)
+    hidden, weight, b, labels, token_weights = make_inputs(shape, bias=bias, seed=seed)
+    n = torch.tensor(40) if num_items == "tensor" else num_items
+    assert_matches(
+        method, backend, hidden, weight, b, labels, token_weights, tol=1e-9, chunk_size=4, num_items_in_batch=n
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_default_chunk_size_and_auto_backend(method, backend):
+    hidden, weight, b, labels, token_weights = make_inputs((2, 9), seed=5)
+    assert_matches(method, backend, hidden, weight, b, labels, token_weights, tol=1e-9)
+    auto, _ = fused_loss_and_grads(method, "auto", hidden, weight, b, labels, token_weights)
+    chosen, _ = fused_loss_and_grads(method, backend, hidden, weight, b, labels, token_weights)
+    torch.testing.assert_close(auto, chosen, rtol=1e-12, atol=1e-12)
+
+
+def test_method_object_equals_method_name():
+    hidden, weight, b, labels, _ = make_inputs((2, 9), seed=6)
+    by_name = fused_linear_loss(hidden, weight, labels, "sft", bias=b, backend="chunked", chunk_size=3)
+    by_object = fused_linear_loss(hidden, weight, labels, SFTMethod(), bias=b, backend="chunked", chunk_size=3)
+    torch.testing.assert_close(by_name, by_object, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("upstream", [3.0, -0.25])
+def test_non_unit_upstream_gradient(method, backend, upstream):
+    hidden, weight, b, labels, token_weights = make_inputs((3, 5), seed=7)
+    _, grads = assert_matches(
+        method, backend, hidden, weight, b, labels, token_weights, tol=1e-9, upstream=upstream, chunk_size=4
+    )
+    # and through .backward(), accumulating into .grad
+    loss = fused_linear_loss(
+        hidden, weight, labels, method, bias=b, backend=backend, chunk_size=4, **method_inputs(method, token_weights)
+    )
+    (upstream * loss).backward()
+    for leaf, grad in zip(leaves_of(hidden, weight, b), grads):
+        torch.testing.assert_close(leaf.grad, grad, rtol=1e-12, atol=1e-12)
+
+
+# -------------------------------------------------------------------------------------------------- edge cases
+
+
+def _ignore_rows(labels, rows):
+    labels = labels.clone()
+    labels[rows] = IGNORE
+    return labels
+
+
+EDGE_CASES = {
+    # whole sequences (and positions) without any supervised token
+    "unsupervised-rows": dict(shape=(4, 6), chunk=4, labels=lambda y: _ignore_rows(y, [0, 2])),
+    "unsupervised-rows-flat": dict(shape=(24,), chunk=5, labels=lambda y: _ignore_rows(y, slice(3, 15))),
+    # V not a multiple of anything, and the number of supervised rows (13) not a multiple of the chunk (4)
+    "rows-not-multiple-of-chunk": dict(shape=(13,), V=37, chunk=4, ignore_frac=0.0),
+    "single-row": dict(shape=(1,), chunk=4, ignore_frac=0.0),
+    "single-row-BT": dict(shape=(1, 1), chunk=1, ignore_frac=0.0),
+    "chunk-larger-than-N": dict(shape=(2, 5), chunk=1000),
+    "chunk-1": dict(shape=(2, 5), chunk=1),
+    "tiny-vocab": dict(shape=(9,), V=2, chunk=4, ignore_frac=0.0),
+}
+
+
+@pytest.mark.parametrize("case", EDGE_CASES.values(), ids=EDGE_CASES.keys())
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_edge_cases(method, backend, case):
+    hidden, weight, b, labels, token_weights = make_inputs(
+        case["shape"], V=case.get("V", 37), seed=11, ignore_frac=case.get("ignore_frac", 0.25)
+    )
+    if "labels" in case:
+        labels = case["labels"](labels)
+    assert (labels != IGNORE).any()
+    for num_items in (None, 50):
+        _, grads = assert_matches(
+            method,
+            backend,
+            hidden,
+            weight,
+            b,
+            labels,
+            token_weights,
+            tol=1e-9,
+            chunk_size=case["chunk"],
+            num_items_in_batch=num_items,
+        )
+        # the hidden states of unsupervised positions get exactly zero gradient
+        assert torch.count_nonzero(grads[0][labels == IGNORE]) == 0
+
+
+@pytest.mark.parametrize(
+    "num_items", [None, 8, 0, "tensor", "tensor0"], ids=["mean", "int", "zero", "tensor", "tensor-zero"]
+)
+@pytest.mark.parametrize("shape", [(2, 4), (8,)], ids=["BTD", "ND"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_no_supervised_token_at_all(method, backend, shape, num_items):
+    hidden, weight, b, labels, token_weights = make_inputs(shape, seed=12)
+    labels = torch.full_like(labels, IGNORE)
+    n = {"tensor": torch.tensor(8), "tensor0": torch.tensor(0)}.get(num_items, num_items)
+    loss, metrics = fused_linear_loss(
+        hidden,
+        weight,
+        labels,
+        method,
+        bias=b,
+        backend=backend,
+        chunk_size=3,
+        num_items_in_batch=n,
+        return_metrics=True,
+        **method_inputs(method, token_weights),
+    )
+    grads = torch.autograd.grad(loss, [hidden, weight, b])
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    for grad, leaf in zip(grads, (hidden, weight, b)):
+        assert grad.shape == leaf.shape
+        assert torch.isfinite(grad).all() and torch.count_nonzero(grad) == 0
+    assert metrics["num_tokens"] == 0
+    assert all(value == value for value in metrics.values())  # no NaN metric
+
+
+# ------------------------------------------------------------------------------------------------- low precision
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_inputs(method, backend):
+    hidden, weight, b, labels, token_weights = make_inputs((4, 16), V=53, D=16, dtype=torch.bfloat16, seed=13)
+    loss, grads = fused_loss_and_grads(method, backend, hidden, weight, b, labels, token_weights, chunk_size=5)
+    exp_loss, exp_grads = expected_loss_and_grads(method, hidden, weight, b, labels, token_weights)
+    assert loss.dtype == torch.float32
+    assert abs(loss.double() - exp_loss) <= 1e-3 * abs(exp_loss)
+    for grad, exp, leaf in zip(grads, exp_grads, (hidden, weight, b)):
+        assert grad.dtype == torch.bfloat16 and grad.shape == leaf.shape
+        assert torch.isfinite(grad).all()
+        assert (grad.double() - exp).norm() <= 2e-2 * exp.norm()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_inputs(method, backend):
+    hidden, weight, b, labels, token_weights = make_inputs((4, 16), V=53, D=16, dtype=torch.float32, seed=14)
+    loss, grads = assert_matches(method, backend, hidden, weight, b, labels, token_weights, tol=1e-5, chunk_size=5)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+
+
+# ------------------------------------------------------------------------------------------------------- metrics
+
+
+@pytest.mark.parametrize("shape", [(3, 9), (27,)], ids=["BTD", "ND"])
+@pytest.mark.parametrize("method", METHODS)
+def test_metrics_match_materialised_logits(method, shape):
+    hidden, weight, b, labels, token_weights = make_inputs(shape, V=29, seed=15)
+    logits = (hidden @ weight.t() + b).detach()
+    # make roughly half the supervised labels the argmax so token_accuracy is strictly between 0 and 1
+    flip = torch.arange(labels.numel()).view(labels.shape) % 2 == 0
+    labels = torch.where(flip & (labels != IGNORE), logits.argmax(-1), labels)
+    mask = labels != IGNORE
+
+    log_p = torch.log_softmax(logits[mask], -1)
+    y = labels[mask]
+    p_y = log_p.gather(1, y.unsqueeze(1)).squeeze(1).exp()
+    expected = {
+        "label_prob": p_y.mean().item(),
+        "entropy": -(log_p.exp() * log_p).sum(-1).mean().item(),
+        "token_accuracy": (log_p.argmax(-1) == y).double().mean().item(),
+        "num_tokens": int(mask.sum()),
+    }
+    if method == "dft":
+        expected["dft_weight"] = p_y.mean().item()
+    if method == "weighted":
+        expected["token_weight"] = token_weights[mask].mean().item()
+    assert 0 < expected["token_accuracy"] < 1
+
+    results = {}
+    for backend in BACKENDS:
+        loss, metrics = fused_linear_loss(
+            hidden,
+            weight,
+            labels,
+            method,
+            bias=b,
+            backend=backend,
+            chunk_size=4,
+            return_metrics=True,
+            **method_inputs(method, token_weights),
+        )
+        assert set(metrics) == set(expected)
+        assert metrics["num_tokens"] == expected["num_tokens"] and isinstance(metrics["num_tokens"], int)
+        for name, value in expected.items():
+            assert metrics[name] == pytest.approx(value, rel=1e-9, abs=1e-12), (backend, name)
+        # metrics do not change the loss
+        inputs = method_inputs(method, token_weights)
+        plain = fused_linear_loss(hidden, weight, labels, method, bias=b, backend=backend, chunk_size=4, **inputs)
+        assert loss.item() == plain.item()
+        results[backend] = metrics
+    for name in expected:
+        assert results["chunked"][name] == pytest.approx(results["reference"][name], rel=1e-9, abs=1e-12)
+
+
+# -------------------------------------------------------------------------------------------------------- memory
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the element count of every tensor an aten op returns (forward and backward, inside autograd
+    Functions too), so the largest intermediate a code path creates can be asserted."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+        self.log_softmax_inputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten._log_softmax, torch.ops.aten.log_softmax):
+            self.log_softmax_inputs.append(tuple(args[0].shape))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _largest_tensor(method, backend, n_rows, V=50_000, D=16, chunk=64, return_metrics=False):
+    g = torch.Generator().manual_seed(16)
+    hidden = torch.randn(n_rows, D, generator=g).requires_grad_(True)
+    weight = (0.1 * torch.randn(V, D, generator=g)).requires_grad_(True)
+    labels = torch.randint(0, V, (n_rows,), generator=g)
+    inputs = {"token_weights": torch.rand(n_rows, generator=g)} if method == "weighted" else {}
+    with LargestTensor() as mode:
+        out = fused_linear_loss(
+            hidden,
+            weight,
+            labels,
+            method,
+            backend=backend,
+            chunk_size=chunk,
+            return_metrics=return_metrics,
+            **inputs,
+        )
+        loss = out[0] if return_metrics else out
+        grads = torch.autograd.grad(loss, [hidden, weight])
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    return mode
+
+
+@pytest.mark.parametrize(
+    "method, return_metrics", [("sft", False), ("sft", True), ("dft", True), ("weighted", True)]
+)
+def test_chunked_never_holds_more_than_a_tile(method, return_metrics):
+    N, V, chunk = 512, 50_000, 64
+    mode = _largest_tensor(method, "chunked", N, V=V, chunk=chunk, return_metrics=return_metrics)
+    assert mode.log_softmax_inputs and all(shape == (chunk, V) for shape in mode.log_softmax_inputs)
+    assert len(mode.log_softmax_inputs) == N // chunk
+    assert mode.largest <= chunk * V < N * V
+
+
+def test_reference_holds_the_full_logits():
+    """The same probe on the reference backend sees [N, V]: the check above can fail."""
+    N, V, chunk = 256, 50_000, 64
+    mode = _largest_tensor("sft", "reference", N, V=V, chunk=chunk)
+    assert (N, V) in mode.log_softmax_inputs
+    assert mode.largest >= N * V > chunk * V
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+
+
+def _valid_call(backend, method="sft"):
+    """A valid call (V=37, D=8, hidden [2, 5, 8]); each bad case changes one thing in it."""
+    g = torch.Generator().manual_seed(17)
+    call = dict(
+        hidden=torch.randn(2, 5, 8, generator=g),
+        weight=torch.randn(37, 8, generator=g),
+        labels=torch.randint(0, 37, (2, 5), generator=g),
+        method=method,
+        backend=backend,
+        chunk_size=4,
+    )
+    if method == "weighted":
+        call["token_weights"] = torch.ones(2, 5)
+    return call
+
+
+def _call(call):
+    call = dict(call)
+    return fused_linear_loss(call.pop("hidden"), call.pop("weight"), call.pop("labels"), call.pop("method"), **call)
+
+
+def _with_label(value):
+    labels = _valid_call("chunked")["labels"].clone()
+    labels[1, 3] = value
+    return labels
+
+
+BAD_INPUTS = {
+    "unknown-method": (dict(method="nope"), r"Unknown loss method 'nope'"),
+    "unknown-backend": (dict(backend="cuda-magic"), r"Unknown loss backend 'cuda-magic'"),
+    "chunk-zero": (dict(chunk_size=0), r"`chunk_size` must be a positive integer"),
+    "chunk-negative": (dict(chunk_size=-1), r"`chunk_size` must be a positive integer"),
+    "chunk-float": (dict(chunk_size=4.0), r"`chunk_size` must be a positive integer"),
+    "chunk-str": (dict(chunk_size="4"), r"`chunk_size` must be a positive integer"),
+    "label-V": (dict(labels=_with_label(37)), r"`labels` holds 37, outside the vocabulary \[0, 37\)"),
+    "label-negative": (dict(labels=_with_label(-5)), r"`labels` holds -5, outside the vocabulary \[0, 37\)"),
+    "hidden-weight-dim": (
+        dict(weight=torch.randn(37, 9)),
+        r"`weight` has shape \(37, 9\) but `hidden` has dimension 8",
+    ),
+    "weight-1d": (dict(weight=torch.randn(37)), r"`weight` has shape \(37,\)"),
+    "labels-shape": (dict(labels=torch.zeros(2, 6, dtype=torch.long)), r"`hidden` \(2, 5, 8\) and `labels` \(2, 6\)"),
+    "labels-flat-for-BTD": (dict(labels=torch.zeros(10, dtype=torch.long)), r"do not match"),
+    "labels-float": (dict(labels=torch.zeros(2, 5)), r"`labels` must hold integer token ids"),
+    "bias-shape": (dict(bias=torch.randn(36)), r"`bias` has shape \(36,\); it must be \[V\] = \[37\]"),
+    "bias-2d": (dict(bias=torch.randn(1, 37)), r"`bias` has shape \(1, 37\)"),
+    "weights-shape": (dict(method="weighted", token_weights=torch.ones(2, 4)), r"`token_weights` has shape \(2, 4\)"),
+    "weights-negative": (
+        dict(method="weighted", token_weights=torch.ones(2, 5).index_fill_(1, torch.tensor([2]), -1.0)),
+        r"`token_weights` holds negative values",
+    ),
+    "weights-nan": (
+        dict(method="weighted", token_weights=torch.ones(2, 5).index_fill_(1, torch.tensor([2]), float("nan"))),
+        r"`token_weights` holds NaN",
+    ),
+    "weights-missing": (dict(method="weighted", token_weights=None), r"Method 'weighted' needs `token_weights`"),
+    "sft-with-weights": (dict(token_weights=torch.ones(2, 5)), r"'sft' takes no inputs.*token_weights"),
+    "dft-with-weights": (dict(method="dft", token_weights=torch.ones(2, 5)), r"'dft' takes no inputs.*token_weights"),
+    "weighted-extra": (
+        dict(method="weighted", token_weights=torch.ones(2, 5), temperature=1.0),
+        r"'weighted' got an unexpected input.*temperature",
+    ),
+    "num-items-str": (dict(num_items_in_batch="8"), r"`num_items_in_batch` must be a number or a tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_valid_call_used_by_bad_input_cases_works(method, backend):
+    """The bad-input cases below each change one thing in this call, so each error is about that one defect."""
+    loss = _call(_valid_call(backend, method))
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("overrides, match", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_inputs_raise(overrides, match, backend):
+    call = _valid_call(backend)
+    call.update(overrides)
+    if call.get("token_weights", 0) is None:
+        del call["token_weights"]
+    with pytest.raises(ValueError, match=match):
+        _call(call)
+
+
+# ------------------------------------------------------------------------------------------------------- no_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_no_grad_returns_a_plain_loss(method, backend):
+    hidden, weight, b, labels, token_weights = make_inputs((3, 5), seed=18)
+    kwargs = dict(bias=b, backend=backend, chunk_size=4, **method_inputs(method, token_weights))
+    with torch.no_grad():
+        loss = fused_linear_loss(hidden, weight, labels, method, **kwargs)
+    assert loss.grad_fn is None and not loss.requires_grad
+    with_grad = fused_linear_loss(hidden, weight, labels, method, **kwargs)
+    assert with_grad.grad_fn is not None
+    torch.testing.assert_close(loss, with_grad.detach(), rtol=1e-12, atol=1e-12)
+    assert all(leaf.grad is None for leaf in (hidden, weight, b))
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _chunked_matmuls(trainable, no_grad=False):
+    """Matmuls (mm/addmm) one chunked call makes over 12 supervised rows in tiles of 4 (3 tiles)."""
+    hidden, weight, b, labels, _ = make_inputs((12,), ignore_frac=0.0, seed=19)
+    hidden, weight, b = (t.detach().requires_grad_(name in trainable) for name, t in zip("hwb", (hidden, weight, b)))
+    with CountMatmuls() as mode, torch.set_grad_enabled(not no_grad):
+        loss = fused_linear_loss(hidden, weight, labels, "sft", bias=b, backend="chunked", chunk_size=4)
+    assert loss.requires_grad == (bool(trainable) and not no_grad)
+    return mode.count
+
+
+@pytest.mark.parametrize(
+    "trainable, no_grad, per_tile",
+    [
+        ("hwb", False, 3),  # logits, grad_hidden, grad_weight (the bias gradient is a sum)
+        ("", False, 1),  # nothing needs a gradient: logits only
+        ("hwb", True, 1),  # evaluation under no_grad: logits only
+        ("hb", False, 2),  # frozen lm_head (LoRA): no grad_weight matmul
+        ("w", False, 2),  # frozen hidden states: no grad_hidden matmul
+    ],
+    ids=["train", "frozen-all", "no-grad", "frozen-weight", "frozen-hidden"],
+)
+def test_chunked_computes_only_the_gradients_needed(trainable, no_grad, per_tile):
+    assert _chunked_matmuls(trainable, no_grad) == 3 * per_tile
+
+
+@pytest.mark.parametrize("trainable", ["h", "w", "b", "hb", "wb"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_of_a_subset_of_inputs(method, backend, trainable):
+    hidden, weight, b, labels, token_weights = make_inputs((3, 5), seed=20)
+    hidden, weight, b = (t.detach().requires_grad_(name in trainable) for name, t in zip("hwb", (hidden, weight, b)))
+    loss = fused_linear_loss(
+        hidden, weight, labels, method, bias=b, backend=backend, chunk_size=4, **method_inputs(method, token_weights)
+    )
+    loss.backward()
+    h, w, bb = (t.detach().requires_grad_(True) for t in (hidden, weight, b))
+    functional(method, h @ w.t() + bb, labels, None, token_weights).backward()
+    for name, leaf, exp in zip("hwb", (hidden, weight, b), (h, w, bb)):
+        if name in trainable:
+            torch.testing.assert_close(leaf.grad, exp.grad, rtol=1e-9, atol=1e-9)
+        else:
+            assert leaf.grad is None
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_grad_metrics_equal_grad_metrics(method):
+    hidden, weight, b, labels, token_weights = make_inputs((3, 5), seed=21)
+    kwargs = dict(bias=b, backend="chunked", chunk_size=4, return_metrics=True, **method_inputs(method, token_weights))
+    loss, metrics = fused_linear_loss(hidden, weight, labels, method, **kwargs)
+    with torch.no_grad():
+        loss_ng, metrics_ng = fused_linear_loss(hidden, weight, labels, method, **kwargs)
+    assert loss_ng.item() == pytest.approx(loss.item(), rel=1e-12)
+    assert metrics_ng == pytest.approx(metrics, rel=1e-12)
+
+
+def test_bool_chunk_size_is_refused():
+    hidden, weight, labels = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_loss(hidden, weight, labels, "sft", chunk_size=True)
