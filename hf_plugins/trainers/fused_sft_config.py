@@ -46,8 +46,16 @@ class FusedSFTConfig(SFTConfig):
         },
     )
 
+    #: `loss_type` values this config's trainer implements (method configs narrow or extend it)
+    _loss_types = ("nll", "dft")
+
     def __post_init__(self):
         super().__post_init__()
+        if self.loss_type not in self._loss_types:
+            raise ValueError(
+                f"`loss_type={self.loss_type!r}` is not supported by {type(self).__name__}: choose one of "
+                f"{', '.join(map(repr, self._loss_types))}."
+            )
         if self.loss_backend not in BACKENDS:
             raise ValueError(
                 f"`loss_backend={self.loss_backend!r}` is not a loss backend: choose one of "
