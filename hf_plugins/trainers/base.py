@@ -95,7 +95,9 @@ class LossHead:
         num_items_in_batch: the global count of supervised tokens that the summed loss is divided by.
         token_inputs: method inputs with one entry per input position ([B, T], aligned with `input_ids`); they are
             shifted like the labels.
-        other_inputs: the other method inputs (per-sequence tensors, scalars, reference tensors), passed as they are.
+        hidden_inputs: method inputs shaped like the backbone's hidden states ([B, T, D], e.g. a reference model's
+            hidden states); they are shifted like the hidden states.
+        other_inputs: the other method inputs (per-sequence tensors, scalars, reference weights), passed as they are.
     """
 
     method: str | LossMethod
@@ -103,6 +105,7 @@ class LossHead:
     chunk_size: int | None = None
     num_items_in_batch: Any = None
     token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     other_inputs: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool) -> FusedHeadOutput:
@@ -112,6 +115,8 @@ class LossHead:
         token_inputs = {
             name: next_token_aligned(value, pre_shifted).to(weight.device) for name, value in self.token_inputs.items()
         }
+        for name, value in self.hidden_inputs.items():
+            token_inputs[name] = next_token_aligned(value, pre_shifted, is_hidden=True).to(weight.device)
         with gather_lm_head(weight, bias):
             loss, metrics = fused_linear_loss(
                 hidden,
@@ -160,3 +165,28 @@ def add_loss_head_forward(model) -> None:
 
     model.forward = types.MethodType(forward, model)
     model._hf_plugins_loss_head = True
+
+
+@dataclass
+class HiddenStateOutput(ModelOutput):
+    """What a forward with `loss_head=HiddenStateHead()` returns: the backbone's last hidden state (not shifted)
+    and the lm_head's weight and bias, for a second model's side of a loss (e.g. a frozen reference)."""
+
+    hidden_states: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+class HiddenStateHead:
+    """A `loss_head` that computes no loss: it returns the hidden states and the lm_head parameters."""
+
+    def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool) -> HiddenStateOutput:
+        weight, bias = lm_head_parameters(lm_head)
+        return HiddenStateOutput(hidden_states=hidden_states, weight=weight, bias=bias)
+
+
+def forward_hidden_states(model, inputs: dict[str, Any]) -> HiddenStateOutput:
+    """Run a model patched with `add_loss_head_forward` to its last hidden state (`[B, T, D]`, aligned with
+    `input_ids`) without building logits; returns it with the lm_head weight and bias. Call under `torch.no_grad()`
+    for a frozen reference (with PEFT, inside `model.disable_adapter()` to get the base model)."""
+    return model(**inputs, loss_head=HiddenStateHead())
