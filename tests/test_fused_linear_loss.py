@@ -536,3 +536,17 @@ def test_bool_chunk_size_is_refused():
     hidden, weight, labels = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_loss(hidden, weight, labels, "sft", chunk_size=True)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+@pytest.mark.parametrize("method", ["sft", "dft", "weighted"])
+def test_metric_names_do_not_depend_on_supervised_rows(backend, method):
+    """Processes gather metrics by name under DDP: a batch without supervised tokens must report the same names."""
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(7, 4)
+    inputs = {"token_weights": torch.ones(2, 3)} if method == "weighted" else {}
+    some = torch.tensor([[1, -100, 2], [-100, 3, 4]])
+    none = torch.full((2, 3), -100)
+    _, with_rows = fused_linear_loss(hidden, weight, some, method, backend=backend, return_metrics=True, **inputs)
+    _, without = fused_linear_loss(hidden, weight, none, method, backend=backend, return_metrics=True, **inputs)
+    assert sorted(without) == sorted(with_rows)
+    assert without["num_tokens"] == 0 and all(value == 0 for value in without.values())

@@ -63,7 +63,9 @@ def run_chunks(
     def add_metric(name, per_row):
         metric_sums[name] = metric_sums.get(name, 0) + per_row.sum()
 
-    for start in range(0, n_rows, chunk_size):
+    # At least one (possibly empty) tile: a call without supervised rows still reports every metric name, so that
+    # processes gathering metrics under DDP always exchange the same keys
+    for start in range(0, max(n_rows, 1), chunk_size):
         rows = slice(start, min(start + chunk_size, n_rows))
         h = hidden[rows].to(dtype)
         y = labels[rows]
@@ -81,7 +83,7 @@ def run_chunks(
             inputs={name: value[rows] for name, value in row_inputs.items()},
         )
         targets = method.targets(chunk)
-        loss_sum += -targets.weighted_log_prob(log_probs).sum()
+        loss_sum += targets.row_loss(log_probs).sum()
 
         if want_metrics:
             add_metric("label_prob", label_log_probs.exp())

@@ -116,6 +116,7 @@ def fused_linear_loss(
         sequence_index=sequence_index,
         num_sequences=num_sequences,
         label_log_probs=lambda: chunked_label_log_probs(row_hidden, weight, bias, row_labels, chunk_size),
+        vocab_size=weight.shape[0],
     )
     try:
         row_inputs = method.prepare(rows, **method_inputs)

@@ -28,11 +28,15 @@ class Targets:
         index (`torch.LongTensor` of shape `[C, K]`, *optional*): token ids that get a sparse weight (repeats add up).
         value (`torch.Tensor` of shape `[C, K]`, *optional*): the weight of each `index` entry.
         dense (`torch.Tensor` of shape `[C, V]`, *optional*): a dense weight over the whole vocabulary.
+        constant (`torch.Tensor` of shape `[C]`, *optional*): a detached per-row value added to the loss, so that a
+            loss that is a weighted cross-entropy only up to a constant (a KL divergence: the target's negative
+            entropy) has its exact value. It changes no gradient.
     """
 
     index: torch.Tensor | None = None
     value: torch.Tensor | None = None
     dense: torch.Tensor | None = None
+    constant: torch.Tensor | None = None
 
     def total(self) -> torch.Tensor:
         """`sum_v w[t, v]` per row, the factor of `softmax(z_t)` in the logits gradient."""
@@ -51,6 +55,11 @@ class Targets:
         if self.dense is not None:
             out = out + torch.linalg.vecdot(self.dense, log_probs)
         return out
+
+    def row_loss(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """The per-row loss `-sum_v w[t, v] * log_probs[t, v] (+ constant[t])`."""
+        loss = -self.weighted_log_prob(log_probs)
+        return loss if self.constant is None else loss + self.constant
 
     def subtract_from(self, grad: torch.Tensor) -> torch.Tensor:
         """`grad - w`, in place."""
@@ -94,6 +103,8 @@ class Rows:
         num_sequences (`int`): how many sequences the call holds.
         label_log_probs (`Callable[[], torch.Tensor]`): runs a no-grad pass of the head and returns `log p(label)`
             per row, for methods whose weights depend on whole sequences.
+        vocab_size (`int`, *optional*): V, the number of rows of the lm_head weight (to check inputs over the
+            vocabulary, e.g. a reference model's head).
     """
 
     labels: torch.Tensor
@@ -101,6 +112,7 @@ class Rows:
     sequence_index: torch.Tensor
     num_sequences: int
     label_log_probs: Callable[[], torch.Tensor]
+    vocab_size: int | None = None
 
     def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Select a per-token input (shaped like the caller's labels) at the supervised rows, checking its shape."""

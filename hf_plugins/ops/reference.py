@@ -26,7 +26,7 @@ def reference_linear_loss(hidden, weight, bias, labels, method: LossMethod, row_
         inputs=row_inputs,
     )
     targets = method.targets(chunk)
-    loss = -targets.weighted_log_prob(log_probs).sum() / denominator
+    loss = targets.row_loss(log_probs).sum() / denominator
     if metrics_out is not None:
         metrics_out["label_prob"] = chunk.label_log_probs.exp().sum()
         metrics_out["entropy"] = -(chunk.probs * detached).sum()

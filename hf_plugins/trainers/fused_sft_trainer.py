@@ -27,6 +27,21 @@ _LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
 _METRIC_NAMES = {"token_accuracy": "mean_token_accuracy", "entropy": "entropy", "label_prob": "mean_label_prob"}
 
 
+def _head_input_groups(method_inputs) -> dict[str, dict[str, Any]]:
+    """`loss_method_inputs`' result as `LossHead` keyword arguments: a `(token_inputs, other_inputs)` pair or a dict
+    of input groups."""
+    if isinstance(method_inputs, dict):
+        unknown = set(method_inputs) - {"token_inputs", "hidden_inputs", "other_inputs"}
+        if unknown:
+            raise TypeError(
+                f"`loss_method_inputs` returned unknown input groups {sorted(unknown)}: use 'token_inputs', "
+                "'hidden_inputs' and 'other_inputs'."
+            )
+        return method_inputs
+    token_inputs, other_inputs = method_inputs
+    return {"token_inputs": token_inputs, "other_inputs": other_inputs}
+
+
 class FusedSFTTrainer(SFTTrainer):
     """
     Drop-in replacement for `trl.SFTTrainer` whose loss head never materialises the logits.
@@ -104,7 +119,11 @@ class FusedSFTTrainer(SFTTrainer):
     def loss_method_inputs(self, model, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The method's inputs for one batch: `(token_inputs, other_inputs)`. Token inputs are `[B, T]` tensors
         aligned with `input_ids` (the head shifts them like the labels); other inputs are passed as they are. The
-        extra columns are already popped from `inputs` and can be read from `self._extra_batch`."""
+        extra columns are already popped from `inputs` and can be read from `self._extra_batch`.
+
+        A method that also needs inputs shaped like the hidden states (`[B, T, D]`, e.g. a reference model's hidden
+        states, which the head shifts like the hidden states) returns a dict instead, with any of the keys
+        `"token_inputs"`, `"hidden_inputs"` and `"other_inputs"` (the input groups of `LossHead`)."""
         return {}, {}
 
     # ------------------------------------------------------------------ TRL/transformers plumbing
@@ -118,14 +137,13 @@ class FusedSFTTrainer(SFTTrainer):
         inputs = dict(inputs)
         self._extra_batch = {name: inputs.pop(name) for name in (*self.token_columns, *self.example_columns) if name in inputs}
         inputs["use_cache"] = False
-        token_inputs, other_inputs = self.loss_method_inputs(model, inputs)
+        input_groups = _head_input_groups(self.loss_method_inputs(model, inputs))
         head = LossHead(
             method=self.loss_method(),
             backend=self.args.loss_backend,
             chunk_size=self.args.loss_chunk_size,
             num_items_in_batch=num_items_in_batch,
-            token_inputs=token_inputs,
-            other_inputs=other_inputs,
+            **input_groups,
         )
         outputs = model(**inputs, loss_head=head)
         loss = outputs.loss
