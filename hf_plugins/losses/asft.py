@@ -1,0 +1,158 @@
+"""ASFT (Anchored SFT, arXiv 2509.23753): DFT plus a full-vocabulary KL anchor to a frozen reference model.
+
+Per supervised token, with `p = softmax(z)` the policy, `q = softmax(z_ref)` the reference and `w = sg(p(y))`:
+
+    l_t = -w * log p(y) + kl_coef * KL(q || p),        KL(q || p) = sum_v q_v * (log q_v - log p_v)
+
+As a target-weight rule this is `w * one_hot(y) + kl_coef * q`: the cross-entropy against that target equals the loss
+up to `kl_coef * sum_v q_v log q_v` per token (the reference's negative entropy, constant in the policy), so the fused
+head adds that constant back (`Targets.constant`) and reports the exact value, not only the exact gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+from ..ops.method import Chunk, LossMethod, Rows, Targets
+from ._common import compute_dtype, label_log_probs, reduce_sum
+
+
+def check_kl_coef(kl_coef) -> float:
+    """Return `kl_coef` as a float, raising a `ValueError` unless it is a finite number >= 0."""
+    if isinstance(kl_coef, torch.Tensor) and kl_coef.numel() == 1:
+        kl_coef = kl_coef.item()
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, Real):
+        raise ValueError(f"`kl_coef` must be a number >= 0, got {kl_coef!r}.")
+    kl_coef = float(kl_coef)
+    if not math.isfinite(kl_coef) or kl_coef < 0:
+        raise ValueError(
+            f"`kl_coef` must be a finite number >= 0 (0 gives DFT; the paper's values are 0.03-0.1), got {kl_coef}."
+        )
+    return kl_coef
+
+
+def asft_loss(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    labels: torch.Tensor,
+    kl_coef: float = 0.05,
+    num_items_in_batch=None,
+) -> torch.Tensor:
+    """DFT's probability-weighted NLL plus `kl_coef * KL(softmax(ref_logits) || softmax(logits))` at every supervised
+    token, reduced like `sft_loss`. Computed in float32 at least.
+
+    Args:
+        logits (`torch.Tensor` of shape `[B, T, V]`): the policy's logits, aligned with `labels`.
+        ref_logits (`torch.Tensor` of shape `[B, T, V]`): the frozen reference model's logits at the same positions.
+            They get no gradient.
+        labels (`torch.LongTensor` of shape `[B, T]`): token ids, -100 where no loss is taken.
+        kl_coef (`float`): weight of the KL anchor, >= 0; 0 gives exactly `dft_loss`.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default: the
+            mean over supervised tokens.
+    """
+    kl_coef = check_kl_coef(kl_coef)
+    if not isinstance(ref_logits, torch.Tensor) or tuple(ref_logits.shape) != tuple(logits.shape):
+        shape = tuple(ref_logits.shape) if isinstance(ref_logits, torch.Tensor) else type(ref_logits).__name__
+        raise ValueError(
+            f"`ref_logits` has shape {shape} but `logits` has shape {tuple(logits.shape)}: the reference must score "
+            "the same positions over the same vocabulary."
+        )
+    label_logp, mask = label_log_probs(logits, labels)
+    per_token = -label_logp.detach().exp() * label_logp
+    if kl_coef:
+        dtype = compute_dtype(torch.promote_types(logits.dtype, ref_logits.dtype))
+        log_p = torch.log_softmax(logits.to(dtype), dim=-1)
+        log_q = torch.log_softmax(ref_logits.detach().to(dtype), dim=-1)
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+        per_token = per_token + kl_coef * kl.masked_fill(~mask, 0.0)
+    return reduce_sum(per_token.sum(), mask.sum(), num_items_in_batch)
+
+
+@dataclass
+class ASFTTargets(Targets):
+    """ASFT's targets, carrying the chunk's per-row `KL(ref || policy)` for the metrics (also when `kl_coef=0`)."""
+
+    kl: torch.Tensor | None = None
+
+
+class ASFTMethod(LossMethod):
+    """Target rule of ASFT for the fused head.
+
+    Inputs: `ref_hidden` (`[B, T, D_ref]` shaped like the hidden states, or `[N, D_ref]`), `ref_weight` (`[V, D_ref]`,
+    the reference lm_head), `ref_bias` (`[V]`, *optional*) and `kl_coef`. The reference logits are computed one chunk
+    of rows at a time, in the head's compute dtype, and never get a gradient.
+    """
+
+    name = "asft"
+
+    def prepare(
+        self,
+        rows: Rows,
+        ref_hidden: torch.Tensor | None = None,
+        ref_weight: torch.Tensor | None = None,
+        ref_bias: torch.Tensor | None = None,
+        kl_coef: float = 0.05,
+    ) -> dict[str, torch.Tensor]:
+        self.kl_coef = check_kl_coef(kl_coef)
+        if not isinstance(ref_hidden, torch.Tensor) or not isinstance(ref_weight, torch.Tensor):
+            raise ValueError(
+                "Method 'asft' needs `ref_hidden` (the reference model's hidden states, shaped like `hidden`) and "
+                "`ref_weight` (the reference lm_head weight [V, D_ref])."
+            )
+        if ref_weight.dim() != 2 or (rows.vocab_size is not None and ref_weight.shape[0] != rows.vocab_size):
+            raise ValueError(
+                f"`ref_weight` has shape {tuple(ref_weight.shape)}: it must be [V, D_ref] with V = {rows.vocab_size}, "
+                "the policy's vocabulary size (the KL is taken over a shared vocabulary)."
+            )
+        if ref_bias is not None and tuple(ref_bias.shape) != (ref_weight.shape[0],):
+            raise ValueError(
+                f"`ref_bias` has shape {tuple(ref_bias.shape)}; it must be [V] = [{ref_weight.shape[0]}]."
+            )
+        positions = tuple(rows.mask.shape)
+        expected = (*positions, ref_weight.shape[1])
+        if tuple(ref_hidden.shape) != expected:
+            raise ValueError(
+                f"`ref_hidden` has shape {tuple(ref_hidden.shape)}; it must be {expected}: one reference hidden state "
+                "per label position, as wide as `ref_weight`."
+            )
+        device = rows.labels.device
+        # Detached: the reference side is a constant of the loss (it must get no gradient on any backend)
+        self._ref_weight = ref_weight.detach().to(device)
+        self._ref_bias = ref_bias.detach().to(device) if ref_bias is not None else None
+        self._cast = None
+        return {"ref_hidden": ref_hidden.detach().to(device)[rows.mask.to(device)]}
+
+    def _reference_head(self, dtype: torch.dtype):
+        """The reference lm_head in the compute dtype, cast once per call rather than once per chunk."""
+        if self._cast is None or self._cast[0].dtype != dtype:
+            bias = self._ref_bias.to(dtype) if self._ref_bias is not None else None
+            self._cast = (self._ref_weight.to(dtype), bias)
+        return self._cast
+
+    def targets(self, chunk: Chunk) -> ASFTTargets:
+        dtype = chunk.log_probs.dtype
+        weight, bias = self._reference_head(dtype)
+        ref_hidden = chunk.inputs["ref_hidden"].to(dtype)
+        ref_logits = torch.addmm(bias, ref_hidden, weight.t()) if bias is not None else ref_hidden @ weight.t()
+        ref_log_probs = torch.log_softmax(ref_logits, dim=-1)
+        del ref_logits
+        ref_probs = ref_log_probs.exp()
+        neg_entropy = torch.linalg.vecdot(ref_probs, ref_log_probs)
+        # KL as sum q * (log q - log p) rather than a difference of two sums: exactly 0 when the policy still equals
+        # the reference, and no cancellation when it is small. The log-ratio reuses the reference log-probs tile.
+        kl = torch.linalg.vecdot(ref_probs, ref_log_probs.sub_(chunk.log_probs))
+        del ref_log_probs
+        targets = ASFTTargets(
+            index=chunk.labels.unsqueeze(-1), value=chunk.label_log_probs.exp().unsqueeze(-1), kl=kl
+        )
+        if self.kl_coef:  # kl_coef = 0 is exactly DFT: no dense target, no constant
+            targets.dense = ref_probs.mul_(self.kl_coef)
+            targets.constant = self.kl_coef * neg_entropy
+        return targets
+
+    def metrics(self, chunk: Chunk, targets: ASFTTargets) -> dict[str, torch.Tensor]:
+        return {"kl": targets.kl, "dft_weight": targets.value.squeeze(-1)}
