@@ -7,9 +7,15 @@ __version__ = "0.1.0.dev0"
 # Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers
 # (seconds), which the loss functions and ops do not need.
 _EXPORTS = {
+    "ASFTConfig": "trainers",
+    "ASFTTrainer": "trainers",
     "FusedSFTConfig": "trainers",
     "FusedSFTTrainer": "trainers",
+    "OTRConfig": "trainers",
+    "OTRTrainer": "trainers",
+    "asft_loss": "losses",
     "dft_loss": "losses",
+    "otr_loss": "losses",
     "sft_loss": "losses",
     "weighted_sft_loss": "losses",
     "fused_linear_loss": "ops",

@@ -5,7 +5,9 @@ is ignored, and the reduction is `sum / num_items_in_batch` when that is given, 
 """
 
 from ..ops.method import LossMethod
+from .asft import ASFTMethod, asft_loss
 from .dft import DFTMethod, dft_loss
+from .otr import OTRMethod, otr_loss
 from .sft import SFTMethod, sft_loss
 from .weighted import WeightedMethod, weighted_sft_loss
 
@@ -14,14 +16,20 @@ METHODS: dict[str, type[LossMethod]] = {
     SFTMethod.name: SFTMethod,
     DFTMethod.name: DFTMethod,
     WeightedMethod.name: WeightedMethod,
+    OTRMethod.name: OTRMethod,
+    ASFTMethod.name: ASFTMethod,
 }
 
 __all__ = [
     "METHODS",
+    "ASFTMethod",
     "DFTMethod",
+    "OTRMethod",
     "SFTMethod",
     "WeightedMethod",
+    "asft_loss",
     "dft_loss",
+    "otr_loss",
     "sft_loss",
     "weighted_sft_loss",
 ]

@@ -1,6 +1,10 @@
 """Trainer/config pairs, one per method, all drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig`."""
 
+from .asft_config import ASFTConfig
+from .asft_trainer import ASFTTrainer
 from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
+from .otr_config import OTRConfig
+from .otr_trainer import OTRTrainer
 
-__all__ = ["FusedSFTConfig", "FusedSFTTrainer"]
+__all__ = ["ASFTConfig", "ASFTTrainer", "FusedSFTConfig", "FusedSFTTrainer", "OTRConfig", "OTRTrainer"]

@@ -1,0 +1,255 @@
+"""OTR (One-Token Rollout, arXiv 2509.26313): every supervised position is a one-step RL episode.
+
+At position t with label y_t, K tokens are drawn from the tempered policy `softmax(z_t / tau)` (detached), each is
+rewarded `R(a, y) = 1` if it is the label and `beta` (`negative_reward`) otherwise, and the REINFORCE surrogate with
+the *untempered* log-probability is minimised:
+
+    l_t = -(1/K) sum_k R(a_k, y_t) * log softmax(z_t)[a_k]       i.e.  w[t] = (1/K) sum_k R(a_k, y_t) * one_hot(a_k)
+
+`num_samples=None` gives the K -> infinity limit (ours, not the paper's), a dense soft target without sampling noise:
+`w[t, v] = softmax(z_t / tau)[v] * R(v, y_t)`. At tau = 1 its gradient is (1 - beta) times DFT's.
+
+Sampling is inverse-CDF: the uniforms `u [N, K]` of a call are drawn once, in row-major order over the supervised
+positions, and each row's samples are `searchsorted(cumsum(softmax(z / tau)), u * total)`. The samples are thus a
+pure function of (logits, u): the functional loss, every backend of the fused head and any recomputation of a tile
+draw exactly the same tokens for the same generator state, and a row costs O(V + K log V), never [N, V] at once.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from ..ops.method import Chunk, LossMethod, Rows, Targets
+from ._common import check_labels, compute_dtype, reduce_sum
+
+DEFAULT_NUM_SAMPLES = 8
+DEFAULT_TEMPERATURE = 1.2
+DEFAULT_NEGATIVE_REWARD = -0.1
+
+
+# ------------------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class OTRSettings:
+    """The hyperparameters of one OTR loss call, validated."""
+
+    num_samples: int | None = DEFAULT_NUM_SAMPLES
+    temperature: float = DEFAULT_TEMPERATURE
+    negative_reward: float = DEFAULT_NEGATIVE_REWARD
+
+    def __post_init__(self):
+        check_otr_settings(self.num_samples, self.temperature, self.negative_reward)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_otr_settings(num_samples, temperature, negative_reward) -> None:
+    """Raise a `ValueError` naming the field unless the OTR hyperparameters make sense."""
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1
+    ):
+        raise ValueError(
+            f"`num_samples` must be a positive integer (tokens sampled per position) or None for the exact "
+            f"expectation, got {num_samples!r}."
+        )
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(
+            f"`temperature` must be a finite number > 0 (the paper samples at tau > 1; default "
+            f"{DEFAULT_TEMPERATURE}), got {temperature!r}."
+        )
+    if not _is_real(negative_reward) or not math.isfinite(negative_reward):
+        raise ValueError(f"`negative_reward` must be a finite number < 1, got {negative_reward!r}.")
+    if negative_reward >= 1:
+        raise ValueError(
+            f"`negative_reward={negative_reward}` must be < 1: the ground-truth token is rewarded 1, so a wrong token "
+            f"rewarded as much or more would teach the model nothing or the opposite (default "
+            f"{DEFAULT_NEGATIVE_REWARD})."
+        )
+
+
+def check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a `torch.Generator` or None, got {type(generator).__name__}.")
+
+
+# ------------------------------------------------------------------------------------------------------ sampling
+
+
+def draw_uniforms(num_rows: int, num_samples: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """The `[num_rows, num_samples]` uniforms of one call, drawn on the generator's device and moved to `device`.
+
+    Drawn in float32 whatever the compute dtype, so that the stream a generator produces does not depend on the
+    precision of the logits. On CPU, two consecutive draws of n and m rows equal one draw of n + m rows, which is why
+    gradient accumulation over micro-batches sees the same samples as one large batch.
+    """
+    source = generator.device if generator is not None else device
+    uniforms = torch.rand(num_rows, num_samples, generator=generator, device=source, dtype=torch.float32)
+    return uniforms.to(device)
+
+
+def tempered_probs(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`softmax(z / tau)` from `log softmax(z)` (the log-normaliser is a constant shift that softmax removes)."""
+    return torch.softmax(log_probs / temperature, dim=-1)
+
+
+def sample_tokens(log_probs: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Inverse-CDF samples from `softmax(log_probs / temperature)`, one row per row of `log_probs`.
+
+    Args:
+        log_probs (`torch.Tensor` of shape `[C, V]`): detached log-probabilities (or logits) of the rows.
+        uniforms (`torch.Tensor` of shape `[C, K]`): uniforms in [0, 1).
+        temperature (`float`): the sampling temperature.
+
+    Returns:
+        `torch.LongTensor` of shape `[C, K]`: token ids. Costs one extra `[C, V]` tile (the CDF, built in place).
+    """
+    scaled = log_probs / temperature
+    # The row max is subtracted before exp: at tau < 1 the scaled log-probs of a peaked row underflow otherwise
+    scaled -= scaled.amax(dim=-1, keepdim=True)
+    cdf = scaled.exp_().cumsum_(dim=-1)  # unnormalised: the last column is the row's total mass
+    # Scaling u by the total instead of normalising the CDF keeps every token's interval exactly its own mass, so a
+    # token of probability 0 (an empty interval) is never drawn
+    points = uniforms.to(cdf.dtype) * cdf[:, -1:]
+    samples = torch.searchsorted(cdf, points, right=True)
+    # With u <= 1 - 2^-24, u * total rounds strictly below total, so every point lands in a token's interval; the
+    # clamp only keeps a row of NaN logits (whose search runs past the end) from indexing out of the vocabulary
+    return samples.clamp_(max=log_probs.shape[-1] - 1)
+
+
+def sample_rewards(samples: torch.Tensor, labels: torch.Tensor, negative_reward: float, dtype) -> torch.Tensor:
+    """`R(a, y)`: 1 where a sample is the label, `negative_reward` elsewhere (`[C, K]`)."""
+    rewards = torch.full(samples.shape, negative_reward, dtype=dtype, device=samples.device)
+    return rewards.masked_fill_(samples == labels.unsqueeze(-1), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- functional loss
+
+
+def otr_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    num_samples: int | None = DEFAULT_NUM_SAMPLES,
+    temperature: float = DEFAULT_TEMPERATURE,
+    negative_reward: float = DEFAULT_NEGATIVE_REWARD,
+    generator: torch.Generator | None = None,
+    num_items_in_batch=None,
+) -> torch.Tensor:
+    """The OTR surrogate loss on materialised logits, reduced like `sft_loss`.
+
+    Args:
+        logits (`torch.Tensor` of shape `[B, T, V]`), labels (`torch.LongTensor` of shape `[B, T]`): aligned, -100
+            where no loss is taken (or `[N, V]` and `[N]`).
+        num_samples (`int` or `None`, *optional*, defaults to `8`): K, tokens sampled per supervised position.
+            `None`: the exact expectation over the tempered policy (no sampling).
+        temperature (`float`, *optional*, defaults to `1.2`): tau of the sampling policy `softmax(z / tau)`.
+        negative_reward (`float`, *optional*, defaults to `-0.1`): beta, the reward of a sampled token that is not
+            the label (< 1).
+        generator (`torch.Generator`, *optional*): source of the uniforms (one `[N, K]` draw per call, in row-major
+            order over the supervised positions); the global RNG when None. `fused_linear_loss(..., "otr")` with a
+            generator in the same state draws the same samples.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count.
+    """
+    check_otr_settings(num_samples, temperature, negative_reward)
+    check_generator(generator)
+    mask = check_labels(labels, logits.shape[-1])
+    log_probs = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)[mask]  # [N, V], row-major
+    targets = labels[mask]
+    detached = log_probs.detach()
+
+    if num_samples is None:
+        # w[v] = softmax(z / tau)[v] * R(v, y), written out densely
+        rewards = torch.full_like(detached, negative_reward)
+        rewards.scatter_(1, targets.unsqueeze(-1), 1.0)
+        weights = tempered_probs(detached, temperature) * rewards
+        per_row = -(weights * log_probs).sum(-1)
+    else:
+        uniforms = draw_uniforms(targets.numel(), num_samples, generator, logits.device)
+        samples = sample_tokens(detached, uniforms, temperature)
+        rewards = sample_rewards(samples, targets, negative_reward, log_probs.dtype)
+        per_row = -(rewards * log_probs.gather(1, samples)).mean(-1)
+    return reduce_sum(per_row.sum(), targets.numel(), num_items_in_batch)
+
+
+# -------------------------------------------------------------------------------------------- fused-head method
+
+_UNSET = object()
+
+
+class OTRMethod(LossMethod):
+    """Target rule of OTR for the fused head.
+
+    Inputs (keyword arguments of `fused_linear_loss`, each overriding the constructor's value for that call):
+    `num_samples`, `temperature`, `negative_reward`, `generator`. The uniforms are drawn once per call in `prepare`,
+    over the supervised rows in order, and handed to each tile with its rows; a tile computed twice samples the same
+    tokens again.
+
+    Metrics: `hit_rate` (mean fraction of samples equal to the label; its expectation `softmax(z / tau)[y]` in exact
+    mode) and `no_hit_fraction` (positions whose K samples all miss the label; sampling mode only).
+    """
+
+    name = "otr"
+
+    def __init__(
+        self,
+        num_samples: int | None = DEFAULT_NUM_SAMPLES,
+        temperature: float = DEFAULT_TEMPERATURE,
+        negative_reward: float = DEFAULT_NEGATIVE_REWARD,
+        generator: torch.Generator | None = None,
+    ):
+        check_generator(generator)
+        self.defaults = OTRSettings(num_samples, temperature, negative_reward)
+        self.generator = generator
+        self.settings = self.defaults
+
+    def prepare(
+        self,
+        rows: Rows,
+        *,
+        num_samples=_UNSET,
+        temperature=_UNSET,
+        negative_reward=_UNSET,
+        generator=_UNSET,
+    ) -> dict[str, torch.Tensor]:
+        def pick(value, default):
+            return default if value is _UNSET else value
+
+        self.settings = OTRSettings(
+            pick(num_samples, self.defaults.num_samples),
+            pick(temperature, self.defaults.temperature),
+            pick(negative_reward, self.defaults.negative_reward),
+        )
+        generator = pick(generator, self.generator)
+        check_generator(generator)
+        if self.settings.num_samples is None:
+            return {}
+        uniforms = draw_uniforms(rows.labels.numel(), self.settings.num_samples, generator, rows.labels.device)
+        return {"uniforms": uniforms}
+
+    def targets(self, chunk: Chunk) -> Targets:
+        settings = self.settings
+        beta, labels = settings.negative_reward, chunk.labels.unsqueeze(-1)
+        if settings.num_samples is None:
+            # softmax(z/tau) * R = beta * softmax(z/tau) + (1 - beta) * softmax(z/tau)[y] * one_hot(y): a dense part
+            # (skipped when beta = 0, which saves the tile) and one sparse entry on the label
+            tempered = tempered_probs(chunk.log_probs, settings.temperature)
+            label_weight = (1.0 - beta) * tempered.gather(1, labels)
+            dense = tempered.mul_(beta) if beta != 0 else None
+            return Targets(index=labels, value=label_weight, dense=dense)
+        samples = sample_tokens(chunk.log_probs, chunk.inputs["uniforms"], settings.temperature)
+        rewards = sample_rewards(samples, chunk.labels, beta, chunk.log_probs.dtype)
+        return Targets(index=samples, value=rewards / settings.num_samples)
+
+    def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
+        if self.settings.num_samples is None:
+            # the label's entry is (1 - beta) * softmax(z/tau)[y], and beta < 1: recover the expected hit rate
+            return {"hit_rate": targets.value.squeeze(-1) / (1.0 - self.settings.negative_reward)}
+        hits = targets.index == chunk.labels.unsqueeze(-1)
+        dtype = chunk.log_probs.dtype
+        return {"hit_rate": hits.to(dtype).mean(-1), "no_hit_fraction": (~hits.any(-1)).to(dtype)}

@@ -1,0 +1,105 @@
+"""`OTRTrainer`: One-Token Rollout (arXiv 2509.26313) as a drop-in `SFTTrainer`.
+
+The loss is the `"otr"` method of the fused head (see `hf_plugins.losses.otr`). What this module adds is the
+sampling generator and its life cycle: one `torch.Generator` per process, seeded from the config, drawn from once per
+micro-batch, saved in every checkpoint and restored on resume, so that a resumed run draws exactly the samples the
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .fused_sft_trainer import FusedSFTTrainer
+from .otr_config import OTRConfig
+
+logger = logging.get_logger(__name__)
+
+#: Name of the file, inside a checkpoint folder, that holds the OTR generator state (one per process when distributed)
+OTR_RNG_STATE_NAME = "otr_rng_state"
+
+
+class OTRTrainer(FusedSFTTrainer):
+    """
+    Trainer for One-Token Rollout: TRL's `SFTTrainer` whose loss samples `num_samples` tokens per supervised position
+    from the tempered policy and applies the REINFORCE surrogate (reward 1 for the label, `negative_reward` else).
+
+    It takes exactly the arguments of `SFTTrainer`; pass an [`OTRConfig`] as `args` for the OTR hyperparameters (a
+    plain `SFTConfig` gets OTR's defaults).
+
+    Sampling: the generator `self.otr_generator` lives on the training device, seeded with `otr_seed` (or `seed`)
+    plus the process index; its state is written to `otr_rng_state.pth` in every checkpoint and restored with the
+    other RNG states when training resumes. Evaluation never draws from it: the evaluation loss is the exact
+    expectation over the tempered policy (the mean of the training loss over all possible samples, without noise),
+    so evaluating neither perturbs the training stream nor depends on luck.
+    """
+
+    _tag_names = ["trl", "sft", "hf-plugins", "otr"]
+    _name = "OTR"
+    _paper = {
+        "title": "One-Token Rollout: Guiding Supervised Fine-Tuning of LLMs with Policy Gradient",
+        "id": "2509.26313",
+    }
+
+    def __init__(self, model, args: OTRConfig | None = None, *positional, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = OTRConfig(f"{model_name.split('/')[-1]}-{type(self).__name__}")
+        elif not isinstance(args, OTRConfig):
+            # An SFTConfig/FusedSFTConfig keeps its values and the OTR fields take their defaults. The fields are
+            # copied as they are: `to_dict()` would replace secrets such as `hub_token` by placeholders
+            args = OTRConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+        super().__init__(model, args, *positional, **kwargs)
+        self.otr_generator = torch.Generator(device=self.accelerator.device)
+        self.otr_generator.manual_seed(self._otr_seed())
+
+    def _otr_seed(self) -> int:
+        base = self.args.otr_seed if self.args.otr_seed is not None else self.args.seed
+        # Ranks see different data but would draw the same uniforms from the same seed: decorrelate them
+        return base + self.args.process_index
+
+    # ------------------------------------------------------------------ loss hooks
+    def loss_method(self) -> str:
+        return "otr"
+
+    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        settings = {"temperature": self.args.temperature, "negative_reward": self.args.negative_reward}
+        if not self.model.training:
+            return {}, {**settings, "num_samples": None}
+        # The head draws its uniforms once per forward, in `prepare`, and reuses them for every tile. Under gradient
+        # checkpointing only the decoder layers are recomputed: the head runs outside the checkpointed backbone, so no
+        # recomputation re-enters it and the generator advances exactly once per micro-batch either way.
+        return {}, {**settings, "num_samples": self.args.num_samples, "generator": self.otr_generator}
+
+    # ------------------------------------------------------------------ generator state in checkpoints
+    def _otr_rng_file(self, folder: str) -> str:
+        suffix = "" if self.args.world_size <= 1 else f"_{self.args.process_index}"
+        return os.path.join(folder, f"{OTR_RNG_STATE_NAME}{suffix}.pth")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Trainer saves the python/numpy/torch RNG states here, per process, in every full checkpoint: the sampling
+        # generator is one more RNG of the training state and travels with them
+        super()._save_rng_state(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save({"generator": self.otr_generator.get_state()}, self._otr_rng_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # Trainer calls this when resuming, after skipping the batches already trained on and before the first new
+        # forward: the moment the sampling generator must be put back where the interrupted run left it
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._otr_rng_file(checkpoint)
+        if not os.path.isfile(path):
+            logger.warning(
+                f"No OTR sampling state in {checkpoint} ({os.path.basename(path)}): the resumed run draws other "
+                "samples than the uninterrupted run would have."
+            )
+            return
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        self.otr_generator.set_state(state["generator"])
