@@ -391,14 +391,11 @@ def test_asft_loss_bad_inputs_raise(kwargs, match):
         asft_loss(**call)
 
 
-def test_loss_method_inputs_may_return_a_dict_of_input_groups():
-    from hf_plugins.trainers.fused_sft_trainer import _head_input_groups
+def test_a_misspelt_input_group_is_an_error():
+    from hf_plugins.trainers.base import LossHead
 
-    assert _head_input_groups(({"a": 1}, {"b": 2})) == {"token_inputs": {"a": 1}, "other_inputs": {"b": 2}}
-    groups = {"hidden_inputs": {"h": 1}, "other_inputs": {}}
-    assert _head_input_groups(groups) is groups
-    with pytest.raises(TypeError, match="unknown input groups"):
-        _head_input_groups({"hiden_inputs": {}})
+    with pytest.raises(TypeError, match="hiden_inputs"):
+        LossHead(method="asft", **{"hiden_inputs": {}})
 
 
 # ---------------------------------------------------------------------------------------------------- the config

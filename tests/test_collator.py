@@ -55,7 +55,7 @@ class TokenWeightedTrainer(FusedSFTTrainer):
         return "weighted"
 
     def loss_method_inputs(self, model, inputs):
-        return {"token_weights": self._extra_batch["token_weights"]}, {}
+        return {"token_inputs": {"token_weights": self._extra_batch["token_weights"]}}
 
 
 def _tokenized_dataset(tokenizer, weight_fn):

@@ -27,21 +27,6 @@ _LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
 _METRIC_NAMES = {"token_accuracy": "mean_token_accuracy", "entropy": "entropy", "label_prob": "mean_label_prob"}
 
 
-def _head_input_groups(method_inputs) -> dict[str, dict[str, Any]]:
-    """`loss_method_inputs`' result as `LossHead` keyword arguments: a `(token_inputs, other_inputs)` pair or a dict
-    of input groups."""
-    if isinstance(method_inputs, dict):
-        unknown = set(method_inputs) - {"token_inputs", "hidden_inputs", "other_inputs"}
-        if unknown:
-            raise TypeError(
-                f"`loss_method_inputs` returned unknown input groups {sorted(unknown)}: use 'token_inputs', "
-                "'hidden_inputs' and 'other_inputs'."
-            )
-        return method_inputs
-    token_inputs, other_inputs = method_inputs
-    return {"token_inputs": token_inputs, "other_inputs": other_inputs}
-
-
 class FusedSFTTrainer(SFTTrainer):
     """
     Drop-in replacement for `trl.SFTTrainer` whose loss head never materialises the logits.
@@ -116,15 +101,13 @@ class FusedSFTTrainer(SFTTrainer):
         """The fused head's method for this trainer (from `loss_type` here)."""
         return _LOSS_TYPE_TO_METHOD[self.args.loss_type]
 
-    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The method's inputs for one batch: `(token_inputs, other_inputs)`. Token inputs are `[B, T]` tensors
-        aligned with `input_ids` (the head shifts them like the labels); other inputs are passed as they are. The
-        extra columns are already popped from `inputs` and can be read from `self._extra_batch`.
-
-        A method that also needs inputs shaped like the hidden states (`[B, T, D]`, e.g. a reference model's hidden
-        states, which the head shifts like the hidden states) returns a dict instead, with any of the keys
-        `"token_inputs"`, `"hidden_inputs"` and `"other_inputs"` (the input groups of `LossHead`)."""
-        return {}, {}
+    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The method's inputs for one batch, as `LossHead` input groups: a dict with any of
+        `"token_inputs"` (`[B, T]` tensors aligned with `input_ids`, shifted like the labels),
+        `"hidden_inputs"` (`[B, T, D]` tensors such as a reference model's hidden states, shifted like the hidden
+        states) and `"other_inputs"` (per-sequence tensors, scalars, weights: passed as they are). The extra columns
+        are already popped from `inputs` and can be read from `self._extra_batch`."""
+        return {}
 
     # ------------------------------------------------------------------ TRL/transformers plumbing
     def _set_signature_columns_if_needed(self):
@@ -137,7 +120,7 @@ class FusedSFTTrainer(SFTTrainer):
         inputs = dict(inputs)
         self._extra_batch = {name: inputs.pop(name) for name in (*self.token_columns, *self.example_columns) if name in inputs}
         inputs["use_cache"] = False
-        input_groups = _head_input_groups(self.loss_method_inputs(model, inputs))
+        input_groups = self.loss_method_inputs(model, inputs)
         head = LossHead(
             method=self.loss_method(),
             backend=self.args.loss_backend,

@@ -67,14 +67,14 @@ class OTRTrainer(FusedSFTTrainer):
     def loss_method(self) -> str:
         return "otr"
 
-    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
         settings = {"temperature": self.args.temperature, "negative_reward": self.args.negative_reward}
         if not self.model.training:
-            return {}, {**settings, "num_samples": None}
+            return {"other_inputs": {**settings, "num_samples": None}}
         # The head draws its uniforms once per forward, in `prepare`, and reuses them for every tile. Under gradient
         # checkpointing only the decoder layers are recomputed: the head runs outside the checkpointed backbone, so no
         # recomputation re-enters it and the generator advances exactly once per micro-batch either way.
-        return {}, {**settings, "num_samples": self.args.num_samples, "generator": self.otr_generator}
+        return {"other_inputs": {**settings, "num_samples": self.args.num_samples, "generator": self.otr_generator}}
 
     # ------------------------------------------------------------------ generator state in checkpoints
     def _otr_rng_file(self, folder: str) -> str:
