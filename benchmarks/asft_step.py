@@ -51,6 +51,7 @@ def make_trainer(kind: str, mode: str, model_dir: str, dataset, args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer
+    from hf_plugins.testing import CPU_TRAINING_ARGS
 
     common = dict(
         output_dir=tempfile.mkdtemp(),
@@ -58,16 +59,9 @@ def make_trainer(kind: str, mode: str, model_dir: str, dataset, args):
         per_device_train_batch_size=args.batch_size,
         max_length=args.max_length,
         learning_rate=1e-4,
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
         disable_tqdm=True,
         assistant_only_loss=True,
+        **CPU_TRAINING_ARGS,
     )
     if kind == "asft":
         trainer_cls, config = ASFTTrainer, ASFTConfig(**common, kl_coef=0.05)

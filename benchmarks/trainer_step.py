@@ -28,6 +28,7 @@ def worker(args) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from hf_plugins import FusedSFTConfig, FusedSFTTrainer
+    from hf_plugins.testing import CPU_TRAINING_ARGS
 
     torch.set_num_threads(args.threads)
     if args.model == "tiny":
@@ -49,15 +50,8 @@ def worker(args) -> dict:
         per_device_train_batch_size=args.batch_size,
         max_length=args.max_length,
         learning_rate=1e-4,
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
         disable_tqdm=True,
+        **CPU_TRAINING_ARGS,
     )
     peft_config = None
     if not args.full:

@@ -163,6 +163,20 @@ _THANKS = (
     ("Great, thank you.", "You are welcome. Ask me anything else."),
 )
 
+#: Training arguments that make a tiny run fast, quiet and reproducible on CPU: shared by the tests, the benchmarks
+#: and anything else that trains the tiny model. TRL's defaults (bf16, gradient checkpointing) assume a GPU.
+CPU_TRAINING_ARGS = dict(
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    report_to="none",
+    logging_steps=1,
+    save_strategy="no",
+    dataloader_num_workers=0,
+    seed=0,
+)
+
+
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
     """One arithmetic question and its answer; single-digit operands keep the numbers to one or two tokens."""
     a, b = rng.randint(0, 9), rng.randint(0, 9)

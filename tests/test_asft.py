@@ -23,7 +23,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, asft_loss
 from hf_plugins.losses import METHODS, ASFTMethod, dft_loss
 from hf_plugins.ops import LossMethod, Targets, fused_linear_loss
-from hf_plugins.testing import build_tiny_model, build_tokenizer, save_tiny_model, tiny_conversational_dataset
+from hf_plugins.testing import (
+    CPU_TRAINING_ARGS,
+    build_tiny_model,
+    build_tokenizer,
+    save_tiny_model,
+    tiny_conversational_dataset,
+)
 
 IGNORE = -100
 BACKENDS = ("chunked", "reference")
@@ -402,14 +408,7 @@ def test_a_misspelt_input_group_is_an_error():
 
 
 CPU_ARGS = dict(
-    bf16=False,
-    use_cpu=True,
-    gradient_checkpointing=False,
-    report_to="none",
-    logging_steps=1,
-    save_strategy="no",
-    dataloader_num_workers=0,
-    seed=0,
+    **CPU_TRAINING_ARGS,
     learning_rate=5e-3,
     lr_scheduler_type="constant",
     assistant_only_loss=True,

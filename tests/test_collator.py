@@ -8,6 +8,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer
 from hf_plugins.data import DataCollatorWithExtraColumns
+from hf_plugins.testing import CPU_TRAINING_ARGS
 
 EXAMPLES = [
     {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "token_weights": [0.0, 1.0, 2.0], "score": 0.5, "idx": 3},
@@ -70,9 +71,8 @@ def _tokenized_dataset(tokenizer, weight_fn):
 
 def _train(model_dir, tmp_path, trainer_cls, dataset):
     args = FusedSFTConfig(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, bf16=False, use_cpu=True,
-        gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
-        learning_rate=5e-3, dataloader_num_workers=0, dataset_kwargs={"skip_prepare_dataset": True},
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-3,
+        dataset_kwargs={"skip_prepare_dataset": True}, **CPU_TRAINING_ARGS,
     )
     trainer = trainer_cls(
         model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=dataset,

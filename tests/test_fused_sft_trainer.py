@@ -9,17 +9,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer, sft_loss
-from hf_plugins.testing import tiny_conversational_dataset, tiny_prompt_completion_dataset
+from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset, tiny_prompt_completion_dataset
 
 CPU_ARGS = dict(
-    bf16=False,
-    use_cpu=True,
-    gradient_checkpointing=False,
-    report_to="none",
-    logging_steps=1,
-    save_strategy="no",
-    dataloader_num_workers=0,
-    seed=0,
+    **CPU_TRAINING_ARGS,
     learning_rate=5e-3,
 )
 

@@ -19,7 +19,7 @@ from hf_plugins.losses import METHODS, OTRMethod
 from hf_plugins.losses.otr import draw_uniforms, sample_tokens
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.method import Chunk, Rows
-from hf_plugins.testing import tiny_conversational_dataset
+from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
 
 IGNORE = -100
 BACKENDS = ("chunked", "reference")
@@ -473,14 +473,7 @@ def test_registered_by_name():
 # -------------------------------------------------------------------------------------------------- the trainer
 
 CPU_ARGS = dict(
-    bf16=False,
-    use_cpu=True,
-    gradient_checkpointing=False,
-    report_to="none",
-    logging_steps=1,
-    save_strategy="no",
-    dataloader_num_workers=0,
-    seed=0,
+    **CPU_TRAINING_ARGS,
     learning_rate=5e-3,
     assistant_only_loss=True,
     disable_tqdm=True,

@@ -11,6 +11,7 @@ from trl.chat_template_utils import has_generation_markers, is_chat_template_sto
 from trl.data_utils import is_conversational
 
 from hf_plugins.testing import (
+    CPU_TRAINING_ARGS,
     CHAT_TEMPLATE,
     IM_END,
     IM_START,
@@ -58,14 +59,7 @@ def _sft_config(output_dir, **kwargs):
         output_dir=str(output_dir),
         max_steps=3,
         per_device_train_batch_size=4,
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        dataloader_num_workers=0,
-        **kwargs,
+        **{**CPU_TRAINING_ARGS, **kwargs},
     )
 
 
