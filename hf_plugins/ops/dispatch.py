@@ -90,7 +90,7 @@ def fused_linear_loss(
         bias (`torch.Tensor` of shape `[V]`, *optional*): the lm_head bias.
         backend (`str`): `"auto"` (fastest on the device), `"chunked"` (pure torch, any device) or `"reference"`
             (materialises the logits; for tests).
-        chunk_size (`int`, *optional*): rows per tile; default keeps a tile near 1M elements.
+        chunk_size (`int`, *optional*): rows per tile; default: a tile of about 2M logits, at least 64 rows.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default:
             the mean over supervised tokens.
         return_metrics (`bool`): also return a dict of per-token means: `label_prob` (mean p(label)),
