@@ -24,7 +24,8 @@ class FusedSFTConfig(SFTConfig):
             CPU), `"chunked"` (pure torch, any device) or `"reference"` (materialises the logits of the supervised
             tokens; for debugging and tests only).
         loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
-            Supervised tokens per tile of the loss head. `None` picks a tile of about two million logits (at least 64 tokens). Smaller
+            Supervised tokens per tile of the loss head. `None` picks a tile of about two million logits (at least
+            64 tokens). Smaller
             tiles use less memory; larger tiles give the matmuls more work per call.
 
     The inherited `loss_type` selects the loss: `"nll"` (cross-entropy, the default) or `"dft"` (Dynamic
@@ -42,7 +43,8 @@ class FusedSFTConfig(SFTConfig):
     loss_chunk_size: int | None = field(
         default=None,
         metadata={
-            "help": "Supervised tokens per tile of the loss head. None picks a tile of about two million logits (at least 64 tokens)."
+            "help": "Supervised tokens per tile of the loss head. None picks a tile of about two million logits "
+            "(at least 64 tokens)."
         },
     )
 
