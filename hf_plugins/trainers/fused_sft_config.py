@@ -25,8 +25,7 @@ class FusedSFTConfig(SFTConfig):
             tokens; for debugging and tests only).
         loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
             Supervised tokens per tile of the loss head. `None` picks a tile of about two million logits (at least
-            64 tokens). Smaller
-            tiles use less memory; larger tiles give the matmuls more work per call.
+            64 tokens). Smaller tiles use less memory; larger tiles give the matmuls more work per call.
 
     The inherited `loss_type` selects the loss: `"nll"` (cross-entropy, the default) or `"dft"` (Dynamic
     Fine-Tuning, each token's loss scaled by its detached probability).
