@@ -519,3 +519,36 @@ def tiny_language_modeling_dataset(n: int = 32, seed: int = 0) -> Dataset:
         pairs = [_qa(rng) for _ in range(rng.randint(1, 3))]
         texts.append("\n".join(f"Question: {question}\nAnswer: {answer}" for question, answer in pairs))
     return Dataset.from_dict({"text": texts})
+
+
+class LargestTensor:
+    """Context manager that records the element count of the largest tensor any aten op returns inside it (forward
+    and backward, inside autograd Functions too): the check that a loss head never builds `[N, V]` logits.
+
+        with LargestTensor() as tracker:
+            fused_linear_loss(hidden, weight, labels, "sft").backward()
+        assert tracker.largest < N * V
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if isinstance(t, torch.Tensor):
+                        tracker.largest = max(tracker.largest, t.numel())
+                return out
+
+        self.largest = 0
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -17,7 +17,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, asft_loss
@@ -25,6 +24,7 @@ from hf_plugins.losses import METHODS, ASFTMethod, dft_loss
 from hf_plugins.ops import LossMethod, Targets, fused_linear_loss
 from hf_plugins.testing import (
     CPU_TRAINING_ARGS,
+    LargestTensor,
     build_tiny_model,
     build_tokenizer,
     save_tiny_model,
@@ -281,21 +281,6 @@ def test_kl_is_exactly_zero_when_the_reference_is_the_policy():
 
 
 # ------------------------------------------------------------------------------------------ memory and interface
-
-
-class LargestTensor(TorchDispatchMode):
-    """Largest element count of any tensor an aten op returns (inside autograd Functions too)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_chunked_never_holds_either_models_full_logits():

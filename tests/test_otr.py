@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from hf_plugins import OTRConfig, OTRTrainer, dft_loss, otr_loss
@@ -19,7 +18,7 @@ from hf_plugins.losses import METHODS, OTRMethod
 from hf_plugins.losses.otr import draw_uniforms, sample_tokens
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.method import Chunk, Rows
-from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
+from hf_plugins.testing import CPU_TRAINING_ARGS, LargestTensor, tiny_conversational_dataset
 
 IGNORE = -100
 BACKENDS = ("chunked", "reference")
@@ -398,21 +397,6 @@ def test_float32_matches_float64_functional():
     torch.testing.assert_close(loss.double(), exp_loss, rtol=1e-5, atol=1e-6)
     for grad, exp in zip(grads, exp_grads):
         torch.testing.assert_close(grad.double(), exp, rtol=1e-4, atol=1e-6)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the element count of the largest tensor any aten op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 @pytest.mark.parametrize("num_samples", [256, None], ids=["K256", "exact"])
