@@ -290,3 +290,18 @@ def test_matches_stock_on_other_architectures(tmp_path, variant):
     assert logged(fused) == pytest.approx(logged(stock), abs=1e-5)
     if variant == "tied_embeddings":
         assert fused.model.lm_head.weight is fused.model.model.embed_tokens.weight
+
+
+def test_plain_sft_config_is_converted_with_its_values(tiny_model_dir, tmp_path):
+    args = SFTConfig(output_dir=str(tmp_path), hub_token="secret-token", max_steps=7, **CPU_ARGS)
+    trainer = FusedSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=tiny_conversational_dataset(4),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    assert isinstance(trainer.args, FusedSFTConfig)
+    assert trainer.args.max_steps == 7 and trainer.args.hub_token == "secret-token"
+    assert trainer.args.loss_backend == "auto"
+    with pytest.raises(ValueError, match="positional order"):
+        FusedSFTTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), object())

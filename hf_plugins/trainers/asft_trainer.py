@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import AutoTokenizer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, get_config_model_id
@@ -77,6 +77,7 @@ class ASFTTrainer(FusedSFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "hf-plugins", "asft"]
+    config_class = ASFTConfig
     _name = "ASFT"
     _paper = {
         "title": "Anchored Supervised Fine-Tuning",
@@ -94,17 +95,7 @@ class ASFTTrainer(FusedSFTTrainer):
 
     def __init__(self, model, args: ASFTConfig | None = None, *positional, ref_model=None, **kwargs):
         # ref_model is keyword-only so that `ASFTTrainer(model, args, ...)` keeps SFTTrainer's positional order
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = ASFTConfig(f"{model_name.split('/')[-1]}-ASFT")
-        elif not isinstance(args, TrainingArguments):
-            raise ValueError(
-                f"`args` must be an ASFTConfig, got {type(args).__name__}. Pass the reference model as the keyword "
-                "argument `ref_model=`: the positional order is SFTTrainer's."
-            )
-        elif not isinstance(args, ASFTConfig):
-            # A plain SFTConfig/FusedSFTConfig keeps its values; ASFT's fields take their defaults
-            args = ASFTConfig(**args.to_dict())
+        args = self.coerce_args(model, args)
         if ref_model is not None and args.ref_model is not None and ref_model != args.ref_model:
             raise ValueError(
                 f"Both the `ref_model` argument and `args.ref_model={args.ref_model!r}` name a reference model: pass "

@@ -9,10 +9,12 @@ override only `loss_method` / `loss_method_inputs` (and declare their extra colu
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from ..data import DataCollatorWithExtraColumns
@@ -46,13 +48,29 @@ class FusedSFTTrainer(SFTTrainer):
     token_columns: dict[str, float] = {}
     example_columns: tuple[str, ...] = ()
 
-    def __init__(self, model, args: FusedSFTConfig | None = None, *positional, **kwargs):
+    #: The config class of this trainer; `args` of another class are converted to it
+    config_class = FusedSFTConfig
+
+    @classmethod
+    def coerce_args(cls, model, args):
+        """`args` as an instance of `config_class`: a default one named after the model when None; another config
+        (a plain `SFTConfig`, `TrainingArguments`) keeps its values and the method's fields take their defaults."""
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = FusedSFTConfig(f"{model_name.split('/')[-1]}-{type(self).__name__}")
-        elif not isinstance(args, FusedSFTConfig):
-            # A plain SFTConfig/TrainingArguments keeps its values; our fields take their defaults
-            args = FusedSFTConfig(**args.to_dict())
+            return cls.config_class(f"{model_name.split('/')[-1]}-{cls.__name__}")
+        if isinstance(args, cls.config_class):
+            return args
+        if not isinstance(args, TrainingArguments):
+            raise ValueError(
+                f"`args` must be a {cls.config_class.__name__} (or a TRL/transformers config), got "
+                f"{type(args).__name__}. The positional order is SFTTrainer's: pass other objects by keyword (e.g. a "
+                "reference model as the keyword argument `ref_model=` of ASFTTrainer)."
+            )
+        # Copied field by field: `to_dict()` would replace secrets such as `hub_token` with placeholders
+        return cls.config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+
+    def __init__(self, model, args: FusedSFTConfig | None = None, *positional, **kwargs):
+        args = self.coerce_args(model, args)
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError(
                 f"`compute_loss_func` cannot be used with {type(self).__name__}: the trainer computes the loss with "

@@ -8,7 +8,6 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -40,6 +39,7 @@ class OTRTrainer(FusedSFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "hf-plugins", "otr"]
+    config_class = OTRConfig
     _name = "OTR"
     _paper = {
         "title": "One-Token Rollout: Guiding Supervised Fine-Tuning of LLMs with Policy Gradient",
@@ -47,13 +47,6 @@ class OTRTrainer(FusedSFTTrainer):
     }
 
     def __init__(self, model, args: OTRConfig | None = None, *positional, **kwargs):
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = OTRConfig(f"{model_name.split('/')[-1]}-{type(self).__name__}")
-        elif not isinstance(args, OTRConfig):
-            # An SFTConfig/FusedSFTConfig keeps its values and the OTR fields take their defaults. The fields are
-            # copied as they are: `to_dict()` would replace secrets such as `hub_token` by placeholders
-            args = OTRConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
         super().__init__(model, args, *positional, **kwargs)
         self.otr_generator = torch.Generator(device=self.accelerator.device)
         self.otr_generator.manual_seed(self._otr_seed())
