@@ -202,35 +202,8 @@ def _rss_snapshot() -> dict:
     }
 
 
-def _import_head_only() -> None:
-    """Make `import hf_plugins.ops` / `hf_plugins.losses` skip `hf_plugins/__init__.py` in a worker.
-
-    The package's `__init__` imports the trainers (TRL's SFTTrainer, transformers, datasets), which costs seconds per
-    worker and nothing the head needs. Falls back to the normal import if the head ever needs the package top level.
-    """
-    import importlib.util
-    import types
-
-    if "hf_plugins" in sys.modules:
-        return
-    spec = importlib.util.find_spec("hf_plugins")
-    if spec is None or not spec.submodule_search_locations:
-        return
-    pkg = types.ModuleType("hf_plugins")
-    pkg.__path__ = list(spec.submodule_search_locations)
-    pkg.__file__ = spec.origin
-    sys.modules["hf_plugins"] = pkg
-    try:
-        import hf_plugins.losses  # noqa: F401
-        import hf_plugins.ops  # noqa: F401
-    except Exception:  # noqa: BLE001
-        for name in [m for m in sys.modules if m == "hf_plugins" or m.startswith("hf_plugins.")]:
-            del sys.modules[name]
-
-
 def worker(spec: dict) -> dict:
     """Runs in a fresh process: set up, warm up on a few rows, reset the peak, run once, report the peak extra."""
-    _import_head_only()
     import torch
 
     import hf_plugins.losses  # noqa: F401
@@ -337,8 +310,6 @@ def time_cases(cases, inputs_for, cfg, reps: int, warmup_rows: int | None, log) 
 
 def check_gradients(method, inputs, cfg, chunk) -> dict:
     """Gradient agreement of chunked and TRL with the reference at the benchmark shape (one extra call each)."""
-    import torch
-
     out = {}
     run_variant("reference", method, inputs, cfg)
     ref = (inputs["hidden"].grad.clone(), inputs["weight"].grad.clone())
