@@ -13,8 +13,8 @@ import torch
 from .method import Chunk, LossMethod
 
 #: Default tile budget in elements (8 MiB of float32 per tile). Measured on CPU (docs/benchmarks.md, N=4096,
-#: V=32000, D=256, 1 thread): 32-row tiles ran at 1.6x the bare three-matmul time, 64 rows at 1.2x, 128 at 1.1x;
-#: peak extra memory grows with the tile (105 MiB at 64 rows, 167 MiB at 128, against 1.5 GiB for full logits).
+#: V=32000, D=256, 1 thread): 32-row tiles ran at 1.6x the bare three-matmul time, 64 rows at 1.25-1.4x, 128 rows at
+#: 1.1-1.3x; peak extra memory grows with the tile (about 90 MiB at 64 rows, 136-183 MiB at 128, against 1.5 GiB).
 DEFAULT_TILE_ELEMENTS = 1 << 21
 #: Fewer rows than this starve the matmuls (the weight is re-read once per tile), whatever the vocabulary size.
 MIN_CHUNK_ROWS = 64
