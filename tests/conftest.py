@@ -20,6 +20,22 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Without a GPU the Triton kernels run under Triton's interpreter; it must be on before any kernel module is imported
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def small_triton_blocks(monkeypatch):
+    """Under the interpreter, vocabulary blocks of 16 so that the small test vocabularies span several blocks (the
+    online log-sum-exp and the sampler's running CDF cross block boundaries); on a GPU the real block sizes."""
+    if torch.cuda.is_available():
+        return
+    from hf_plugins.ops.triton import head
+
+    monkeypatch.setattr(head, "DEFAULT_BLOCK_V", 16)
+    monkeypatch.setattr(head, "SAMPLING_BLOCK_V", 16)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -32,7 +32,7 @@ from hf_plugins.testing import (
 )
 
 IGNORE = -100
-BACKENDS = ("chunked", "reference")
+BACKENDS = ("chunked", "reference", "triton")
 F64 = torch.float64
 LOGGER = "hf_plugins.trainers.asft_trainer"
 
@@ -316,6 +316,11 @@ class ConstantMethod(LossMethod):
 def test_targets_constant_shifts_the_value_not_the_gradient(backend):
     policy, _, labels = make_inputs((14,), seed=19, ignore_frac=0.0)
     args = (policy["hidden"], policy["weight"], labels)
+    if backend == "triton":
+        # a method without a kernel form is refused by name, never silently run another way
+        with pytest.raises(ValueError, match="sft-plus-constant.*no Triton kernel form.*'chunked'"):
+            fused_linear_loss(*args, ConstantMethod(), bias=policy["bias"], backend=backend, chunk_size=4)
+        return
     plain = fused_linear_loss(*args, "sft", bias=policy["bias"], backend=backend, chunk_size=4)
     shifted = fused_linear_loss(*args, ConstantMethod(), bias=policy["bias"], backend=backend, chunk_size=4)
     torch.testing.assert_close(shifted - plain, torch.tensor(sum(range(14)) / 14, dtype=F64))

@@ -13,7 +13,7 @@ from hf_plugins.ops import fused_linear_loss
 
 IGNORE = -100
 METHODS = ("sft", "dft", "weighted")
-BACKENDS = ("chunked", "reference")
+BACKENDS = ("chunked", "reference", "triton")
 F64 = torch.float64
 
 
@@ -228,11 +228,19 @@ def test_bfloat16_inputs(method, backend):
     loss, grads = fused_loss_and_grads(method, backend, hidden, weight, b, labels, token_weights, chunk_size=5)
     exp_loss, exp_grads = expected_loss_and_grads(method, hidden, weight, b, labels, token_weights)
     assert loss.dtype == torch.float32
-    assert abs(loss.double() - exp_loss) <= 1e-3 * abs(exp_loss)
+    # chunked and reference upcast before the matmul; triton keeps bf16 logit tiles (cuBLAS's output, as TRL's and
+    # Liger's heads do), so its logits carry bf16 rounding: a looser bound against the exact loss ...
+    loss_tol, grad_tol = (1e-2, 3e-2) if backend == "triton" else (1e-3, 2e-2)
+    assert abs(loss.double() - exp_loss) <= loss_tol * abs(exp_loss)
     for grad, exp, leaf in zip(grads, exp_grads, (hidden, weight, b)):
         assert grad.dtype == torch.bfloat16 and grad.shape == leaf.shape
         assert torch.isfinite(grad).all()
-        assert (grad.double() - exp).norm() <= 2e-2 * exp.norm()
+        assert (grad.double() - exp).norm() <= grad_tol * exp.norm()
+    if backend == "triton":
+        # ... and a tight one against the same loss on bf16-rounded logits: nothing else is lost in the kernel
+        logits = (hidden.detach() @ weight.detach().t() + b.detach()).double()
+        rounded = functional(method, logits.bfloat16().double(), labels, None, token_weights)
+        assert abs(loss.double() - rounded) <= 1e-5 * abs(rounded)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,7 +21,7 @@ from hf_plugins.ops.method import Chunk, Rows
 from hf_plugins.testing import CPU_TRAINING_ARGS, LargestTensor, tiny_conversational_dataset
 
 IGNORE = -100
-BACKENDS = ("chunked", "reference")
+BACKENDS = ("chunked", "reference", "triton")
 F64 = torch.float64
 TAU, BETA = 1.3, -0.2  # away from the defaults, so a default silently used instead of the argument shows
 

@@ -17,7 +17,7 @@ from numbers import Real
 
 import torch
 
-from ..ops.method import Chunk, LossMethod, Rows, Targets
+from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets
 from ._common import compute_dtype, label_log_probs, reduce_sum
 
 
@@ -156,3 +156,11 @@ class ASFTMethod(LossMethod):
 
     def metrics(self, chunk: Chunk, targets: ASFTTargets) -> dict[str, torch.Tensor]:
         return {"kl": targets.kl, "dft_weight": targets.value.squeeze(-1)}
+
+    def kernel_spec(self, row_inputs) -> KernelSpec:
+        # The reference tile is computed also at kl_coef = 0: the KL is reported either way
+        reference = (row_inputs["ref_hidden"], self._ref_weight, self._ref_bias)
+        return KernelSpec(dft=True, reference=reference, kl_coef=self.kl_coef)
+
+    def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
+        return {"kl": stats.aux, "dft_weight": stats.label_log_probs.exp()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.method import Chunk, LossMethod, Targets, label_targets
+from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Targets, label_targets
 from ._common import label_log_probs, reduce_sum
 
 
@@ -25,3 +25,9 @@ class DFTMethod(LossMethod):
 
     def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
         return {"dft_weight": targets.value.squeeze(-1)}
+
+    def kernel_spec(self, row_inputs) -> KernelSpec:
+        return KernelSpec(dft=True)
+
+    def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
+        return {"dft_weight": stats.label_log_probs.exp()}

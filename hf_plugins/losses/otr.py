@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.method import Chunk, LossMethod, Rows, Targets
+from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets
 from ._common import check_labels, compute_dtype, reduce_sum
 
 DEFAULT_NUM_SAMPLES = 8
@@ -253,3 +253,23 @@ class OTRMethod(LossMethod):
         hits = targets.index == chunk.labels.unsqueeze(-1)
         dtype = chunk.log_probs.dtype
         return {"hit_rate": hits.to(dtype).mean(-1), "no_hit_fraction": (~hits.any(-1)).to(dtype)}
+
+    def kernel_spec(self, row_inputs) -> KernelSpec:
+        settings = self.settings
+        if settings.num_samples is None:
+            return KernelSpec(
+                tempered_dense=True, temperature=settings.temperature, miss_reward=settings.negative_reward
+            )
+        return KernelSpec(
+            label_target=False,
+            temperature=settings.temperature,
+            miss_reward=settings.negative_reward,
+            num_samples=settings.num_samples,
+            uniforms=row_inputs["uniforms"],
+        )
+
+    def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
+        if self.settings.num_samples is None:
+            return {"hit_rate": stats.aux}
+        hits = stats.aux
+        return {"hit_rate": hits / self.settings.num_samples, "no_hit_fraction": (hits == 0).to(hits.dtype)}

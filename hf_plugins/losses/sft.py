@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.method import Chunk, LossMethod, Targets, label_targets
+from ..ops.method import Chunk, KernelSpec, LossMethod, Targets, label_targets
 from ._common import label_log_probs, reduce_sum
 
 
@@ -28,3 +28,6 @@ class SFTMethod(LossMethod):
 
     def targets(self, chunk: Chunk) -> Targets:
         return label_targets(chunk.labels, torch.ones_like(chunk.label_log_probs))
+
+    def kernel_spec(self, row_inputs) -> KernelSpec:
+        return KernelSpec()

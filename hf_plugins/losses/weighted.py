@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.method import Chunk, LossMethod, Rows, Targets, label_targets
+from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets, label_targets
 from ._common import label_log_probs, reduce_sum
 
 
@@ -55,3 +55,9 @@ class WeightedMethod(LossMethod):
 
     def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
         return {"token_weight": targets.value.squeeze(-1)}
+
+    def kernel_spec(self, row_inputs) -> KernelSpec:
+        return KernelSpec(label_weight=row_inputs["token_weights"])
+
+    def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
+        return {"token_weight": row_inputs["token_weights"]}

@@ -8,14 +8,35 @@ from .chunked import chunked_label_log_probs, chunked_linear_loss, default_chunk
 from .method import IGNORE_INDEX, LossMethod, Rows
 from .reference import reference_linear_loss
 
-BACKENDS = ("auto", "chunked", "reference")
+BACKENDS = ("auto", "chunked", "reference", "triton", "liger")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that `backend` names on `device` ("auto": the fastest available; on CPU that is "chunked")."""
+def resolve_backend(backend: str, device: torch.device, method: LossMethod | None = None) -> str:
+    """The backend that `backend` names on `device` for `method`.
+
+    "auto" is the fastest available: our Triton kernels on CUDA for every method that has a kernel form (measured
+    faster than Liger's on every method both cover: docs/benchmarks.md), else "chunked" (on CPU always).
+    """
+    from .liger import LIGER_METHODS, liger_available
+    from .triton.head import triton_usable
+
     if backend not in BACKENDS:
         raise ValueError(f"Unknown loss backend {backend!r}: choose one of {', '.join(map(repr, BACKENDS))}.")
-    return "chunked" if backend == "auto" else backend
+    if backend == "auto":
+        # "auto" stays undecided on CUDA until the method's inputs show whether it has a kernel form
+        return "auto" if device.type == "cuda" and triton_usable(device) else "chunked"
+    if backend in ("triton", "liger") and not (triton_usable(device) and (backend == "triton" or liger_available())):
+        raise ValueError(
+            f"loss backend {backend!r} needs a CUDA device with triton"
+            + (" and liger-kernel installed" if backend == "liger" else "")
+            + f" (got a {device.type} tensor; tests run it on CPU under TRITON_INTERPRET=1): use 'chunked' here."
+        )
+    if backend == "liger" and method is not None and method.name not in LIGER_METHODS:
+        raise ValueError(
+            f"loss backend 'liger' covers the methods {', '.join(LIGER_METHODS)}, not {method.name!r}: use 'triton' "
+            "or 'chunked'."
+        )
+    return backend
 
 
 def resolve_method(method: str | LossMethod) -> LossMethod:
@@ -88,9 +109,11 @@ def fused_linear_loss(
         labels (`torch.LongTensor` of shape `[B, T]` or `[N]`): token ids, -100 where no loss is taken.
         method (`str` or `LossMethod`): `"sft"`, `"dft"`, `"weighted"` (more as methods land) or a method object.
         bias (`torch.Tensor` of shape `[V]`, *optional*): the lm_head bias.
-        backend (`str`): `"auto"` (fastest on the device), `"chunked"` (pure torch, any device) or `"reference"`
-            (materialises the logits; for tests).
-        chunk_size (`int`, *optional*): rows per tile; default: a tile of about 2M logits, at least 64 rows.
+        backend (`str`): `"auto"` (fastest on the device: `"triton"` on CUDA, `"chunked"` elsewhere), `"chunked"`
+            (pure torch, any device), `"triton"` (our Triton kernels, CUDA), `"liger"` (Liger-Kernel's fused linear
+            cross-entropy, CUDA; sft, dft and weighted only) or `"reference"` (materialises the logits; for tests).
+        chunk_size (`int`, *optional*): rows per tile; default: on `chunked`, a tile of about 2M logits, at least 64
+            rows; on `triton`, at most max(N * D, 4M) logits, a power of two of rows.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default:
             the mean over supervised tokens.
         return_metrics (`bool`): also return a dict of per-token means: `label_prob` (mean p(label)),
@@ -102,13 +125,14 @@ def fused_linear_loss(
         The scalar loss (float32, float64 for float64 inputs), or `(loss, metrics)` with `return_metrics=True`.
     """
     method = resolve_method(method)
-    backend = resolve_backend(backend, hidden.device)
+    backend = resolve_backend(backend, hidden.device, method)
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0):
         raise ValueError(f"`chunk_size` must be a positive integer number of rows, got {chunk_size!r}.")
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, torch.Tensor)):
         raise ValueError(f"`num_items_in_batch` must be a number or a tensor, got {type(num_items_in_batch)}.")
 
     row_hidden, row_labels, mask, sequence_index, num_sequences = _flatten(hidden, weight, labels, bias)
+    chunk_size_arg = chunk_size  # the triton backend sizes its own tiles for the GPU
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     rows = Rows(
         labels=row_labels,
@@ -129,11 +153,30 @@ def fused_linear_loss(
     else:
         denominator = float(max(float(num_items_in_batch), 1.0))
 
+    spec = method.kernel_spec(row_inputs) if backend == "triton" or backend == "auto" else None
+    if backend == "triton" and spec is None:
+        raise ValueError(
+            f"Method {method.name!r} has no Triton kernel form (`LossMethod.kernel_spec` returns None): use "
+            "loss backend 'chunked' for it."
+        )
+    if backend == "auto":
+        backend = "triton" if spec is not None else "chunked"
+
     metric_sums = {} if return_metrics else None
     if backend == "reference":
         loss = reference_linear_loss(
             row_hidden, weight, bias, row_labels, method, row_inputs, denominator, metric_sums
         )
+    elif backend == "triton":
+        from .triton.head import triton_linear_loss
+
+        loss = triton_linear_loss(
+            row_hidden, weight, bias, row_labels, method, row_inputs, spec, chunk_size_arg, denominator, metric_sums
+        )
+    elif backend == "liger":
+        from .liger import liger_linear_loss
+
+        loss = liger_linear_loss(row_hidden, weight, bias, row_labels, method, row_inputs, denominator, metric_sums)
     else:
         loss = chunked_linear_loss(
             row_hidden, weight, bias, row_labels, method, row_inputs, chunk_size, denominator, metric_sums

@@ -126,6 +126,50 @@ class Rows:
         return tensor.to(self.mask.device)[self.mask]
 
 
+@dataclass
+class KernelSpec:
+    """A method's targets in the closed form a fused GPU kernel builds row by row, with no `[C, V]` target tile.
+
+    `w = label_weight * [sg(p(y)) if dft] * one_hot(y)` (when `label_target`), plus one of: K sampled tokens from
+    `softmax(z / temperature)` weighted `R(a, y) / K` (R = 1 on the label, `miss_reward` elsewhere); the exact
+    expectation of that (`tempered_dense`); `kl_coef * softmax(z_ref)` with `z_ref` from a reference head.
+
+    Attributes:
+        label_target (`bool`): the label gets a sparse weight.
+        label_weight (`torch.Tensor` of shape `[N]`, *optional*): its per-row weight (default 1).
+        dft (`bool`): multiply the label weight by the detached `p(y)`.
+        temperature (`float`): tau of the tempered policy (OTR).
+        miss_reward (`float`): R of a sampled token that is not the label (OTR's beta).
+        num_samples (`int`): K sampled tokens per row (0: none), drawn by inverse CDF from `uniforms` `[N, K]`.
+        tempered_dense (`bool`): exact-expectation OTR, `w = (1 - beta) p_tau(y) one_hot(y) + beta p_tau`.
+        reference (`tuple`, *optional*): `(ref_hidden [N, D_ref], ref_weight [V, D_ref], ref_bias [V] or None)`;
+            adds `kl_coef * softmax(ref_hidden @ ref_weight.T + ref_bias)` and the reference's negative entropy.
+    """
+
+    label_target: bool = True
+    label_weight: torch.Tensor | None = None
+    dft: bool = False
+    temperature: float = 1.0
+    miss_reward: float = 0.0
+    num_samples: int = 0
+    uniforms: torch.Tensor | None = None
+    tempered_dense: bool = False
+    reference: tuple | None = None
+    kl_coef: float = 0.0
+
+
+@dataclass
+class KernelStats:
+    """Per-row values a fused kernel returns, from which a method derives its metrics (all `[N]`).
+
+    `aux` is method-specific: the KL to the reference (reference targets), the number of sampled tokens equal to the
+    label (sampled targets) or the tempered label probability (`tempered_dense`).
+    """
+
+    label_log_probs: torch.Tensor
+    aux: torch.Tensor
+
+
 class LossMethod:
     """Base class of the methods the fused head understands.
 
@@ -147,6 +191,15 @@ class LossMethod:
 
     def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
         """Per-row values to average over the supervised rows and report (name -> `[C]` tensor)."""
+        return {}
+
+    def kernel_spec(self, row_inputs: dict[str, torch.Tensor]) -> KernelSpec | None:
+        """The method's targets in the fused kernels' closed form, or None when they have none (then the GPU
+        backends fall back to `chunked`). Called after `prepare`, with its per-row tensors."""
+        return None
+
+    def kernel_metrics(self, stats: KernelStats, row_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The method's own per-row metrics (the same names as `metrics`) from a fused kernel's per-row values."""
         return {}
 
 

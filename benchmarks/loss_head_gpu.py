@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""GPU benchmark of the fused linear loss head: every method on every backend, against the matmul floor.
+
+For each method of `hf_plugins.losses.METHODS` it times forward + backward (gradients for `hidden` and `weight`) and
+measures the peak CUDA memory of
+
+- `reference`: `fused_linear_loss(..., backend="reference")`, the `[N, V]` logits materialised;
+- `chunked`: our pure-torch backend at its default tile;
+- `triton`: our Triton kernel between cuBLAS matmuls, at its default tile;
+- `liger`: Liger-Kernel's fused linear cross-entropy (sft, dft via token scaling, weighted via reduction="none");
+- `trl`: TRL's `trl.kernels.ChunkedLogProbFunction` with the loss TRL's SFTTrainer builds from its log-probs (sft and
+  dft; outputs log-probs, entropy and top-1 as SFTTrainer asks),
+
+beside the floor: the three matmuls of the head on preallocated buffers (`z = h @ W.T`, `grad_h = G @ W`,
+`grad_W = G.T @ h`), measured in the same run. Memory is the peak of `torch.cuda.max_memory_allocated()` above what
+was allocated before the call (the inputs), so it includes the two gradients every variant must produce.
+
+Every variant runs in a `try`: one that fails (out of memory, a library missing on the machine) is reported with its
+error and the run goes on. Results go to `--json` and, as a markdown table, to `--markdown`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+GIB = 1024**3
+TRL_METHODS = ("sft", "dft")
+LIGER_METHODS = ("sft", "dft", "weighted")
+#: Matmuls a method adds to the three of the head (ASFT: the reference logits).
+EXTRA_MATMULS = {"asft": 1}
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def make_inputs(n, v, d, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    scale = 2.0 / math.sqrt(d)  # logits of std ~2: a non-trivial softmax
+    hidden = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, d, device="cuda", generator=g) * scale).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    return {
+        "hidden": hidden,
+        "weight": weight,
+        "labels": labels,
+        "token_weights": 2 * torch.rand(n, device="cuda", generator=g),
+        "ref_hidden": (hidden.detach() + 0.1 * torch.randn(n, d, device="cuda", generator=g).to(dtype)),
+        "ref_weight": (weight.detach() + 0.1 * scale * torch.randn(v, d, device="cuda", generator=g).to(dtype)),
+    }
+
+
+def method_kwargs(method, inputs):
+    if method == "weighted":
+        return {"token_weights": inputs["token_weights"]}
+    if method == "asft":
+        return {"ref_hidden": inputs["ref_hidden"], "ref_weight": inputs["ref_weight"], "kl_coef": 0.05}
+    if method == "otr":
+        return {"num_samples": 8, "temperature": 1.2, "negative_reward": -0.1}
+    return {}
+
+
+def loss_fn(variant, method, inputs, chunk_size=None):
+    """A closure computing the loss of `variant` (forward only; the caller runs backward)."""
+    from hf_plugins.ops import fused_linear_loss
+
+    h, w, y = inputs["hidden"], inputs["weight"], inputs["labels"]
+    if variant in ("reference", "chunked", "triton", "liger"):
+        kwargs = method_kwargs(method, inputs)
+
+        def run():
+            torch.manual_seed(0)  # OTR's uniforms: the same draw on every backend
+            return fused_linear_loss(h, w, y, method, backend=variant, chunk_size=chunk_size, **kwargs)
+
+        return run
+    if variant == "trl":
+        from trl.kernels import ChunkedLogProbFunction
+
+        def run():
+            logp = ChunkedLogProbFunction.apply(h, w, None, y, 1.0, 32768, None, 1.0, ("entropy", "is_top1"))[0]
+            if method == "sft":  # SFTTrainer, loss_type="nll"
+                return -logp.sum() / logp.numel()
+            return -(logp.detach().exp() * logp).sum() / logp.numel()  # loss_type="dft"
+
+        return run
+    raise ValueError(variant)
+
+
+def clear(leaves):
+    for leaf in leaves:
+        leaf.grad = None
+
+
+def measure(fn, leaves, reps):
+    """(median seconds of forward+backward, peak bytes above the inputs, loss) after one warm-up."""
+    clear(leaves)
+    loss = fn()
+    loss.backward()
+    clear(leaves)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        clear(leaves)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = fn()
+        loss.backward()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    peak = torch.cuda.max_memory_allocated() - base
+    value = float(loss)
+    del loss
+    return statistics.median(times), peak, value
+
+
+def measure_floor(inputs, reps):
+    h, w = inputs["hidden"].detach(), inputs["weight"].detach()
+    n, d = h.shape
+    v = w.shape[0]
+    logits = torch.empty(n, v, device="cuda", dtype=h.dtype)
+    grad_h = torch.empty(n, d, device="cuda", dtype=h.dtype)
+    grad_w = torch.empty(v, d, device="cuda", dtype=h.dtype)
+
+    def once():
+        torch.mm(h, w.t(), out=logits)
+        torch.mm(logits, w, out=grad_h)
+        torch.mm(logits.t(), h, out=grad_w)
+
+    once()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        once()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del logits, grad_h, grad_w
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def gradient_errors(fn, ref_grads, leaves):
+    """Relative L2 error of a variant's gradients against the reference backend's (float32 logits)."""
+    clear(leaves)
+    loss = fn()
+    loss.backward()
+    errors = [float((leaf.grad.float() - ref).norm() / ref.norm().clamp_min(1e-30)) for leaf, ref in zip(leaves, ref_grads)]
+    clear(leaves)
+    return float(loss), errors
+
+
+def run(args):
+    import hf_plugins.ops.triton.head as triton_head
+    from hf_plugins.losses import METHODS
+
+    device = torch.cuda.get_device_properties(0)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    res = {
+        "machine": {
+            "gpu": device.name,
+            "sm_count": device.multi_processor_count,
+            "memory_gib": round(device.total_memory / GIB, 1),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "triton": __import__("triton").__version__,
+            "python": platform.python_version(),
+        },
+        "shape": {"N": args.rows, "V": args.vocab, "D": args.hidden, "dtype": args.dtype},
+        "cases": [],
+        "sweep": [],
+    }
+    for name in ("trl", "liger_kernel"):
+        try:
+            res["machine"][name] = __import__(name).__version__
+        except Exception as error:  # noqa: BLE001
+            res["machine"][name] = f"unavailable: {error}"
+    inputs = make_inputs(args.rows, args.vocab, args.hidden, dtype)
+    leaves = [inputs["hidden"], inputs["weight"]]
+    floor = measure_floor(inputs, args.reps + 2)
+    res["floor_s"] = floor
+    flops = 3 * 2 * args.rows * args.vocab * args.hidden
+    res["floor_tflops"] = flops / floor / 1e12
+    log(f"floor {floor * 1e3:.1f} ms ({res['floor_tflops']:.0f} TFLOP/s)")
+
+    methods = args.methods or list(METHODS)
+    for method in methods:
+        ref_grads = None
+        variants = ["reference", "chunked", "triton"]
+        if method in LIGER_METHODS:
+            variants.append("liger")
+        if method in TRL_METHODS:
+            variants.append("trl")
+        if args.skip:
+            variants = [v for v in variants if v not in args.skip]
+        for variant in variants:
+            case = {"method": method, "variant": variant}
+            t0 = time.time()
+            try:
+                fn = loss_fn(variant, method, inputs)
+                reps = 1 if variant in ("reference", "chunked") else args.reps
+                seconds, peak, value = measure(fn, leaves, reps)
+                method_floor = floor * (3 + EXTRA_MATMULS.get(method, 0)) / 3
+                case.update(
+                    seconds=seconds,
+                    peak_gib=peak / GIB,
+                    loss=value,
+                    vs_floor=seconds / floor,
+                    vs_method_floor=seconds / method_floor,
+                )
+                if variant == "reference":
+                    clear(leaves)
+                    loss = fn()
+                    loss.backward()
+                    ref_grads = [leaf.grad.float().clone() for leaf in leaves]
+                    clear(leaves)
+                    del loss
+                elif ref_grads is not None and variant in ("triton", "liger", "trl"):
+                    _, errors = gradient_errors(fn, ref_grads, leaves)
+                    case["grad_rel_err"] = errors
+            except Exception as error:  # noqa: BLE001
+                case["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                traceback.print_exc(file=sys.stderr)
+            clear(leaves)
+            gc.collect()
+            torch.cuda.empty_cache()
+            log(json.dumps(case), f"({time.time() - t0:.1f}s)")
+            res["cases"].append(case)
+        del ref_grads
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    for rows in args.sweep_rows:
+        case = {"method": "sft", "variant": "triton", "tile_rows": rows}
+        try:
+            seconds, peak, _ = measure(loss_fn("triton", "sft", inputs, chunk_size=rows), leaves, args.reps)
+            case.update(seconds=seconds, peak_gib=peak / GIB, vs_floor=seconds / floor)
+        except Exception as error:  # noqa: BLE001
+            case["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+        log(json.dumps(case))
+        res["sweep"].append(case)
+    res["default_tile_rows"] = triton_head.default_tile_rows(args.rows, args.vocab, args.hidden)
+    return res
+
+
+def render(res) -> str:
+    m, s = res["machine"], res["shape"]
+    lines = [
+        f"GPU: {m['gpu']} ({m['sm_count']} SMs, {m['memory_gib']} GiB); torch {m['torch']}, CUDA {m['cuda']}, "
+        f"triton {m['triton']}, trl {m.get('trl')}, liger-kernel {m.get('liger_kernel')}.",
+        f"N={s['N']} V={s['V']} D={s['D']} {s['dtype']}; forward+backward, gradients for hidden and weight; "
+        f"three-matmul floor {res['floor_s'] * 1e3:.1f} ms ({res['floor_tflops']:.0f} TFLOP/s); "
+        f"triton default tile {res['default_tile_rows']} rows.",
+        "",
+        "| method | backend | time (ms) | x floor | x method floor | peak memory (GiB) | grad rel. error (h, W) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for c in res["cases"]:
+        if "error" in c:
+            lines.append(f"| {c['method']} | {c['variant']} | failed: {c['error'][:80]} | | | | |")
+            continue
+        errors = ", ".join(f"{e:.1e}" for e in c.get("grad_rel_err", [])) or "-"
+        lines.append(
+            f"| {c['method']} | {c['variant']} | {c['seconds'] * 1e3:.1f} | {c['vs_floor']:.2f} | "
+            f"{c['vs_method_floor']:.2f} | {c['peak_gib']:.2f} | {errors} |"
+        )
+    if res["sweep"]:
+        lines += ["", "Triton tile sweep (sft):", "", "| tile rows | time (ms) | x floor | peak memory (GiB) |",
+                  "|---:|---:|---:|---:|"]
+        for c in res["sweep"]:
+            if "error" in c:
+                lines.append(f"| {c['tile_rows']} | failed: {c['error'][:80]} | | |")
+            else:
+                lines.append(
+                    f"| {c['tile_rows']} | {c['seconds'] * 1e3:.1f} | {c['vs_floor']:.2f} | {c['peak_gib']:.2f} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", "-N", type=int, default=16384)
+    p.add_argument("--vocab", "-V", type=int, default=151936)
+    p.add_argument("--hidden", "-D", type=int, default=4096)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up (median)")
+    p.add_argument("--methods", nargs="+", default=None)
+    p.add_argument("--skip", nargs="+", default=[], help="variants to leave out (e.g. chunked)")
+    p.add_argument("--sweep_rows", type=int, nargs="*", default=[256, 512, 1024, 2048])
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("loss_head_gpu.py needs a CUDA device; benchmarks/loss_head.py measures the CPU.")
+    res = run(args)
+    text = render(res)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()

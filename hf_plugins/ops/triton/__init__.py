@@ -1,0 +1,1 @@
+"""Our own Triton kernels for the fused loss head (imported only when the `triton` backend runs)."""

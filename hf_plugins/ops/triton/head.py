@@ -1,0 +1,239 @@
+"""The `triton` backend: cuBLAS matmuls for the three products, one Triton kernel for everything between them.
+
+Per tile of rows: `z = h @ W.T (+ b)` into a reused buffer (cuBLAS), the kernel turns it into the logits gradient in
+place (and, for ASFT, reads a reference tile computed the same way), then `grad_h = g @ W` and `grad_W += g.T @ h`
+(cuBLAS again). Gradients are computed in the forward pass and only scaled in backward: three matmuls per tile
+(four for ASFT, whose reference logits are one more), never a `[N, V]` tensor, one `[rows, V]` tile (two for ASFT).
+
+Tiles hold the compute dtype (the autocast dtype under autocast, else the inputs' dtype): bf16 tiles are what
+cuBLAS writes at full speed, and the kernel upcasts every value it reads to float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..method import KernelSpec, KernelStats, LossMethod
+
+#: Vocabulary block per kernel iteration; OTR's sampler compares K samples against a block, so it takes a smaller one.
+DEFAULT_BLOCK_V = 4096
+SAMPLING_BLOCK_V = 1024
+#: Row-tile budget: the tile holds at most max(N * D, MIN_TILE_ELEMENTS) logits, the same bound Liger's fused linear
+#: cross-entropy uses, so the tile never costs more than the hidden states; rows are a power of two (cuBLAS likes it).
+MIN_TILE_ELEMENTS = 1 << 22
+MIN_TILE_ROWS = 128
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, or anywhere under the Triton interpreter (tests on CPU)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or interpreter_enabled()
+
+
+def default_tile_rows(num_rows: int, vocab_size: int, hidden_size: int) -> int:
+    budget = max(num_rows * hidden_size, MIN_TILE_ELEMENTS)
+    rows = max(MIN_TILE_ROWS, budget // max(vocab_size, 1))
+    rows = 1 << (rows.bit_length() - 1)  # round down to a power of two
+    return max(1, min(rows, num_rows))
+
+
+def tile_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if torch.float64 in (hidden.dtype, weight.dtype):
+        return torch.float64
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`acc += a @ b`; a float32 accumulator from bf16/fp16 operands gets the product unrounded (cuBLAS out_dtype)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda" and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def run_tiles(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    spec: KernelSpec,
+    chunk_size: int | None,
+    grad_scale: float | None,
+    needs_grad: tuple[bool, bool, bool] = (True, True, True),
+):
+    """One pass over the supervised rows. Returns `(loss_sum, (grad_hidden, grad_weight, grad_bias), stats)` with
+    `stats` the kernel's `[N, NUM_STATS]` per-row values (float32, float64 for float64 inputs)."""
+    import triton.language as tl
+
+    from .kernels import NUM_PARAMS, NUM_STATS, weighted_target_ce_kernel
+
+    device = hidden.device
+    dtype = tile_dtype(hidden, weight)
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    n_rows, hidden_size = hidden.shape
+    vocab_size = weight.shape[0]
+    want_grad = grad_scale is not None and any(needs_grad)
+    need_hidden, need_weight, need_bias = (want_grad and flag for flag in needs_grad)
+    need_bias = need_bias and bias is not None
+
+    w = weight.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    # The weight gradient accumulates over row tiles in the weight's own precision (float32 under mixed precision)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, dtype), device=device) if need_weight else None
+    grad_hidden = torch.empty((n_rows, hidden_size), dtype=dtype, device=device) if need_hidden else None
+    grad_bias = torch.zeros(vocab_size, dtype=acc_dtype, device=device) if need_bias else None
+    stats = torch.zeros((n_rows, NUM_STATS), dtype=acc_dtype, device=device)
+    if n_rows == 0:
+        return stats[:, 0].sum(), (grad_hidden, grad_weight, grad_bias), stats
+
+    rows_per_tile = chunk_size or default_tile_rows(n_rows, vocab_size, hidden_size)
+    rows_per_tile = min(rows_per_tile, n_rows)
+    tile_buffer = torch.empty((rows_per_tile, vocab_size), dtype=dtype, device=device)
+
+    reference = spec.reference
+    if reference is not None:
+        ref_hidden, ref_weight, ref_bias = reference
+        ref_w = ref_weight.to(dtype)
+        ref_b = ref_bias.to(dtype) if ref_bias is not None else None
+        ref_buffer = torch.empty((rows_per_tile, vocab_size), dtype=dtype, device=device)
+
+    values = [grad_scale if want_grad else 0.0, 1.0 / spec.temperature, spec.miss_reward, spec.kl_coef]
+    params = torch.tensor(values + [0.0] * (NUM_PARAMS - len(values)), dtype=acc_dtype, device=device)
+    label_weight = spec.label_weight.to(device=device, dtype=acc_dtype) if spec.label_weight is not None else None
+    uniforms = spec.uniforms.to(device=device, dtype=acc_dtype).contiguous() if spec.num_samples else None
+    k_pad = 1 << max(0, (max(spec.num_samples, 1) - 1).bit_length())
+    block_v = SAMPLING_BLOCK_V if spec.num_samples else DEFAULT_BLOCK_V
+    block_v = min(block_v, triton_next_power_of_2(vocab_size))
+    num_warps = 8 if block_v >= 2048 else 4
+
+    for start in range(0, n_rows, rows_per_tile):
+        rows = slice(start, min(start + rows_per_tile, n_rows))
+        count = rows.stop - rows.start
+        h = hidden[rows].to(dtype)
+        tile = tile_buffer[:count]
+        torch.mm(h, w.t(), out=tile)
+        if b is not None:
+            tile.add_(b)
+        ref_tile = tile
+        if reference is not None:
+            ref_tile = ref_buffer[:count]
+            torch.mm(ref_hidden[rows].to(dtype), ref_w.t(), out=ref_tile)
+            if ref_b is not None:
+                ref_tile.add_(ref_b)
+        row_labels = labels[rows]
+        row_uniforms = uniforms[rows] if uniforms is not None else tile
+        weighted_target_ce_kernel[(count,)](
+            tile,
+            tile.stride(0),
+            ref_tile,
+            ref_tile.stride(0),
+            row_labels,
+            label_weight[rows] if label_weight is not None else stats,
+            row_uniforms,
+            row_uniforms.stride(0),
+            stats[rows],
+            params,
+            vocab_size,
+            LABEL_TARGET=spec.label_target,
+            HAS_LABEL_WEIGHT=label_weight is not None,
+            DFT=spec.dft,
+            TEMPERED=spec.num_samples > 0 or spec.tempered_dense,
+            TEMPERED_DENSE=spec.tempered_dense,
+            NUM_SAMPLES=spec.num_samples,
+            K_PAD=k_pad,
+            REFERENCE=reference is not None,
+            WRITE_GRAD=want_grad,
+            LAST_PASS=want_grad or spec.tempered_dense or reference is not None,
+            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+        if want_grad:
+            if grad_hidden is not None:
+                torch.mm(tile, w, out=grad_hidden[rows])
+            if grad_weight is not None:
+                _accumulate(grad_weight, tile.t(), h)
+            if grad_bias is not None:
+                grad_bias += tile.sum(0, dtype=acc_dtype)
+    return stats[:, 0].sum(), (grad_hidden, grad_weight, grad_bias), stats
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, (max(n, 1) - 1).bit_length())
+
+
+def _metric_sums(method: LossMethod, row_inputs, stats: torch.Tensor) -> dict[str, torch.Tensor]:
+    from .kernels import STAT_AUX, STAT_ENTROPY, STAT_LABEL_LOGP, STAT_LABEL_PROB, STAT_TOP1
+
+    sums = {
+        "label_prob": stats[:, STAT_LABEL_PROB].sum(),
+        "entropy": stats[:, STAT_ENTROPY].sum(),
+        "token_accuracy": stats[:, STAT_TOP1].sum(),
+    }
+    kernel_stats = KernelStats(label_log_probs=stats[:, STAT_LABEL_LOGP], aux=stats[:, STAT_AUX])
+    for name, per_row in method.kernel_metrics(kernel_stats, row_inputs).items():
+        sums[name] = per_row.to(stats.dtype).sum()
+    return sums
+
+
+class TritonLinearLoss(torch.autograd.Function):
+    """`loss_sum / denominator` over `hidden @ weight.T + bias`, gradients computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, method, row_inputs, spec, chunk_size, denominator, metrics_out):
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss_sum, grads, stats = run_tiles(
+            hidden,
+            weight,
+            bias,
+            labels,
+            spec,
+            chunk_size,
+            grad_scale=1.0 / denominator if need_grad else None,
+            needs_grad=tuple(ctx.needs_input_grad[:3]),
+        )
+        if metrics_out is not None:
+            metrics_out.update(_metric_sums(method, row_inputs, stats))
+        ctx.save_for_backward(*grads)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return loss_sum / denominator
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "The triton loss head computes its gradients once and scales them in place: it cannot run backward "
+                "twice (retain_graph=True). Use backend='chunked' for that."
+            )
+        ctx.consumed = True
+        grads = []
+        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
+            if grad is not None:
+                # In place: a second weight-sized buffer would raise the peak memory for nothing
+                grad = grad.mul_(grad_output.to(grad.dtype)).to(dtype)
+            grads.append(grad)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def triton_linear_loss(hidden, weight, bias, labels, method, row_inputs, spec, chunk_size, denominator, metrics_out):
+    if not torch.is_grad_enabled():
+        loss_sum, _, stats = run_tiles(hidden, weight, bias, labels, spec, chunk_size, None)
+        if metrics_out is not None:
+            metrics_out.update(_metric_sums(method, row_inputs, stats))
+        return loss_sum / denominator
+    return TritonLinearLoss.apply(
+        hidden, weight, bias, labels, method, row_inputs, spec, chunk_size, denominator, metrics_out
+    )
