@@ -29,7 +29,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backe
 tests_rc=${PIPESTATUS[0]}
 
 echo "== loss-head benchmark"
-timeout 330 python3 benchmarks/loss_head_gpu.py --json "$OUT/loss_head_gpu.json" --markdown "$OUT/loss_head_gpu.md" \
+timeout 330 python3 benchmarks/loss_head_gpu.py ${BENCH_ARGS:-} --json "$OUT/loss_head_gpu.json" --markdown "$OUT/loss_head_gpu.md" \
     2>&1 | tee "$OUT/benchmark.log"
 bench_rc=${PIPESTATUS[0]}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import math
 import platform
@@ -188,7 +189,8 @@ def run(args):
     }
     for name in ("trl", "liger_kernel"):
         try:
-            res["machine"][name] = __import__(name).__version__
+            __import__(name)
+            res["machine"][name] = importlib.metadata.version(name.replace("_", "-"))
         except Exception as error:  # noqa: BLE001
             res["machine"][name] = f"unavailable: {error}"
     inputs = make_inputs(args.rows, args.vocab, args.hidden, dtype)

@@ -11,6 +11,7 @@ cuBLAS writes at full speed, and the kernel upcasts every value it reads to floa
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -20,8 +21,8 @@ from ..method import KernelSpec, KernelStats, LossMethod
 #: Vocabulary block per kernel iteration; OTR's sampler compares K samples against a block, so it takes a smaller one.
 DEFAULT_BLOCK_V = 4096
 SAMPLING_BLOCK_V = 1024
-#: Row-tile budget: the tile holds at most max(N * D, MIN_TILE_ELEMENTS) logits, the same bound Liger's fused linear
-#: cross-entropy uses, so the tile never costs more than the hidden states; rows are a power of two (cuBLAS likes it).
+#: Row-tile budget: about max(N * D, MIN_TILE_ELEMENTS) logits (rows rounded to the nearest power of two), the bound
+#: Liger's fused linear cross-entropy uses, so that the tile costs about what the hidden states cost.
 MIN_TILE_ELEMENTS = 1 << 22
 MIN_TILE_ROWS = 128
 
@@ -41,8 +42,8 @@ def triton_usable(device: torch.device) -> bool:
 
 def default_tile_rows(num_rows: int, vocab_size: int, hidden_size: int) -> int:
     budget = max(num_rows * hidden_size, MIN_TILE_ELEMENTS)
-    rows = max(MIN_TILE_ROWS, budget // max(vocab_size, 1))
-    rows = 1 << (rows.bit_length() - 1)  # round down to a power of two
+    rows = max(MIN_TILE_ROWS, budget / max(vocab_size, 1))
+    rows = 1 << round(math.log2(rows))
     return max(1, min(rows, num_rows))
 
 

@@ -24,9 +24,14 @@ import triton.language as tl
 
 NUM_STATS = 6
 STAT_LOSS, STAT_LABEL_LOGP, STAT_ENTROPY, STAT_TOP1, STAT_AUX, STAT_LABEL_PROB = range(NUM_STATS)
-#: Scalars passed through a small tensor (exact in float64, and no Python-float argument quirks)
-PARAM_GRAD_SCALE, PARAM_INV_TEMPERATURE, PARAM_MISS_REWARD, PARAM_DENSE_COEF, PARAM_TEMPERED_LABEL = range(5)
-NUM_PARAMS = 5
+#: Scalars passed through a small tensor (exact in float64, and no Python-float argument quirks); kernels read
+#: globals only as constexpr
+PARAM_GRAD_SCALE = tl.constexpr(0)
+PARAM_INV_TEMPERATURE = tl.constexpr(1)
+PARAM_MISS_REWARD = tl.constexpr(2)
+PARAM_DENSE_COEF = tl.constexpr(3)
+NUM_PARAMS = 4
+NUM_STATS_C = tl.constexpr(NUM_STATS)
 
 
 @triton.jit
@@ -207,7 +212,7 @@ def weighted_target_ce_kernel(
             loss = loss + dense_coef * neg_entropy_ref
             aux = kl
 
-    out = stats_ptr + row * 6
+    out = stats_ptr + row * NUM_STATS_C
     tl.store(out + 0, loss)
     tl.store(out + 1, label_logp)
     tl.store(out + 2, entropy)
