@@ -124,7 +124,7 @@ def measure(fn, leaves, reps):
         end.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     peak = torch.cuda.max_memory_allocated() - base
-    value = float(loss)
+    value = float(loss.detach())
     del loss
     return statistics.median(times), peak, value
 
@@ -200,6 +200,37 @@ def run(args):
     flops = 3 * 2 * args.rows * args.vocab * args.hidden
     res["floor_tflops"] = flops / floor / 1e12
     log(f"floor {floor * 1e3:.1f} ms ({res['floor_tflops']:.0f} TFLOP/s)")
+
+    # Kernel launch settings: each candidate timed on sft (the label-target kernel) and otr (the sampler), the fastest
+    # of each family kept for the rest of the run; the library defaults are set from these measurements
+    families = {"sft": ("DEFAULT_BLOCK_V", "DEFAULT_NUM_WARPS"), "otr": ("SAMPLING_BLOCK_V", "SAMPLING_NUM_WARPS")}
+    res["kernel_sweep"] = []
+    for method, (block_name, warps_name) in families.items():
+        if args.methods and method not in args.methods:
+            continue
+        best = None
+        for config in args.kernel_configs[method]:
+            block, warps = map(int, config.split("x"))
+            setattr(triton_head, block_name, block)
+            setattr(triton_head, warps_name, warps)
+            case = {"method": method, "block_v": block, "num_warps": warps}
+            try:
+                seconds, peak, _ = measure(loss_fn("triton", method, inputs), leaves, args.reps)
+                case.update(seconds=seconds, peak_gib=peak / GIB, vs_floor=seconds / floor)
+                if best is None or seconds < best[0]:
+                    best = (seconds, block, warps)
+            except Exception as error:  # noqa: BLE001
+                case["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+            log(json.dumps(case))
+            res["kernel_sweep"].append(case)
+        if best is not None:
+            setattr(triton_head, block_name, best[1])
+            setattr(triton_head, warps_name, best[2])
+    res["kernel_settings"] = {
+        name: getattr(triton_head, name)
+        for name in ("DEFAULT_BLOCK_V", "DEFAULT_NUM_WARPS", "SAMPLING_BLOCK_V", "SAMPLING_NUM_WARPS")
+    }
+    log("kernel settings", res["kernel_settings"])
 
     methods = args.methods or list(METHODS)
     for method in methods:
@@ -282,6 +313,15 @@ def render(res) -> str:
             f"| {c['method']} | {c['variant']} | {c['seconds'] * 1e3:.1f} | {c['vs_floor']:.2f} | "
             f"{c['vs_method_floor']:.2f} | {c['peak_gib']:.2f} | {errors} |"
         )
+    if res.get("kernel_sweep"):
+        lines += ["", f"Kernel launch sweep (default tile; kept: {res['kernel_settings']}):", "",
+                  "| method | block | warps | time (ms) | x floor |", "|---|---:|---:|---:|---:|"]
+        for c in res["kernel_sweep"]:
+            if "error" in c:
+                lines.append(f"| {c['method']} | {c['block_v']} | {c['num_warps']} | failed: {c['error'][:60]} | |")
+            else:
+                lines.append(f"| {c['method']} | {c['block_v']} | {c['num_warps']} | {c['seconds'] * 1e3:.1f} | "
+                             f"{c['vs_floor']:.2f} |")
     if res["sweep"]:
         lines += ["", "Triton tile sweep (sft):", "", "| tile rows | time (ms) | x floor | peak memory (GiB) |",
                   "|---:|---:|---:|---:|"]
@@ -305,6 +345,10 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--skip", nargs="+", default=[], help="variants to leave out (e.g. chunked)")
     p.add_argument("--sweep_rows", type=int, nargs="*", default=[256, 512, 1024, 2048])
+    p.add_argument("--sft_kernels", nargs="*", default=["4096x8", "4096x16", "8192x16", "8192x32", "16384x32"],
+                   help="BLOCKxWARPS launch settings tried for the label-target kernel")
+    p.add_argument("--otr_kernels", nargs="*", default=["1024x4", "2048x8", "4096x8", "4096x16"],
+                   help="BLOCKxWARPS launch settings tried for OTR's sampling kernel")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     return p.parse_args(argv)
@@ -312,6 +356,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.kernel_configs = {"sft": args.sft_kernels, "otr": args.otr_kernels}
     if not torch.cuda.is_available():
         raise SystemExit("loss_head_gpu.py needs a CUDA device; benchmarks/loss_head.py measures the CPU.")
     res = run(args)

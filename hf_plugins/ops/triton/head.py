@@ -18,9 +18,12 @@ import torch
 
 from ..method import KernelSpec, KernelStats, LossMethod
 
-#: Vocabulary block per kernel iteration; OTR's sampler compares K samples against a block, so it takes a smaller one.
+#: Vocabulary block per kernel iteration and warps per row program (OTR's sampled targets have their own pair: the
+#: sampler holds a K x BLOCK comparison). Measured on an H200, docs/benchmarks.md.
 DEFAULT_BLOCK_V = 4096
-SAMPLING_BLOCK_V = 1024
+DEFAULT_NUM_WARPS = 8
+SAMPLING_BLOCK_V = 2048
+SAMPLING_NUM_WARPS = 8
 #: Row-tile budget: about max(N * D, MIN_TILE_ELEMENTS) logits (rows rounded to the nearest power of two), the bound
 #: Liger's fused linear cross-entropy uses, so that the tile costs about what the hidden states cost.
 MIN_TILE_ELEMENTS = 1 << 22
@@ -117,8 +120,9 @@ def run_tiles(
     uniforms = spec.uniforms.to(device=device, dtype=acc_dtype).contiguous() if spec.num_samples else None
     k_pad = 1 << max(0, (max(spec.num_samples, 1) - 1).bit_length())
     block_v = SAMPLING_BLOCK_V if spec.num_samples else DEFAULT_BLOCK_V
+    num_warps = SAMPLING_NUM_WARPS if spec.num_samples else DEFAULT_NUM_WARPS
     block_v = min(block_v, triton_next_power_of_2(vocab_size))
-    num_warps = 8 if block_v >= 2048 else 4
+    num_warps = min(num_warps, max(1, block_v // 256))  # small vocabularies: no idle warps
 
     for start in range(0, n_rows, rows_per_tile):
         rows = slice(start, min(start + rows_per_tile, n_rows))

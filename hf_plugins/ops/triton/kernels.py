@@ -146,14 +146,19 @@ def weighted_target_ce_kernel(
             mask = offs < vocab_size
             z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC)
             e = tl.where(mask & (z > ninf), tl.exp(z * inv_t - mt), 0.0)
-            cdf = running + tl.cumsum(e, axis=0)
-            # first token whose CDF exceeds the point = number of tokens in the block whose CDF does not
-            below = (cdf[None, :] <= points[:, None]) & mask[None, :]
-            count = tl.sum(below.to(tl.int32), axis=1).to(tl.int64)
-            valid = tl.sum(mask.to(tl.int32), axis=0).to(tl.int64)
-            found = (samples < 0) & (count < valid)
-            samples = tl.where(found, start + count, samples)
-            running = running + tl.sum(e, axis=0)
+            block_mass = tl.sum(e, axis=0)
+            # Only a block that holds a pending point needs prefix sums and the K x BLOCK comparison: at most K
+            # blocks of the row, so the pass costs about one read of the row
+            pending = (samples < 0) & kmask & (points < running + block_mass)
+            if tl.sum(pending.to(tl.int32), axis=0) > 0:
+                cdf = running + tl.cumsum(e, axis=0)
+                # first token whose CDF exceeds the point = number of tokens in the block whose CDF does not
+                below = (cdf[None, :] <= points[:, None]) & mask[None, :]
+                count = tl.sum(below.to(tl.int32), axis=1).to(tl.int64)
+                valid = tl.sum(mask.to(tl.int32), axis=0).to(tl.int64)
+                found = (samples < 0) & (count < valid)
+                samples = tl.where(found, start + count, samples)
+            running = running + block_mass
             last_positive = tl.maximum(last_positive, tl.max(tl.where(e > 0, offs, -1), axis=0).to(tl.int64))
         # A point left past the end by rounding of the total takes the last token with mass (never a zero-mass one)
         samples = tl.where(kmask & (samples < 0), last_positive, samples)
@@ -188,7 +193,9 @@ def weighted_target_ce_kernel(
             if LABEL_TARGET:
                 w = tl.where(offs == label, label_weight, w)
             if NUM_SAMPLES > 0:
-                w = w + tl.sum(tl.where(offs[None, :] == samples[:, None], rewards[:, None], 0.0), axis=0)
+                in_block = (samples >= start) & (samples < start + BLOCK_V)
+                if tl.sum(in_block.to(tl.int32), axis=0) > 0:  # most blocks hold no sample
+                    w = w + tl.sum(tl.where(offs[None, :] == samples[:, None], rewards[:, None], 0.0), axis=0)
             if TEMPERED_DENSE:
                 d = tl.where(live, miss_reward * tl.exp(z * inv_t - lse_t), 0.0)
                 dense_loss = dense_loss - tl.sum(d * tl.where(d != 0, log_p, 0.0), axis=0)
