@@ -22,8 +22,8 @@ from ..method import KernelSpec, KernelStats, LossMethod
 #: sampler holds a K x BLOCK comparison). Measured on an H200, docs/benchmarks.md.
 DEFAULT_BLOCK_V = 4096
 DEFAULT_NUM_WARPS = 8
-SAMPLING_BLOCK_V = 2048
-SAMPLING_NUM_WARPS = 8
+SAMPLING_BLOCK_V = 1024
+SAMPLING_NUM_WARPS = 4
 #: Row-tile budget: about max(N * D, MIN_TILE_ELEMENTS) logits (rows rounded to the nearest power of two), the bound
 #: Liger's fused linear cross-entropy uses, so that the tile costs about what the hidden states cost.
 MIN_TILE_ELEMENTS = 1 << 22
@@ -224,11 +224,14 @@ class TritonLinearLoss(torch.autograd.Function):
                 "twice (retain_graph=True). Use backend='chunked' for that."
             )
         ctx.consumed = True
+        # The loss is usually the last node (grad_output == 1): then skip a pass over the weight-sized gradient
+        unit = bool(torch.equal(grad_output, torch.ones_like(grad_output)))
         grads = []
         for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             if grad is not None:
-                # In place: a second weight-sized buffer would raise the peak memory for nothing
-                grad = grad.mul_(grad_output.to(grad.dtype)).to(dtype)
+                if not unit:  # in place: a second weight-sized buffer would raise the peak memory for nothing
+                    grad.mul_(grad_output.to(grad.dtype))
+                grad = grad.to(dtype)
             grads.append(grad)
         return (*grads, None, None, None, None, None, None, None)
 
