@@ -13,12 +13,16 @@ _EXPORTS = {
     "FusedSFTTrainer": "trainers",
     "OTRConfig": "trainers",
     "OTRTrainer": "trainers",
+    "TLConfig": "trainers",
+    "TLTrainer": "trainers",
     "asft_loss": "losses",
     "dft_loss": "losses",
     "otr_loss": "losses",
     "sft_loss": "losses",
     "weighted_sft_loss": "losses",
     "fused_linear_loss": "ops",
+    "classify_tool_call": "rewards",
+    "tool_call_reward": "rewards",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -7,7 +7,8 @@ deterministic: the same arguments always give the same tokenizer, the same weigh
 The tokenizer is a byte-level BPE trained on an English corpus that contains every word the tiny datasets use, so a
 typical conversation is a few dozen tokens. Its ChatML template marks the assistant turns with
 ``{% generation %}``/``{% endgeneration %}``, which is what ``apply_chat_template(return_assistant_tokens_mask=True)``
-and TRL's ``SFTTrainer(assistant_only_loss=True)`` rely on.
+and TRL's ``SFTTrainer(assistant_only_loss=True)`` rely on. ``TOOL_CHAT_TEMPLATE`` is the same template with tool
+calling (tool signatures, ``<tool_call>`` JSON blocks, ``tool`` turns), for ``tiny_tool_calling_dataset``.
 
 Example:
     ```python
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Iterator
@@ -46,12 +48,14 @@ __all__ = [
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
     "SUPPORTED_ARCHS",
+    "TOOL_CHAT_TEMPLATE",
     "build_tiny_model",
     "build_tokenizer",
     "save_tiny_model",
     "tiny_conversational_dataset",
     "tiny_language_modeling_dataset",
     "tiny_prompt_completion_dataset",
+    "tiny_tool_calling_dataset",
 ]
 
 IM_START = "<|im_start|>"
@@ -91,6 +95,68 @@ CHAT_TEMPLATE = (
 )
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
+
+# The same ChatML with tool calling, in the `messages` + `tools` format of transformers chat templates: when `tools`
+# is given, a system turn lists each tool as a compact signature `name(param: type, ...)` (after the conversation's
+# own system prompt, if any); an assistant turn renders its `tool_calls` after its content, one
+# `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` block each (inside the generation markers); a `tool`
+# message is a turn of role `tool`. Without tools, tool calls or tool messages it renders exactly like
+# `CHAT_TEMPLATE`. `arguments` may be a mapping or an already serialised JSON string, and `content` may be None.
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] -%}"
+    "{{- messages[0]['content'] + '\\n\\n' -}}"
+    "{%- endif -%}"
+    "{{- 'Tools:' -}}"
+    "{%- for tool in tools -%}"
+    "{%- set function = tool['function'] if tool['function'] is defined and tool['function'] else tool -%}"
+    "{{- '\\n' + function['name'] + '(' -}}"
+    "{%- if function['parameters'] and function['parameters']['properties'] -%}"
+    "{%- for name, spec in function['parameters']['properties'].items() if spec is not none -%}"
+    "{%- if not loop.first -%}{{- ', ' -}}{%- endif -%}"
+    "{{- name + ': ' + (spec['type'] if spec['type'] is defined and spec['type'] else 'any') -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- ')' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}"
+    "{%- set content = message['content'] -%}"
+    "{%- elif message['content'] is not defined or message['content'] is none -%}"
+    "{%- set content = '' -%}"
+    "{%- else -%}"
+    "{%- set content = message['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join('') -%}"
+    "{%- endif -%}"
+    "{%- if tools and loop.first and message['role'] == 'system' -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}"
+    "{{- content -}}"
+    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set function = call['function'] if call['function'] is defined and call['function'] else call -%}"
+    "{%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n{\"name\": ' + (function['name'] | tojson) + ', \"arguments\": ' -}}"
+    "{%- if function['arguments'] is string -%}{{- function['arguments'] -}}"
+    "{%- else -%}{{- function['arguments'] | tojson -}}{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>' -}}"
+    "{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
 
 # How text is cut into words before BPE, alternative by alternative: English contractions; a run of letters with at
 # most one leading character that is neither a letter, a digit nor a line break (so " capital" is one word and a
@@ -519,6 +585,115 @@ def tiny_language_modeling_dataset(n: int = 32, seed: int = 0) -> Dataset:
         pairs = [_qa(rng) for _ in range(rng.randint(1, 3))]
         texts.append("\n".join(f"Question: {question}\nAnswer: {answer}" for question, answer in pairs))
     return Dataset.from_dict({"text": texts})
+
+
+# Tools of the tiny tool-calling dataset: names that share token prefixes (`getPaper...`, `get_...`), so that key-token
+# weighting has divergence points to find. Each maps parameter names to JSON-schema types.
+_TOOLS = {
+    "getPapersByKeywords": {"keywords": "string"},
+    "getPaperDetails": {"paper_id": "string"},
+    "getPaperAuthors": {"paper_id": "string"},
+    "get_weather": {"city": "string"},
+    "get_time": {"city": "string"},
+    "finish": {"answer": "string"},
+}
+
+_TOPICS = ("llamas", "rivers", "bread", "music", "robots")
+
+
+def _tool_schema(name: str) -> dict:
+    """The JSON schema (transformers' `tools` format) of one of the tiny dataset's tools."""
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": f"The {name} tool.",
+            "parameters": {
+                "type": "object",
+                "properties": {param: {"type": kind} for param, kind in _TOOLS[name].items()},
+                "required": list(_TOOLS[name]),
+            },
+        },
+    }
+
+
+def _tool_task(rng: random.Random) -> tuple[str, str, dict, str, str]:
+    """A user request, the tool that answers it, its arguments, a successful tool response and the final answer."""
+    kind = rng.choice(("weather", "time", "papers", "details", "authors"))
+    country, city = rng.choice(_CAPITALS)
+    paper = f"P{rng.randint(1, 9)}"
+    topic = rng.choice(_TOPICS)
+    if kind == "weather":
+        _, colour = rng.choice(_COLOURS)
+        return (f"What is the weather in {city}?", "get_weather", {"city": city},
+                json.dumps({"city": city, "sky": colour}), f"The sky in {city} is {colour}.")
+    if kind == "time":
+        hour = rng.randint(1, 9)
+        return (f"What time is it in {city}?", "get_time", {"city": city}, json.dumps({"time": f"{hour}:00"}),
+                f"It is {hour}:00 in {city}.")
+    if kind == "papers":
+        return (f"Find papers about {topic}.", "getPapersByKeywords", {"keywords": topic},
+                json.dumps([paper, f"P{rng.randint(1, 9)}"]), f"I found {paper} about {topic}.")
+    if kind == "details":
+        return (f"Tell me about paper {paper}.", "getPaperDetails", {"paper_id": paper},
+                json.dumps({"title": f"On {topic}"}), f"{paper} is called On {topic}.")
+    return (f"Who wrote paper {paper}?", "getPaperAuthors", {"paper_id": paper},
+            json.dumps({"authors": [country]}), f"{paper} was written by {country}.")
+
+
+def _tool_call(name: str, arguments: dict) -> dict:
+    # Arguments are stored as a JSON string: Arrow would otherwise merge the argument dicts of all rows into one struct
+    # type and fill the keys a call does not have with None
+    return {"type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+
+def tiny_tool_calling_dataset(
+    n: int = 16, seed: int = 0, error_fraction: float = 0.3, final_answer: float = 0.6
+) -> Dataset:
+    """A tool-calling dataset in the `messages` + `tools` format of TRL and transformers chat templates.
+
+    Each row has a user request, an assistant turn calling one of six tools (`getPapersByKeywords`,
+    `getPaperDetails`, `getPaperAuthors`, `get_weather`, `get_time`, `finish`; the names share token prefixes), and
+    usually the tool's response and a final answer. In about `error_fraction` of the rows the first call uses a wrong
+    argument name, the tool answers with an error message, and the assistant then makes the corrected call. Each row
+    declares four tools: the one it needs and three others. Render it with `TOOL_CHAT_TEMPLATE`.
+
+    Args:
+        n (`int`, *optional*, defaults to `16`): number of rows.
+        seed (`int`, *optional*, defaults to `0`): seed of the content.
+        error_fraction (`float`, *optional*, defaults to `0.3`): share of rows with an erroneous first call.
+        final_answer (`float`, *optional*, defaults to `0.6`): share of rows that go on after the (correct) call with
+            the tool's response and a final answer; the others end with the call.
+
+    Returns:
+        [`~datasets.Dataset`]: columns `messages`, `tools` (the JSON schemas, serialised as a JSON string, which TRL
+        accepts) and `gold_call` (the correct call in the `name(key='value')` form, for rewards and evaluation).
+    """
+    rng = random.Random(seed)
+    rows = {"messages": [], "tools": [], "gold_call": []}
+    for _ in range(n):
+        question, name, arguments, response, answer = _tool_task(rng)
+        others = rng.sample([tool for tool in _TOOLS if tool != name], 3)
+        declared = sorted([name, *others], key=lambda _: rng.random())
+        messages = []
+        if rng.random() < 0.5:
+            messages.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
+        messages.append({"role": "user", "content": question})
+        if rng.random() < error_fraction:
+            (param, value), = arguments.items()
+            wrong = rng.choice(("name", "query", "id"))
+            messages.append({"role": "assistant", "content": None, "tool_calls": [_tool_call(name, {wrong: value})]})
+            messages.append(
+                {"role": "tool", "content": f"Error: {name}() got an unexpected keyword argument '{wrong}'"}
+            )
+        messages.append({"role": "assistant", "content": None, "tool_calls": [_tool_call(name, arguments)]})
+        if rng.random() < final_answer:
+            messages.append({"role": "tool", "content": response})
+            messages.append({"role": "assistant", "content": answer})
+        rows["messages"].append(messages)
+        rows["tools"].append(json.dumps([_tool_schema(tool) for tool in declared]))
+        rows["gold_call"].append(f"{name}(" + ", ".join(f"{k}='{v}'" for k, v in arguments.items()) + ")")
+    return Dataset.from_dict(rows)
 
 
 class LargestTensor:

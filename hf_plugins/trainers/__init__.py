@@ -6,5 +6,16 @@ from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
 from .otr_config import OTRConfig
 from .otr_trainer import OTRTrainer
+from .tl_config import TLConfig
+from .tl_trainer import TLTrainer
 
-__all__ = ["ASFTConfig", "ASFTTrainer", "FusedSFTConfig", "FusedSFTTrainer", "OTRConfig", "OTRTrainer"]
+__all__ = [
+    "ASFTConfig",
+    "ASFTTrainer",
+    "FusedSFTConfig",
+    "FusedSFTTrainer",
+    "OTRConfig",
+    "OTRTrainer",
+    "TLConfig",
+    "TLTrainer",
+]

@@ -1,0 +1,78 @@
+"""TL-Training, stage 2: reinforcement learning with the tool-call error-category reward, on TRL's stock GRPOTrainer.
+
+The paper optimises its rule-based reward with PPO; here the same reward drives GRPO (see docs/methods/tl_training.md
+for the differences). Each prompt is the conversation up to the first tool call, rendered with its tools by the chat
+template; the dataset's `gold_call` and `tools` columns reach the reward function, which logs how many completions
+fell in each category (`tool_call/<category>`). Offline, on a CPU, without vLLM.
+
+    python examples/tl_training/sft.py --output-dir tl-sft
+    python examples/tl_training/grpo.py --model tl-sft --output-dir tl-grpo
+"""
+
+import argparse
+import json
+
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
+
+from hf_plugins import tool_call_reward
+from hf_plugins.testing import tiny_tool_calling_dataset
+
+
+def grpo_dataset(tokenizer, rows: int) -> Dataset:
+    """Prompts rendered as text with each row's tools (GRPOTrainer renders conversational prompts with the trainer's
+    own `tools` argument, which would also make it execute them), plus the `gold_call` and `tools` columns."""
+    source = tiny_tool_calling_dataset(rows, seed=1)
+    prompts = []
+    for messages, tools in zip(source["messages"], source["tools"]):
+        first_call = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
+        context = [{k: v for k, v in m.items() if v is not None} for m in messages[:first_call]]
+        prompts.append(
+            tokenizer.apply_chat_template(context, tools=json.loads(tools), add_generation_prompt=True, tokenize=False)
+        )
+    return Dataset.from_dict({"prompt": prompts, "gold_call": source["gold_call"], "tools": source["tools"]})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tl-sft", help="the TL-Training SFT model (examples/tl_training/sft.py)")
+    parser.add_argument("--output-dir", default="tl-grpo")
+    parser.add_argument("--max-steps", type=int, default=10)
+    parser.add_argument("--rows", type=int, default=32)
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    config = GRPOConfig(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=48,
+        temperature=1.0,  # GRPO needs sampling (the paper's PPO rollouts are greedy)
+        learning_rate=1e-3,
+        beta=0.0,
+        logging_steps=1,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=args.model,
+        reward_funcs=[tool_call_reward],
+        args=config,
+        train_dataset=grpo_dataset(tokenizer, args.rows),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    last = [entry for entry in trainer.state.log_history if "reward" in entry][-1]
+    counts = {key.split("/", 1)[1]: value for key, value in last.items() if key.startswith("tool_call/") and value}
+    print(f"last step: mean reward {last['reward']:.3f}, completions per category {counts}")
+
+
+if __name__ == "__main__":
+    main()

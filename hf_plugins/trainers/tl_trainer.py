@@ -1,0 +1,181 @@
+"""`TLTrainer`: TL-Training (arXiv 2412.15495) for tool-use SFT, as a drop-in `SFTTrainer`.
+
+Dataset preparation renders each tool-calling conversation with the chat template and computes, once (cached by
+`datasets`), its labels and per-token weights (`hf_plugins.data.tool_calls.tokenize_tool_conversation`): MAE drops
+the assistant turns whose tool responses are errors from the targets, PKT up-weights the tool-name decision tokens.
+The collator carries the weights, and the loss is the fused `"weighted"` head: no logits are ever built.
+
+Normalisation ("sample", the official code's): every sequence's loss is `sum_t w_t l_t / sum_t w_t`, and the batch
+loss is their mean. The `"weighted"` method computes `sum_t c_t l_t / num_items_in_batch`, so the trainer passes
+`c_t = w_t / sum_{t' in its sequence} w_t'` and makes `num_items_in_batch` the number of sequences (with a trained
+token) in the whole accumulated batch, across processes. Each micro-batch then adds exactly its sequences' share of
+the global mean, so gradient accumulation 4 x 1 equals 1 x 4 and DDP equals one process, like the token count does for
+SFT. ("token" normalisation keeps TRL's token count: `sum_t w_t l_t / number of trained tokens`.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl.data_utils import get_dataset_column_names
+from trl.trainer.utils import global_then_local_main_first
+
+from ..data.tool_calls import IGNORE_INDEX, example_messages, tokenize_tool_conversation, truncate_columns
+from .fused_sft_trainer import FusedSFTTrainer
+from .tl_config import TLConfig
+
+_TOKEN_COLUMNS = ("input_ids", "labels", "token_weights")
+
+
+def trained_sequences(labels: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
+    """`[B]` bool: the sequences with at least one trained position (a label that is not -100, predicted from the
+    position before it, with a positive weight)."""
+    return ((labels[:, 1:] != IGNORE_INDEX) & (token_weights[:, 1:] > 0)).any(dim=1)
+
+
+def per_sequence_normalized(token_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`w / sum_seq(w)`, the sum over each sequence's supervised positions (those with a label after the shift);
+    sequences without weight keep zeros."""
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    totals = (token_weights[:, 1:] * supervised).sum(dim=1, keepdim=True)
+    return token_weights / torch.where(totals > 0, totals, torch.ones_like(totals))
+
+
+class TLTrainer(FusedSFTTrainer):
+    """
+    Trainer for TL-Training's supervised stage (PKT + MAE), a drop-in replacement for `trl.SFTTrainer` on
+    tool-calling conversations in the `messages` + `tools` format (assistant `tool_calls`, `tool` responses, JSON
+    schemas in a `tools` column, as a list or a JSON string).
+
+    It takes exactly the arguments of `SFTTrainer`; pass a [`TLConfig`] as `args` for TL-Training's settings. Rows
+    already tokenized (`input_ids`) must bring `labels` and `token_weights` columns. The chat template must mark the
+    assistant turns with `{% generation %}` markers (TRL swaps in such a template for the models it knows).
+
+    Logged metrics (besides TRL's): `token_weight`, the mean PKT weight per trained token (1 without key tokens).
+
+    Example:
+        ```python
+        from hf_plugins import TLConfig, TLTrainer
+
+        trainer = TLTrainer(
+            model="Qwen/Qwen2.5-0.5B-Instruct",
+            args=TLConfig(output_dir="out", max_weight=9.0),
+            train_dataset=dataset,  # columns "messages" and "tools"
+        )
+        trainer.train()
+        ```
+    """
+
+    _tag_names = ["trl", "sft", "hf-plugins", "tl-training"]
+    config_class = TLConfig
+    _name = "TL-Training"
+    _paper = {
+        "title": "TL-Training: A Task-Feature-Based Framework for Training Large Language Models in Tool Use",
+        "id": "2412.15495",
+    }
+
+    token_columns = {"token_weights": 0.0}
+
+    def __init__(self, model, args: TLConfig | None = None, *positional, **kwargs):
+        if kwargs.get("formatting_func") is not None:
+            raise ValueError(
+                "`formatting_func` cannot be used with TLTrainer: it needs the conversations themselves (messages, "
+                "tool calls and tools) to find the turns and tokens to weigh. Pass a `messages` + `tools` dataset."
+            )
+        super().__init__(model, args, *positional, **kwargs)
+
+    # ------------------------------------------------------------------ dataset preparation
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        columns = get_dataset_column_names(dataset)
+        map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+
+        def described(text):
+            if not isinstance(dataset, Dataset):  # `IterableDataset.map` takes no `desc`
+                return map_kwargs
+            return {**map_kwargs, "desc": f"{text} {dataset_name} dataset"}
+
+        with global_then_local_main_first():
+            if "input_ids" not in columns:
+                example_messages(next(iter(dataset)))  # a clear error for non-conversational rows
+                dataset = dataset.map(
+                    tokenize_tool_conversation,
+                    fn_kwargs={
+                        "tokenizer": self._tokenizer,
+                        "chat_template": self.chat_template,
+                        "max_weight": args.max_weight,
+                        "pkt": args.pkt,
+                        "mae": args.mae,
+                        "error_patterns": args.error_patterns,
+                    },
+                    remove_columns=columns,
+                    **described("TL-Training: tokenizing and weighing tool calls of"),
+                )
+            elif "labels" not in columns or "token_weights" not in columns:
+                raise ValueError(
+                    f"The {dataset_name} dataset is already tokenized but has no `labels` and `token_weights` "
+                    "columns, which TLTrainer needs. Pass the conversations (`messages` and `tools`) instead, or add "
+                    "them with `hf_plugins.data.tokenize_tool_conversation`."
+                )
+            # TRL truncates `input_ids` and `labels` only: cut the weights with them, first
+            if args.max_length is not None and not packing:
+                dataset = dataset.map(
+                    truncate_columns,
+                    fn_kwargs={"columns": _TOKEN_COLUMNS, "max_length": args.max_length, "mode": args.truncation_mode},
+                    **described("TL-Training: truncating"),
+                )
+            # Rows left without a target (every turn masked by MAE, or truncated away) add no loss
+            dataset = dataset.filter(
+                lambda example: any(label != IGNORE_INDEX for label in example["labels"]),
+                **described("TL-Training: dropping rows without targets from"),
+            )
+        return super()._prepare_dataset(dataset, processing_class, args, packing, None, dataset_name)
+
+    # ------------------------------------------------------------------ loss
+    def loss_method(self) -> str:
+        return "weighted"
+
+    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        labels = inputs["labels"]
+        weights = self._extra_batch["token_weights"].to(labels.device)
+        supervised = labels[:, 1:] != IGNORE_INDEX
+        self._raw_weight_mean = (weights[:, 1:] * supervised).sum().item() / max(int(supervised.sum()), 1)
+        if self.args.weight_normalization == "sample":
+            weights = per_sequence_normalized(weights, labels)
+        return {"token_inputs": {"token_weights": weights}}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        local_count = None
+        if self.args.weight_normalization == "sample" and num_items_in_batch is None:
+            # Called without the trainer's global count (a direct call, or a model that takes no loss kwargs): the
+            # mean over this batch's sequences
+            local_count = int(trained_sequences(inputs["labels"], inputs["token_weights"]).sum())
+            num_items_in_batch = local_count
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if local_count is not None and self.args.average_tokens_across_devices:
+            # The parent rescales a global count by the number of data-parallel ranks; a local one must not be
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            result = (result[0] / scale, *result[1:]) if return_outputs else result / scale
+        return result
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        if self.args.weight_normalization != "sample" or not all(
+            "labels" in batch and "token_weights" in batch for batch in batch_samples
+        ):
+            return super()._get_num_items_in_batch(batch_samples, device)
+        # The number of sequences instead of tokens: one stand-in label per sequence with a trained token, so that the
+        # parent's gathering across processes and its parallelism divisors apply unchanged
+        stand_ins = []
+        for batch in batch_samples:
+            trained = trained_sequences(batch["labels"], batch["token_weights"])
+            labels = torch.full((trained.shape[0], 2), IGNORE_INDEX, dtype=torch.long, device=trained.device)
+            labels[trained, 1] = 0
+            stand_ins.append({"labels": labels})
+        return super()._get_num_items_in_batch(stand_ins, device)
+
+    def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
+        if "token_weight" in metrics:
+            # The head sees the normalised weights under "sample": report the PKT weights themselves
+            metrics["token_weight"] = self._raw_weight_mean
+        super()._log_head_metrics(mode, metrics, inputs)
