@@ -144,6 +144,8 @@ class KernelSpec:
         tempered_dense (`bool`): exact-expectation OTR, `w = (1 - beta) p_tau(y) one_hot(y) + beta p_tau`.
         reference (`tuple`, *optional*): `(ref_hidden [N, D_ref], ref_weight [V, D_ref], ref_bias [V] or None)`;
             adds `kl_coef * softmax(ref_hidden @ ref_weight.T + ref_bias)` and the reference's negative entropy.
+        constant (`torch.Tensor` of shape `[N]`, *optional*): detached per-row values added to the loss (as
+            `Targets.constant`): the loss gets its exact value, no gradient changes.
     """
 
     label_target: bool = True
@@ -156,6 +158,7 @@ class KernelSpec:
     tempered_dense: bool = False
     reference: tuple | None = None
     kl_coef: float = 0.0
+    constant: torch.Tensor | None = None
 
 
 @dataclass

@@ -173,6 +173,8 @@ def run_tiles(
                 _accumulate(grad_weight, tile.t(), h)
             if grad_bias is not None:
                 grad_bias += tile.sum(0, dtype=acc_dtype)
+    if spec.constant is not None:
+        stats[:, 0] += spec.constant.to(device=device, dtype=acc_dtype)
     return stats[:, 0].sum(), (grad_hidden, grad_weight, grad_bias), stats
 
 
