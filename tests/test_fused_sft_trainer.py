@@ -1,6 +1,7 @@
 """FusedSFTTrainer against stock TRL SFTTrainer on the tiny offline model."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -305,3 +306,50 @@ def test_plain_sft_config_is_converted_with_its_values(tiny_model_dir, tmp_path)
     assert trainer.args.loss_backend == "auto"
     with pytest.raises(ValueError, match="positional order"):
         FusedSFTTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), object())
+
+
+@pytest.mark.parametrize("backend", ["triton", "liger"])
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_gpu_backends_train_like_chunked(tiny_model_dir, tmp_path, monkeypatch, backend, loss_type):
+    """The triton and liger backends inside the trainer (on CPU under Triton's interpreter): same losses and metrics
+    as the chunked backend, step by step."""
+    pytest.importorskip("liger_kernel") if backend == "liger" else None
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    if not torch.cuda.is_available():
+        from hf_plugins.ops.triton import head
+
+        monkeypatch.setattr(head, "DEFAULT_BLOCK_V", 1024)  # the interpreter loops in Python: one block per row
+    dataset = tiny_conversational_dataset(8)
+    runs = {}
+    for name in ("chunked", backend):
+        trainer = make_trainer(
+            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / name, dataset, max_steps=2,
+            per_device_train_batch_size=2, loss_backend=name, loss_type=loss_type,
+        )
+        trainer.train()
+        runs[name] = trainer
+    assert logged(runs[backend]) == pytest.approx(logged(runs["chunked"]), rel=1e-4)
+    for key in ("mean_token_accuracy",) + (("entropy",) if backend == "triton" else ()):
+        assert logged(runs[backend], key) == pytest.approx(logged(runs["chunked"], key), rel=1e-4, abs=1e-6)
+
+
+def test_gpu_backends_are_refused_before_training_without_a_gpu(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    for backend in ("triton", "liger"):
+        with pytest.raises(ValueError, match=f"`loss_backend='{backend}'` needs a CUDA device.*'auto'"):
+            make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(4),
+                         loss_backend=backend)
+
+
+def test_liger_backend_refuses_methods_it_does_not_cover(tiny_model_dir, tmp_path):
+    pytest.importorskip("liger_kernel")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs a GPU or the Triton interpreter")
+    from hf_plugins import OTRConfig, OTRTrainer
+
+    with pytest.raises(ValueError, match="`loss_backend='liger'` covers the losses sft, dft, weighted; OTRTrainer"):
+        make_trainer(OTRTrainer, OTRConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(4),
+                     loss_backend="liger")

@@ -20,12 +20,15 @@ class FusedSFTConfig(SFTConfig):
         > Parameters that control the loss head
 
         loss_backend (`str`, *optional*, defaults to `"auto"`):
-            Backend of the fused linear loss head: `"auto"` (the fastest available on the device; `"chunked"` on
-            CPU), `"chunked"` (pure torch, any device) or `"reference"` (materialises the logits of the supervised
-            tokens; for debugging and tests only).
+            Backend of the fused linear loss head: `"auto"` (the fastest available: `"triton"` on a CUDA device,
+            `"chunked"` elsewhere), `"chunked"` (pure torch, any device), `"triton"` (our Triton kernels between
+            cuBLAS matmuls; CUDA), `"liger"` (Liger-Kernel's fused linear cross-entropy plus Liger's RMSNorm, RoPE
+            and SwiGLU model patches; CUDA; `loss_type` "nll" and "dft" and token-weighted losses only) or
+            `"reference"` (materialises the logits of the supervised tokens; for debugging and tests only).
         loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
-            Supervised tokens per tile of the loss head. `None` picks a tile of about two million logits (at least
-            64 tokens). Smaller tiles use less memory; larger tiles give the matmuls more work per call.
+            Supervised tokens per tile of the loss head. `None` picks the backend's default: about two million
+            logits (at least 64 tokens) on `chunked`; about as many logits as the batch has hidden-state values on
+            `triton`. Smaller tiles use less memory; larger tiles give the matmuls more work per call.
 
     The inherited `loss_type` selects the loss: `"nll"` (cross-entropy, the default) or `"dft"` (Dynamic
     Fine-Tuning, each token's loss scaled by its detached probability).
@@ -34,16 +37,18 @@ class FusedSFTConfig(SFTConfig):
     loss_backend: str = field(
         default="auto",
         metadata={
-            "help": "Backend of the fused linear loss head: 'auto' (fastest on the device; 'chunked' on CPU), "
-            "'chunked' (pure torch) or 'reference' (materialises logits; for tests).",
+            "help": "Backend of the fused linear loss head: 'auto' (fastest on the device: 'triton' on CUDA, "
+            "'chunked' elsewhere), 'chunked' (pure torch), 'triton' (our Triton kernels; CUDA), 'liger' "
+            "(Liger-Kernel's fused linear cross-entropy and model patches; CUDA) or 'reference' (materialises "
+            "logits; for tests).",
             "choices": list(BACKENDS),
         },
     )
     loss_chunk_size: int | None = field(
         default=None,
         metadata={
-            "help": "Supervised tokens per tile of the loss head. None picks a tile of about two million logits "
-            "(at least 64 tokens)."
+            "help": "Supervised tokens per tile of the loss head. None picks the backend's default (chunked: about "
+            "two million logits; triton: about as many logits as the batch has hidden-state values)."
         },
     )
 

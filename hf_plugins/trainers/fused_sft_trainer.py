@@ -105,6 +105,7 @@ class FusedSFTTrainer(SFTTrainer):
             )
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self._check_loss_backend(base)
         add_loss_head_forward(base)
         if self.token_columns or self.example_columns:
             self.data_collator = DataCollatorWithExtraColumns(
@@ -126,6 +127,34 @@ class FusedSFTTrainer(SFTTrainer):
         states) and `"other_inputs"` (per-sequence tensors, scalars, weights: passed as they are). The extra columns
         are already popped from `inputs` and can be read from `self._extra_batch`."""
         return {}
+
+    def _check_loss_backend(self, base_model) -> None:
+        """Refuse a GPU backend the machine or the method cannot run, before training starts; with `"liger"`, apply
+        Liger's model patches (its loss head is the one part of Liger we do not use: ours replaces it)."""
+        backend = self.args.loss_backend
+        if backend not in ("triton", "liger"):
+            return
+        from ..ops.liger import LIGER_METHODS, apply_liger_model_patches, liger_available
+        from ..ops.triton.head import interpreter_enabled, triton_usable
+
+        device = self.args.device
+        if not triton_usable(device):
+            raise ValueError(
+                f"`loss_backend={backend!r}` needs a CUDA device with triton (the trainer runs on {device.type}): set "
+                "`loss_backend='auto'` (it picks the fastest backend the device has) or 'chunked'."
+            )
+        if backend == "liger":
+            if not liger_available():
+                raise ValueError("`loss_backend='liger'` needs liger-kernel: `pip install liger-kernel`, or use 'triton'.")
+            method = self.loss_method()
+            name = method if isinstance(method, str) else method.name
+            if name not in LIGER_METHODS:
+                raise ValueError(
+                    f"`loss_backend='liger'` covers the losses {', '.join(LIGER_METHODS)}; {type(self).__name__} "
+                    f"trains with {name!r}: use `loss_backend='triton'` (or 'auto')."
+                )
+            if device.type == "cuda" and not interpreter_enabled():
+                apply_liger_model_patches(base_model)
 
     # ------------------------------------------------------------------ TRL/transformers plumbing
     def _set_signature_columns_if_needed(self):
