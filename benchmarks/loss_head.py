@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Benchmark of the fused linear loss head (`hf_plugins.ops.fused_linear_loss`) on CPU.
 
+`python benchmarks/loss_head.py --device cuda [options of loss_head_gpu.py]` runs the GPU benchmark instead
+(`benchmarks/loss_head_gpu.py`: every backend, Liger's and TRL's heads, at the Qwen vocabulary by default).
+
 For every method in `hf_plugins.losses.METHODS` it times forward + backward (gradients for `hidden` and `weight`) of
 
 - `chunked`: `fused_linear_loss(..., backend="chunked")` at the default chunk size (`--chunk_sizes`: a sweep),
@@ -605,6 +608,13 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["--device", "cuda"]:
+        # The GPU benchmark (CUDA events, CUDA peak memory, triton/liger backends) lives next door
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from loss_head_gpu import main as gpu_main
+
+        return gpu_main(argv[2:])
     args = parse_args(argv)
     if args.worker is not None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
