@@ -1,5 +1,6 @@
 """The `hf-plugins` command.
 
+    hf-plugins <method> --config run.yaml [...]    train with a method's trainer (`hf_plugins.training_script`)
     hf-plugins demo [--model ...] [--method ...]   fine-tune the embedded default model offline (see `hf_plugins.demo`)
     hf-plugins env                                 print the versions to paste into a bug report
 """
@@ -10,12 +11,29 @@ import importlib.metadata
 import platform
 import sys
 
-USAGE = """usage: hf-plugins <command> [options]
+#: Training commands: name -> (config class, trainer class, one-line description). Each class is exported by
+#: `hf_plugins`; a command is listed once its method has landed.
+TRAIN_COMMANDS = {
+    "sft": ("FusedSFTConfig", "FusedSFTTrainer", "SFT (loss_type nll) or DFT (loss_type dft) with the fused loss head"),
+    "asft": ("ASFTConfig", "ASFTTrainer", "Anchored SFT: DFT plus a KL anchor to a frozen reference model"),
+    "otr": ("OTRConfig", "OTRTrainer", "One-Token Rollout: a one-step policy gradient at every token"),
+    "tl": ("TLConfig", "TLTrainer", "TL-Training: tool-call SFT with key-token weights and bad-call masking"),
+}
 
-commands:
+
+def usage() -> str:
+    width = max(len(name) for name in TRAIN_COMMANDS)
+    methods = "\n".join(f"  {name:<{width}}   {desc}" for name, (_, _, desc) in TRAIN_COMMANDS.items())
+    return f"""usage: hf-plugins <command> [options]
+
+training commands (`hf-plugins <method> --config run.yaml [--any_config_field value]`; the YAML of `trl sft` works):
+{methods}
+
+other commands:
   demo    fine-tune SmolLM2-135M-Instruct with LoRA on real conversations, offline (`hf-plugins demo --help`)
   env     print library versions for bug reports
 """
+
 
 _PACKAGES = (
     "hf-plugins", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "liger-kernel", "triton",
@@ -44,9 +62,13 @@ def print_env() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0
     command, rest = argv[0], argv[1:]
+    if command in TRAIN_COMMANDS:
+        from .training_script import run_training_command
+
+        return run_training_command(command, rest)
     if command == "demo":
         from .demo.run import main as demo_main
 
@@ -54,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "env":
         print_env()
         return 0
-    print(f"hf-plugins: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    print(
+        f"hf-plugins: error: unknown command {command!r}; choose one of {', '.join([*TRAIN_COMMANDS, 'demo', 'env'])} "
+        "(`hf-plugins --help`).",
+        file=sys.stderr,
+    )
     return 2
 
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from ..ops.dispatch import BACKENDS
+from .hub_config import HubConfigMixin
 
 
 @dataclass
-class FusedSFTConfig(SFTConfig):
+class FusedSFTConfig(HubConfigMixin, SFTConfig):
     r"""
     Configuration class for [`FusedSFTTrainer`]: every argument of TRL's `SFTConfig` (and so of
     `transformers.TrainingArguments`), plus the choice of the fused loss head that computes the loss from the hidden

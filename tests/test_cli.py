@@ -1,0 +1,273 @@
+"""The `hf-plugins` command and configs as Hub artifacts, on the tiny offline model."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import hf_plugins
+from hf_plugins.cli import TRAIN_COMMANDS, main
+from hf_plugins.testing import (
+    TOOL_CHAT_TEMPLATE,
+    tiny_conversational_dataset,
+    tiny_tool_calling_dataset,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "configs"
+#: What every CLI run here overrides: a CPU, two steps, small batches, no saving of checkpoints.
+CPU_FLAGS = [
+    "--max_steps", "2", "--bf16", "False", "--use_cpu", "True", "--gradient_checkpointing", "False",
+    "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "128",
+    "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "0",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-data")
+    chat = root / "chat"
+    tiny_conversational_dataset(12).save_to_disk(str(chat))
+    tools = root / "tools"
+    tiny_tool_calling_dataset(8).save_to_disk(str(tools))
+    return {"chat": str(chat), "tools": str(tools)}
+
+
+@pytest.fixture(scope="module")
+def tool_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with the tool-calling chat template (TL-Training renders `tools`)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-tool-model")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def losses(output_dir):
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+# ------------------------------------------------------------------------------------------------------- commands
+
+
+def test_help_lists_every_method(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for name, (config, trainer, _) in TRAIN_COMMANDS.items():
+        assert f"  {name} " in out
+        assert hasattr(hf_plugins, config) and hasattr(hf_plugins, trainer)
+    assert {"sft", "asft", "otr", "tl"} <= set(TRAIN_COMMANDS)
+
+
+def test_method_help_lists_its_fields(capsys):
+    code, out, _ = run_cli(capsys, "asft", "--help")
+    assert code == 0 and "--kl_coef" in out and "--model_name_or_path" in out and "--dataset_name" in out
+
+
+@pytest.mark.parametrize("method", sorted(TRAIN_COMMANDS))
+def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_model_dir, data_dirs, method):
+    config = EXAMPLES / f"{method}.yaml"
+    assert config.is_file(), f"examples/configs/{method}.yaml is missing"
+    model, data = (tool_model_dir, data_dirs["tools"]) if method == "tl" else (tiny_model_dir, data_dirs["chat"])
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, method, "--config", config, "--model_name_or_path", model, "--dataset_name", data,
+        "--output_dir", out, *CPU_FLAGS,
+    )
+    assert code == 0, err[-2000:]
+    assert len(losses(out)) == 2 and all(loss == loss for loss in losses(out))
+    assert (out / "model.safetensors").exists() or any(out.glob("*.safetensors"))
+    card = (out / "README.md").read_text()
+    trainer_class = getattr(hf_plugins, TRAIN_COMMANDS[method][1])
+    assert trainer_class._name in card
+    if trainer_class._paper.get("id"):
+        assert trainer_class._paper["id"] in card  # the model card cites the method's paper
+
+
+def test_trl_sft_yaml_runs_unchanged_under_sft_and_asft(capsys, tmp_path, tiny_model_dir, data_dirs):
+    """A YAML with only `trl sft` keys (model, dataset, SFTConfig fields) works for our commands."""
+    trl_yaml = tmp_path / "trl_sft.yaml"
+    trl_yaml.write_text(yaml.safe_dump({
+        "model_name_or_path": tiny_model_dir,
+        "dataset_name": data_dirs["chat"],
+        "learning_rate": 5.0e-3,
+        "max_length": 128,
+        "packing": False,
+        "assistant_only_loss": True,
+        "per_device_train_batch_size": 2,
+        "max_steps": 2,
+        "bf16": False,
+        "use_cpu": True,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+    }))
+    for method in ("sft", "asft"):
+        out = tmp_path / method
+        code, _, err = run_cli(capsys, method, "--config", trl_yaml, "--output_dir", out)
+        assert code == 0, err[-2000:]
+        assert len(losses(out)) == 2
+
+
+def test_sft_command_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_dir, data_dirs):
+    from datasets import load_from_disk
+
+    out = tmp_path / "cli"
+    code, _, err = run_cli(
+        capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"],
+        "--output_dir", out, "--learning_rate", "5e-3", *CPU_FLAGS,
+    )
+    assert code == 0, err
+    config = hf_plugins.FusedSFTConfig(
+        output_dir=str(tmp_path / "py"), learning_rate=5e-3, max_steps=2, bf16=False, use_cpu=True,
+        gradient_checkpointing=False, per_device_train_batch_size=2, max_length=128, report_to="none",
+        save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+    )
+    trainer = hf_plugins.FusedSFTTrainer(tiny_model_dir, args=config, train_dataset=load_from_disk(data_dirs["chat"]))
+    trainer.train()
+    expected = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses(out) == pytest.approx(expected, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("hf-plugins")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_method(capsys):
+    _one_line_error(*run_cli(capsys, "dpo", "--config", "x.yaml")[::2], "unknown command 'dpo'", "asft")
+
+
+def test_missing_dataset(capsys, tiny_model_dir, tmp_path):
+    code, _, err = run_cli(capsys, "sft", "--model_name_or_path", tiny_model_dir, "--output_dir", tmp_path, *CPU_FLAGS)
+    _one_line_error(code, err, "no dataset", "--dataset_name")
+    # the config's own checks come first, as one line too
+    code, _, err = run_cli(capsys, "sft", "--model_name_or_path", tiny_model_dir, "--bf16", "True")
+    _one_line_error(code, err, "bf16")
+
+
+def test_field_of_another_method(capsys, tiny_model_dir, data_dirs, tmp_path):
+    code, _, err = run_cli(
+        capsys, "otr", "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"],
+        "--output_dir", tmp_path, "--kl_coef", "0.1", *CPU_FLAGS,
+    )
+    _one_line_error(code, err, "--kl_coef")
+
+
+def test_unknown_yaml_key_and_unsafe_tag(capsys, tmp_path, tiny_model_dir, data_dirs):
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndataset_name: {data_dirs['chat']}\nnum_samples: 4\nuse_cpu: true\n"
+    )
+    _one_line_error(*run_cli(capsys, "asft", "--config", unknown, "--output_dir", tmp_path)[::2], "num_samples")
+    unsafe = tmp_path / "unsafe.yaml"
+    unsafe.write_text("learning_rate: !!python/object/apply:os.system ['echo pwned']\n")
+    _one_line_error(*run_cli(capsys, "sft", "--config", unsafe)[::2], "unsafe.yaml", "tag")
+
+
+def test_missing_config_file(capsys, tmp_path):
+    _one_line_error(*run_cli(capsys, "sft", "--config", tmp_path / "nope.yaml")[::2], "nope.yaml")
+
+
+# ----------------------------------------------------------------------------------------- configs as artifacts
+
+
+def _configs():
+    return [getattr(hf_plugins, config) for config, _, _ in TRAIN_COMMANDS.values()]
+
+
+def _non_defaults(config_class):
+    """A few non-default values per config, including the method's own fields and a `*_token` field."""
+    common = dict(learning_rate=3e-4, eos_token="<|im_end|>", lr_scheduler_type="cosine", report_to="none",
+                  use_cpu=True, bf16=False, seed=7, max_length=333)
+    own = {
+        "FusedSFTConfig": dict(loss_type="dft", loss_backend="chunked", loss_chunk_size=48),
+        "ASFTConfig": dict(kl_coef=0.11, ref_model="some/reference"),
+        "OTRConfig": dict(num_samples=None, temperature=0.9, negative_reward=-0.3),
+        "TLConfig": dict(max_weight=4.0, weight_normalization="token", mae=False),
+    }
+    return {**common, **own.get(config_class.__name__, {})}
+
+
+def _same(a, b):
+    import dataclasses
+
+    from hf_plugins.trainers.hub_config import _plain
+
+    for field in dataclasses.fields(a):
+        if field.init and field.name not in ("hub_token",):
+            assert _plain(getattr(a, field.name)) == _plain(getattr(b, field.name)), field.name
+
+
+@pytest.mark.parametrize("config_class", _configs(), ids=lambda c: c.__name__)
+def test_config_round_trip_is_lossless(tmp_path, config_class):
+    config = config_class(output_dir=str(tmp_path / "run"), hub_token="secret-token", **_non_defaults(config_class))
+    folder = config.save_pretrained(tmp_path / "saved")
+    text = (folder / "hf_plugins_config.yaml").read_text()
+    assert "secret-token" not in text and "hub_token" not in text
+    assert (folder / "README.md").exists()
+    loaded = config_class.from_pretrained(folder)
+    assert type(loaded) is config_class
+    _same(config, loaded)
+    assert loaded.eos_token == "<|im_end|>"
+    _same(config, config_class.from_pretrained(folder / "hf_plugins_config.yaml"))
+
+
+def test_config_from_a_hub_cache_offline(tmp_path):
+    """A repo id resolves from the local Hub cache layout when offline (HF_HUB_OFFLINE=1 in tests)."""
+    config = hf_plugins.ASFTConfig(output_dir=str(tmp_path / "run"), kl_coef=0.07, use_cpu=True, bf16=False)
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--org--asft-config"
+    config.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    loaded = hf_plugins.ASFTConfig.from_pretrained("org/asft-config", cache_dir=cache)
+    assert loaded.kl_coef == 0.07
+    with pytest.raises(ValueError, match="org/missing.*local cache"):
+        hf_plugins.ASFTConfig.from_pretrained("org/missing", cache_dir=cache)
+
+
+def test_config_loading_refuses_unknown_fields_and_unsafe_yaml(tmp_path):
+    hf_plugins.OTRConfig(output_dir=str(tmp_path / "r"), num_samples=3, use_cpu=True).save_pretrained(tmp_path / "otr")
+    with pytest.raises(ValueError, match="ASFTConfig does not know: num_samples"):
+        hf_plugins.ASFTConfig.from_pretrained(tmp_path / "otr")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "hf_plugins_config.yaml").write_text("seed: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ValueError, match="YAML tag that safe loading refuses"):
+        hf_plugins.ASFTConfig.from_pretrained(bad)
+
+
+def test_saved_config_is_a_cli_config(capsys, tmp_path, tiny_model_dir, data_dirs):
+    config = hf_plugins.ASFTConfig(
+        output_dir=str(tmp_path / "out"), kl_coef=0.2, max_steps=2, bf16=False, use_cpu=True,
+        gradient_checkpointing=False, per_device_train_batch_size=2, max_length=128, report_to="none",
+        save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+    )
+    folder = config.save_pretrained(tmp_path / "asft-config")
+    code, _, err = run_cli(
+        capsys, "asft", "--config", folder, "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"]
+    )
+    assert code == 0, err[-2000:]
+    assert len(losses(tmp_path / "out")) == 2
