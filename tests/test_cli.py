@@ -271,3 +271,19 @@ def test_saved_config_is_a_cli_config(capsys, tmp_path, tiny_model_dir, data_dir
     )
     assert code == 0, err[-2000:]
     assert len(losses(tmp_path / "out")) == 2
+
+
+def test_accelerate_examples_cover_every_engine_and_method():
+    folder = ROOT / "examples" / "accelerate"
+    engines = {
+        "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+        "deepspeed_zero3": "DEEPSPEED",
+    }
+    for name, kind in engines.items():
+        config = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        assert config["distributed_type"] == kind, name
+    assert yaml.safe_load((folder / "fsdp2.yaml").read_text())["fsdp_config"]["fsdp_version"] == 2
+    assert yaml.safe_load((folder / "deepspeed_zero3.yaml").read_text())["deepspeed_config"]["zero_stage"] == 3
+    for method in TRAIN_COMMANDS:
+        script = (folder / f"launch_{method}.sh").read_text()
+        assert f"examples/train.py {method} --config" in script and "accelerate launch --config_file" in script

@@ -26,3 +26,37 @@ def test_ddp_two_processes_matches_stock(tiny_model_dir, tmp_path):
     fused = _train(tiny_model_dir, tmp_path / "fused", "fused")
     assert len(fused) == 3
     assert fused == pytest.approx(stock, abs=1e-5)
+
+
+TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+
+
+def _cli_losses(cmd, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sft", "asft"])
+def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_dir, tmp_path, method):
+    """examples/train.py (the script `accelerate launch` runs) on 2 CPU processes (torchrun, gloo) with 2 rows each
+    gives the losses of 1 process with 4 rows per step."""
+    from hf_plugins.testing import tiny_conversational_dataset
+
+    data = tmp_path / "data"
+    tiny_conversational_dataset(24).save_to_disk(str(data))
+    common = [
+        str(TRAIN), method, "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--max_steps", "3",
+        "--bf16", "False", "--use_cpu", "True", "--gradient_checkpointing", "False", "--report_to", "none",
+        "--save_strategy", "no", "--logging_steps", "1", "--seed", "0", "--learning_rate", "5e-3",
+        "--max_length", "128", "--dataloader_num_workers", "0", "--assistant_only_loss", "True",
+    ]
+    one = _cli_losses([sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir",
+                       str(tmp_path / "one")], tmp_path / "one")
+    two = _cli_losses([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
+                       "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")], tmp_path / "two")
+    assert len(one) == 3
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
