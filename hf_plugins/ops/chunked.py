@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .method import Chunk, LossMethod
+from .precomputed import precomputed_gradient_loss
 
 #: Default tile budget in elements (8 MiB of float32 per tile). Measured on CPU (docs/benchmarks.md, N=4096,
 #: V=32000, D=256, 1 thread): 32-row tiles ran at 1.6x the bare three-matmul time, 64 rows at 1.25-1.4x, 128 rows at
@@ -113,51 +114,19 @@ def run_chunks(
     return loss_sum, (grad_hidden, grad_weight, grad_bias), metric_sums
 
 
-class ChunkedLinearLoss(torch.autograd.Function):
+def chunked_linear_loss(hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out):
     """`loss_sum / denominator` of a method over `hidden @ weight.T + bias`, gradients computed in the forward."""
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out):
-        need_grad = any(ctx.needs_input_grad[:3])
+    def compute(grad_scale, needs_grad):
         loss_sum, grads, metric_sums = run_chunks(
-            hidden,
-            weight,
-            bias,
-            labels,
-            method,
-            row_inputs,
-            chunk_size,
-            grad_scale=1.0 / denominator if need_grad else None,
-            want_metrics=metrics_out is not None,
-            needs_grad=tuple(ctx.needs_input_grad[:3]),
+            hidden, weight, bias, labels, method, row_inputs, chunk_size, grad_scale, metrics_out is not None,
+            needs_grad,
         )
         if metrics_out is not None:
             metrics_out.update(metric_sums)
-        grad_hidden, grad_weight, grad_bias = grads
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss_sum / denominator
+        return loss_sum, grads
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        grads = []
-        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
-            grads.append(None if grad is None else (grad * grad_output.to(grad.dtype)).to(dtype))
-        return (*grads, None, None, None, None, None, None)
-
-
-def chunked_linear_loss(hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out):
-    if not torch.is_grad_enabled():
-        # Under no_grad (evaluation) autograd still reports `needs_input_grad`: skip the Function and its gradients
-        loss_sum, _, metric_sums = run_chunks(
-            hidden, weight, bias, labels, method, row_inputs, chunk_size, None, metrics_out is not None
-        )
-        if metrics_out is not None:
-            metrics_out.update(metric_sums)
-        return loss_sum / denominator
-    return ChunkedLinearLoss.apply(
-        hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out
-    )
+    return precomputed_gradient_loss(hidden, weight, bias, compute, denominator)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import os
 import torch
 
 from ..method import KernelSpec, KernelStats, LossMethod
+from ..precomputed import precomputed_gradient_loss
 
 #: Vocabulary block per kernel iteration and warps per row program (OTR's sampled targets have their own pair: the
 #: sampler holds a K x BLOCK comparison). Measured on an H200, docs/benchmarks.md.
@@ -196,54 +197,14 @@ def _metric_sums(method: LossMethod, row_inputs, stats: torch.Tensor) -> dict[st
     return sums
 
 
-class TritonLinearLoss(torch.autograd.Function):
-    """`loss_sum / denominator` over `hidden @ weight.T + bias`, gradients computed in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, method, row_inputs, spec, chunk_size, denominator, metrics_out):
-        need_grad = any(ctx.needs_input_grad[:3])
-        loss_sum, grads, stats = run_tiles(
-            hidden,
-            weight,
-            bias,
-            labels,
-            spec,
-            chunk_size,
-            grad_scale=1.0 / denominator if need_grad else None,
-            needs_grad=tuple(ctx.needs_input_grad[:3]),
-        )
-        if metrics_out is not None:
-            metrics_out.update(_metric_sums(method, row_inputs, stats))
-        ctx.save_for_backward(*grads)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss_sum / denominator
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError(
-                "The triton loss head computes its gradients once and scales them in place: it cannot run backward "
-                "twice (retain_graph=True). Use backend='chunked' for that."
-            )
-        ctx.consumed = True
-        # The loss is usually the last node (grad_output == 1): then skip a pass over the weight-sized gradient
-        unit = bool(torch.equal(grad_output, torch.ones_like(grad_output)))
-        grads = []
-        for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
-            if grad is not None:
-                if not unit:  # in place: a second weight-sized buffer would raise the peak memory for nothing
-                    grad.mul_(grad_output.to(grad.dtype))
-                grad = grad.to(dtype)
-            grads.append(grad)
-        return (*grads, None, None, None, None, None, None, None)
-
-
 def triton_linear_loss(hidden, weight, bias, labels, method, row_inputs, spec, chunk_size, denominator, metrics_out):
-    if not torch.is_grad_enabled():
-        loss_sum, _, stats = run_tiles(hidden, weight, bias, labels, spec, chunk_size, None)
+    """`loss_sum / denominator` over `hidden @ weight.T + bias`, gradients computed in the forward pass and scaled in
+    place in backward (the weight-sized gradient is never copied)."""
+
+    def compute(grad_scale, needs_grad):
+        loss_sum, grads, stats = run_tiles(hidden, weight, bias, labels, spec, chunk_size, grad_scale, needs_grad)
         if metrics_out is not None:
             metrics_out.update(_metric_sums(method, row_inputs, stats))
-        return loss_sum / denominator
-    return TritonLinearLoss.apply(
-        hidden, weight, bias, labels, method, row_inputs, spec, chunk_size, denominator, metrics_out
-    )
+        return loss_sum, grads
+
+    return precomputed_gradient_loss(hidden, weight, bias, compute, denominator, scale_in_place=True)
