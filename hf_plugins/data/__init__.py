@@ -1,6 +1,8 @@
-"""Data plumbing: collators that keep a method's extra columns, and tool-call tagging for TL-Training."""
+"""Data plumbing: collators that keep a method's extra columns, tool-call tagging for TL-Training and aligned-model
+scoring for PoFT."""
 
 from .collator import DataCollatorWithExtraColumns
+from .scoring import score_with_aligned_models
 from .tool_calls import (
     DEFAULT_ERROR_PATTERNS,
     declared_tools,
@@ -17,5 +19,6 @@ __all__ = [
     "is_error_response",
     "key_token_indices",
     "mae_trained_turns",
+    "score_with_aligned_models",
     "tokenize_tool_conversation",
 ]

@@ -1,13 +1,15 @@
 """Functional losses on materialised logits (the readable definitions) and the target rules the fused head uses.
 
 Conventions: `logits` [B, T, V] and `labels` [B, T] are aligned (`logits[b, t]` predicts `labels[b, t]`), label -100
-is ignored, and the reduction is `sum / num_items_in_batch` when that is given, else the mean over supervised tokens.
+is ignored, and the reduction is `sum / num_items_in_batch` when that is given, else the mean over supervised tokens
+(PoFT: the mean over sequences).
 """
 
 from ..ops.method import LossMethod
 from .asft import ASFTMethod, asft_loss
 from .dft import DFTMethod, dft_loss
 from .otr import OTRMethod, otr_loss
+from .poft import PoFTMethod, poft_loss
 from .sft import SFTMethod, sft_loss
 from .weighted import WeightedMethod, weighted_sft_loss
 
@@ -18,6 +20,7 @@ METHODS: dict[str, type[LossMethod]] = {
     WeightedMethod.name: WeightedMethod,
     OTRMethod.name: OTRMethod,
     ASFTMethod.name: ASFTMethod,
+    PoFTMethod.name: PoFTMethod,
 }
 
 __all__ = [
@@ -25,11 +28,13 @@ __all__ = [
     "ASFTMethod",
     "DFTMethod",
     "OTRMethod",
+    "PoFTMethod",
     "SFTMethod",
     "WeightedMethod",
     "asft_loss",
     "dft_loss",
     "otr_loss",
+    "poft_loss",
     "sft_loss",
     "weighted_sft_loss",
 ]

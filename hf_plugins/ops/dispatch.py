@@ -107,7 +107,8 @@ def fused_linear_loss(
             (`hidden[b, t]` predicts `labels[b, t]`: shift before calling).
         weight (`torch.Tensor` of shape `[V, D]`): the lm_head weight.
         labels (`torch.LongTensor` of shape `[B, T]` or `[N]`): token ids, -100 where no loss is taken.
-        method (`str` or `LossMethod`): `"sft"`, `"dft"`, `"weighted"` (more as methods land) or a method object.
+        method (`str` or `LossMethod`): `"sft"`, `"dft"`, `"weighted"`, `"asft"`, `"otr"`, `"poft"` or a method
+            object.
         bias (`torch.Tensor` of shape `[V]`, *optional*): the lm_head bias.
         backend (`str`): `"auto"` (fastest on the device: `"triton"` on CUDA, `"chunked"` elsewhere), `"chunked"`
             (pure torch, any device), `"triton"` (our Triton kernels, CUDA), `"liger"` (Liger-Kernel's fused linear
@@ -115,7 +116,7 @@ def fused_linear_loss(
         chunk_size (`int`, *optional*): rows per tile; default: on `chunked`, a tile of about 2M logits, at least 64
             rows; on `triton`, at most max(N * D, 4M) logits, a power of two of rows.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default:
-            the mean over supervised tokens.
+            the mean over supervised tokens (`"poft"`: over sequences, see `LossMethod.num_items`).
         return_metrics (`bool`): also return a dict of per-token means: `label_prob` (mean p(label)),
             `token_accuracy` (argmax == label), `entropy`, plus the method's own (e.g. `dft_weight`), and
             `num_tokens`, the number of supervised tokens. They cost no extra pass.
@@ -149,7 +150,7 @@ def fused_linear_loss(
 
     num_rows = row_labels.numel()
     if num_items_in_batch is None:
-        denominator = float(max(num_rows, 1))
+        denominator = float(max(method.num_items(rows, row_inputs), 1))
     else:
         denominator = float(max(float(num_items_in_batch), 1.0))
 

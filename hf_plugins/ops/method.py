@@ -196,6 +196,11 @@ class LossMethod:
         """Per-row values to average over the supervised rows and report (name -> `[C]` tensor)."""
         return {}
 
+    def num_items(self, rows: Rows, row_inputs: dict[str, torch.Tensor]) -> int:
+        """What the summed loss is divided by when the caller gives no `num_items_in_batch`: the number of supervised
+        rows (the mean over tokens). Sequence-level methods (PoFT) return their number of sequences instead."""
+        return rows.labels.numel()
+
     def kernel_spec(self, row_inputs: dict[str, torch.Tensor]) -> KernelSpec | None:
         """The method's targets in the fused kernels' closed form, or None when they have none (then the GPU
         backends fall back to `chunked`). Called after `prepare`, with its per-row tensors."""

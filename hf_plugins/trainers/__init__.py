@@ -6,6 +6,8 @@ from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
 from .otr_config import OTRConfig
 from .otr_trainer import OTRTrainer
+from .poft_config import PoFTConfig
+from .poft_trainer import PoFTTrainer
 from .tl_config import TLConfig
 from .tl_trainer import TLTrainer
 
@@ -16,6 +18,8 @@ __all__ = [
     "FusedSFTTrainer",
     "OTRConfig",
     "OTRTrainer",
+    "PoFTConfig",
+    "PoFTTrainer",
     "TLConfig",
     "TLTrainer",
 ]

@@ -1,0 +1,251 @@
+"""PoFT (Preference-oriented SFT, arXiv 2412.12865): a Bradley-Terry objective between the policy and fixed aligned
+models, on the same SFT data.
+
+For a sequence `i` with `T_i` supervised tokens, the policy's score is its mean per-token log-prob of the response,
+`r_i = (1 / T_i) sum_t log p(y_t)`, and `ref_i` is the aligned models' mean score of the same response (computed
+offline, each aligned model in its own tokenisation: `hf_plugins.score_with_aligned_models`). The loss is
+
+    L_i = -log sigmoid(beta * (r_i - ref_i) + gamma) = softplus(-(beta * (r_i - ref_i) + gamma))
+
+reduced as a mean over sequences (`sum_i L_i / num_items_in_batch` when the count of sequences is given). Because
+`ref_i` is a constant, the gradient is length-normalised SFT with a per-sequence weight in (0, beta):
+
+    dL_i / dz_t = c_i * (softmax(z_t) - one_hot(y_t)),      c_i = beta * sigmoid(beta * (ref_i - r_i) - gamma) / T_i
+
+so as a target-weight rule it is `w = c_i * one_hot(y_t)` with `c_i` detached. `c_i` needs the whole sequence's
+`r_i`, which a chunk of rows does not hold: the fused method runs a no-grad pass of the head first
+(`Rows.label_log_probs`, one extra `[rows, V]` matmul per tile and no backward), then the usual single pass that
+computes the loss and the gradients together. A per-row constant (`Targets.constant`) makes the reported value the
+exact PoFT loss, not only its gradient.
+
+Limits: `ref_i -> +inf` makes the weight `beta / T_i`, i.e. `beta` times per-sequence-mean SFT (the loss is then
+that SFT loss plus the constant `beta * ref_i - gamma`); `ref_i -> -inf` (or `r_i >> ref_i`) makes the loss and the
+gradient vanish.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets, label_targets
+from ._common import label_log_probs, reduce_sum
+
+#: Where the aligned models' scores come from, named in every error about missing or invalid scores
+SCORER = "hf_plugins.score_with_aligned_models"
+
+
+def check_beta_gamma(beta, gamma) -> tuple[float, float]:
+    """`(beta, gamma)` as floats, raising a `ValueError` unless beta is a finite number > 0 and gamma is finite."""
+    values = []
+    for name, value in (("beta", beta), ("gamma", gamma)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        values.append(float(value))
+    if values[0] <= 0:
+        raise ValueError(
+            f"`beta` must be > 0 (the scale of the score difference inside the sigmoid; the paper's value is 1.0), "
+            f"got {values[0]}."
+        )
+    return values[0], values[1]
+
+
+def sequence_ids(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The sequence of every position (shaped like `labels`) and the number of sequences.
+
+    Without `position_ids`, each row of `[B, T]` labels is one sequence (a flat `[N]` input is one sequence). With
+    `position_ids` (shaped like `labels` and aligned with them: the position, within its own sequence, of the token
+    each label is), a packed row holds several sequences: a new one starts at the start of each row and wherever the
+    position does not follow the previous one (`position_ids[t] != position_ids[t - 1] + 1`, e.g. back to 0).
+    Sequences are numbered in row-major order.
+    """
+    if position_ids is None:
+        if labels.dim() == 2:
+            ids = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+            return ids, labels.shape[0]
+        return torch.zeros_like(labels, dtype=torch.long), 1
+    if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != tuple(labels.shape):
+        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(
+            f"`position_ids` has shape {shape} but `labels` has shape {tuple(labels.shape)}: pass the position of "
+            "every label's token in its own sequence, aligned with `labels` (shifted like them)."
+        )
+    if labels.numel() == 0:
+        return torch.zeros_like(labels, dtype=torch.long), 0
+    positions = position_ids.to(labels.device).long().reshape(-1, labels.shape[-1])
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    ids = starts.reshape(-1).cumsum(0).reshape(labels.shape) - 1
+    return ids, int(starts.sum())
+
+
+def check_ref_scores(ref_scores, num_sequences: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`ref_scores` as a `[num_sequences]` tensor, raising a `ValueError` for a wrong length or NaN/inf values."""
+    if ref_scores is None:
+        raise ValueError(
+            f"PoFT needs `ref_scores`, the aligned models' mean per-token log-prob of each response (one per "
+            f"sequence): compute them once with `{SCORER}`."
+        )
+    try:
+        scores = torch.as_tensor(ref_scores)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"`ref_scores` must be a tensor of numbers, one per sequence: {error}") from None
+    if scores.dim() != 1 or scores.shape[0] != num_sequences:
+        raise ValueError(
+            f"`ref_scores` has shape {tuple(scores.shape)} but the batch holds {num_sequences} sequences: pass one "
+            "score per sequence (per row of `labels`, or per sequence found in `position_ids` when packed)."
+        )
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise ValueError(f"`ref_scores` must hold real numbers (log-probs), got dtype {scores.dtype}.")
+    if not torch.isfinite(scores).all():
+        bad = int((~torch.isfinite(scores)).sum())
+        raise ValueError(
+            f"`ref_scores` holds {bad} NaN or infinite value(s): every sequence needs a finite aligned-model score. "
+            f"Drop the examples `{SCORER}` could not score (their response was empty), e.g. "
+            "`dataset.filter(lambda row: math.isfinite(row['ref_score']))`."
+        )
+    return scores.detach().to(device=device, dtype=dtype)
+
+
+def sequence_coefficients(sums, counts, ref_scores, beta: float, gamma: float):
+    """Per-sequence `(r, loss, c)`: the policy score `sum / count`, `softplus(-(beta (r - ref) + gamma))` and the
+    token weight `beta * sigmoid(beta (ref - r) - gamma) / count`. Sequences without tokens get 0 everywhere."""
+    trained = counts > 0
+    safe_counts = counts.clamp(min=1).to(sums.dtype)
+    r = torch.where(trained, sums / safe_counts, torch.zeros_like(sums))
+    margin = beta * (r - ref_scores) + gamma
+    loss = torch.where(trained, F.softplus(-margin), torch.zeros_like(margin))
+    weight = torch.sigmoid(-margin)
+    coefficient = torch.where(trained, beta * weight / safe_counts, torch.zeros_like(weight))
+    return r, loss, coefficient, weight
+
+
+def poft_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ref_scores: torch.Tensor,
+    beta: float = 1.0,
+    gamma: float = 0.0,
+    num_items_in_batch=None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`mean_i -log sigmoid(beta * (r_i - ref_i) + gamma)` over the sequences with at least one supervised token,
+    `r_i` the mean log-prob of sequence i's supervised tokens. Computed in float32 at least.
+
+    Args:
+        logits (`torch.Tensor` of shape `[B, T, V]`): the policy's logits, aligned with `labels`.
+        labels (`torch.LongTensor` of shape `[B, T]`): token ids, -100 where no loss is taken (the prompt).
+        ref_scores (`torch.Tensor` of shape `[B]`): the aligned models' mean per-token log-prob of each sequence's
+            response (`hf_plugins.score_with_aligned_models`); with `position_ids`, one per packed sequence.
+        beta (`float`): scale of the score difference, > 0 (1.0 in the paper and the official code).
+        gamma (`float`): margin added inside the sigmoid (0.0 in the official code).
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed per-sequence losses by this
+            count of sequences (the global count under gradient accumulation and DDP); default: the mean over the
+            sequences that have a supervised token. A sequence without one adds no loss and is not counted.
+        position_ids (`torch.LongTensor` of shape `[B, T]`, *optional*): for packed rows, each label's token
+            position within its own sequence (aligned with `labels`); sequences start where it does not increase by
+            one. Without it each row is one sequence.
+    """
+    beta, gamma = check_beta_gamma(beta, gamma)
+    logp, mask = label_log_probs(logits, labels)
+    ids, num_sequences = sequence_ids(labels, position_ids)
+    scores = check_ref_scores(ref_scores, num_sequences, logp.device, logp.dtype)
+    flat_ids = ids.reshape(-1)
+    sums = torch.zeros(num_sequences, dtype=logp.dtype, device=logp.device).index_add(0, flat_ids, logp.reshape(-1))
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=logp.device).index_add(
+        0, flat_ids, mask.reshape(-1).long()
+    )
+    _, per_sequence, _, _ = sequence_coefficients(sums, counts, scores, beta, gamma)
+    return reduce_sum(per_sequence.sum(), int((counts > 0).sum()), num_items_in_batch)
+
+
+class PoFTMethod(LossMethod):
+    """Target rule of PoFT for the fused head: `w = c_i * one_hot(y)` with the detached per-sequence weight
+    `c_i = beta * sigmoid(beta * (ref_i - r_i) - gamma) / T_i`, plus a per-row constant so that the value is the exact
+    PoFT loss.
+
+    Inputs: `ref_scores` (`[S]`, one per sequence), `beta`, `gamma` and, for packed rows, `position_ids` (shaped like
+    `labels`, aligned with them). `prepare` runs a no-grad pass of the head (`Rows.label_log_probs`) to get every
+    sequence's `r_i` before the pass that computes the loss and gradients. Without `num_items_in_batch` the loss is
+    the mean over the sequences that have a supervised token.
+
+    Metrics (besides the head's per-token ones): `nll`, the plain mean NLL per supervised token; and per-sequence
+    means `reward_margin` (`r_i - ref_i`), `poft_weight` (`sigmoid(beta (ref_i - r_i) - gamma)`, in (0, 1)) and
+    `policy_score` (`r_i`). The head averages metrics over tokens, so each row carries its sequence's value times
+    `N / (S * T_i)` (N rows, S trained sequences): the token mean of those is exactly the mean over sequences.
+    """
+
+    name = "poft"
+
+    def prepare(
+        self,
+        rows: Rows,
+        ref_scores: torch.Tensor | None = None,
+        beta: float = 1.0,
+        gamma: float = 0.0,
+        position_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        self.beta, self.gamma = check_beta_gamma(beta, gamma)
+        labels_shape = rows.mask
+        if position_ids is None:
+            row_sequence, num_sequences = rows.sequence_index, rows.num_sequences
+        else:
+            ids, num_sequences = sequence_ids(labels_shape, position_ids)
+            row_sequence = ids.to(rows.mask.device)[rows.mask]
+        log_probs = rows.label_log_probs()
+        dtype = log_probs.dtype
+        scores = check_ref_scores(ref_scores, num_sequences, log_probs.device, dtype)
+        row_sequence = row_sequence.to(log_probs.device)
+        sums = torch.zeros(num_sequences, dtype=dtype, device=log_probs.device).index_add(0, row_sequence, log_probs)
+        counts = torch.zeros(num_sequences, dtype=torch.long, device=log_probs.device).index_add(
+            0, row_sequence, torch.ones_like(row_sequence)
+        )
+        r, loss, coefficient, weight = sequence_coefficients(sums, counts, scores, self.beta, self.gamma)
+        self.num_trained_sequences = int((counts > 0).sum())
+        trained = counts > 0
+        # Per-sequence values kept for callers that log them exactly (the trainer reduces them across processes)
+        self.sequence_stats = {
+            "policy_score": r[trained], "ref_score": scores[trained], "poft_weight": weight[trained]
+        }
+
+        count = counts.to(dtype).clamp(min=1)[row_sequence]
+        row_coefficient = coefficient[row_sequence]
+        # sum_t (-c_i log p_t + k_t) over sequence i must be L_i: k_t = L_i / T_i + c_i * r_i
+        constant = loss[row_sequence] / count + row_coefficient * r[row_sequence]
+        share = rows.labels.numel() / max(self.num_trained_sequences, 1) / count
+        return {
+            "label_weight": row_coefficient,
+            "constant": constant,
+            "reward_margin": (r - scores)[row_sequence] * share,
+            "poft_weight": weight[row_sequence] * share,
+            "policy_score": r[row_sequence] * share,
+        }
+
+    def num_items(self, rows: Rows, row_inputs: dict[str, torch.Tensor]) -> int:
+        return self.num_trained_sequences
+
+    def targets(self, chunk: Chunk) -> Targets:
+        dtype = chunk.log_probs.dtype
+        targets = label_targets(chunk.labels, chunk.inputs["label_weight"].to(dtype))
+        targets.constant = chunk.inputs["constant"].to(dtype)
+        return targets
+
+    def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
+        return {
+            "nll": -chunk.label_log_probs,
+            **{name: chunk.inputs[name] for name in ("reward_margin", "poft_weight", "policy_score")},
+        }
+
+    def kernel_spec(self, row_inputs) -> KernelSpec:
+        return KernelSpec(label_weight=row_inputs["label_weight"], constant=row_inputs["constant"])
+
+    def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
+        return {
+            "nll": -stats.label_log_probs,
+            **{name: row_inputs[name] for name in ("reward_margin", "poft_weight", "policy_score")},
+        }

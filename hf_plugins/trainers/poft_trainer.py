@@ -1,0 +1,216 @@
+"""`PoFTTrainer`: Preference-oriented SFT (arXiv 2412.12865) as a drop-in `SFTTrainer`.
+
+The aligned models never enter training: their scores are a dataset column, `ref_score`, computed once beforehand with
+`hf_plugins.score_with_aligned_models` (cached by `datasets`). The collator carries the column through TRL's
+preparation, and the loss is the fused `"poft"` head: a no-grad pass of the head gives each sequence's policy score,
+then one pass computes the loss and the gradients together. No logits are ever built.
+
+Normalisation: the loss is a mean over sequences. `num_items_in_batch` is made the number of sequences with a trained
+token in the whole accumulated batch, across processes, so gradient accumulation 4 x 1 equals 1 x 4 and DDP equals
+one process, as the token count does for SFT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers.utils import logging
+from trl.data_utils import get_dataset_column_names
+
+from ..losses.poft import SCORER, PoFTMethod
+from ..ops.method import IGNORE_INDEX
+from .fused_sft_trainer import FusedSFTTrainer
+from .poft_config import PoFTConfig
+
+logger = logging.get_logger(__name__)
+
+REF_SCORE_COLUMN = "ref_score"
+_SEQUENCE_METRICS = ("reward_margin", "poft_weight", "policy_score")
+
+
+def scoped_labels(batch: dict[str, Any], scope: str) -> torch.Tensor:
+    """The labels the policy's score averages over: TRL's labels (`"completion"`), or every non-padding token of the
+    sequence (`"full"`: the input ids where the attention mask is set, the official code's prompt + response scope)."""
+    labels = batch["labels"]
+    if scope == "completion":
+        return labels
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        raise ValueError(
+            "poft_target_scope='full' needs the batch's `attention_mask` to tell padding from tokens; padding-free "
+            "batches are not supported with it: use poft_target_scope='completion' there."
+        )
+    input_ids = batch["input_ids"].to(labels.device)
+    return torch.where(attention_mask.to(labels.device).bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+
+
+def trained_sequences(labels: torch.Tensor) -> torch.Tensor:
+    """`[B]` bool: the sequences with at least one label after the next-token shift."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=1)
+
+
+class PoFTTrainer(FusedSFTTrainer):
+    """
+    Trainer for Preference-oriented SFT (PoFT), a drop-in replacement for `trl.SFTTrainer`.
+
+    Each sequence's loss is `-log sigmoid(beta * (r_theta - ref_score) + gamma)`, where `r_theta` is the policy's mean
+    per-token log-prob of the response and `ref_score` the aligned models' mean score of it; the batch loss is the mean
+    over sequences. The gradient is length-normalised SFT with a per-sequence weight `sigmoid(beta * (ref_score -
+    r_theta) - gamma)` in (0, 1): large when the aligned models find the response likely and the policy does not yet,
+    vanishing once the policy beats them.
+
+    The datasets need a `ref_score` column: compute it once with `hf_plugins.score_with_aligned_models` (the aligned
+    models are not loaded during training, so a step costs what an SFT step costs, plus one no-grad matmul of the
+    lm_head). It takes exactly the arguments of `SFTTrainer`; pass a [`PoFTConfig`] as `args`.
+
+    Logged metrics (besides TRL's): `reward_margin` (mean `r_theta - ref_score` per sequence), `poft_weight` (mean
+    sigmoid weight per sequence), `policy_score` (mean `r_theta`) and `nll` (the plain NLL per supervised token).
+
+    Example:
+        ```python
+        from hf_plugins import PoFTConfig, PoFTTrainer, score_with_aligned_models
+
+        aligned = ["Qwen/Qwen2.5-1.5B-Instruct", "HuggingFaceTB/SmolLM2-1.7B-Instruct"]
+        dataset = score_with_aligned_models(dataset, aligned)  # adds the `ref_score` column, cached
+        trainer = PoFTTrainer(model="Qwen/Qwen2.5-0.5B", args=PoFTConfig(output_dir="out"), train_dataset=dataset)
+        trainer.train()
+        ```
+    """
+
+    _tag_names = ["trl", "sft", "hf-plugins", "poft"]
+    config_class = PoFTConfig
+    _name = "PoFT"
+    _paper = {
+        "title": (
+            "Preference-Oriented Supervised Fine-Tuning: Favoring Target Model Over Aligned Large Language Models"
+        ),
+        "id": "2412.12865",
+    }
+
+    example_columns = (REF_SCORE_COLUMN,)
+
+    def __init__(self, model, args: PoFTConfig | None = None, *positional, **kwargs):
+        args = self.coerce_args(model, args)
+        train_dataset = kwargs.get("train_dataset", positional[1] if len(positional) > 1 else None)
+        self._resolve_assistant_only_loss(args, train_dataset)
+        self._poft_method = None
+        super().__init__(model, args, *positional, **kwargs)
+
+    @staticmethod
+    def _resolve_assistant_only_loss(args: PoFTConfig, dataset) -> None:
+        """`assistant_only_loss=None` (PoFTConfig's default): on for `messages` conversations under the "completion"
+        scope, so that the policy's score covers the assistant turns, as the aligned models' scores do; off else."""
+        columns = ()
+        if dataset is not None and not isinstance(dataset, dict):
+            try:
+                columns = get_dataset_column_names(dataset)
+            except (AttributeError, TypeError):
+                columns = ()
+        conversations = "messages" in columns and "input_ids" not in columns
+        if args.assistant_only_loss is None:
+            args.assistant_only_loss = bool(conversations and args.poft_target_scope == "completion")
+        elif conversations and args.poft_target_scope == "completion" and not args.assistant_only_loss:
+            logger.warning(
+                "PoFT with poft_target_scope='completion' on a `messages` dataset and `assistant_only_loss=False`: "
+                "the policy's score averages over every token (system and user turns too) while the aligned models "
+                "score only the assistant content. Leave `assistant_only_loss` unset (or True) to score the same "
+                "tokens, or set poft_target_scope='full' to make the official code's choice explicit."
+            )
+
+    # ------------------------------------------------------------------ dataset preparation
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        columns = get_dataset_column_names(dataset)
+        if REF_SCORE_COLUMN not in columns:
+            raise ValueError(
+                f"The {dataset_name} dataset has no `{REF_SCORE_COLUMN}` column, which PoFTTrainer needs (the aligned "
+                f"models' mean per-token log-prob of each response). Add it with `{SCORER}(dataset, aligned_models)`."
+            )
+        if isinstance(dataset, Dataset):
+            scores = np.asarray(dataset.with_format("numpy")[REF_SCORE_COLUMN], dtype=np.float64)
+            bad = int((~np.isfinite(scores)).sum())
+            if bad:
+                raise ValueError(
+                    f"The {dataset_name} dataset's `{REF_SCORE_COLUMN}` column holds {bad} NaN or infinite value(s) "
+                    f"(examples `{SCORER}` found no response token to score, e.g. emptied by its `max_length`). Drop "
+                    f"them first: `dataset = dataset.filter(lambda row: math.isfinite(row['{REF_SCORE_COLUMN}']))`."
+                )
+        before = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if before is not None and len(dataset) < before:
+            # TRL drops the examples that truncation to `max_length` left without a supervised token
+            logger.warning(
+                f"PoFT: {before - len(dataset)} of {before} examples of the {dataset_name} dataset have no response "
+                f"token left after truncation to max_length={args.max_length} and are skipped."
+            )
+        return dataset
+
+    # ------------------------------------------------------------------ loss
+    def loss_method(self) -> PoFTMethod:
+        # A fresh method object per call: it keeps the batch's per-sequence values for the metrics
+        self._poft_method = PoFTMethod()
+        return self._poft_method
+
+    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        if REF_SCORE_COLUMN not in self._extra_batch:
+            raise ValueError(
+                f"The batch has no `{REF_SCORE_COLUMN}` column: add it to the dataset with `{SCORER}`."
+            )
+        # `inputs` is this call's own copy (compute_loss): the scope changes the labels the head sees only
+        inputs["labels"] = scoped_labels(inputs, self.args.poft_target_scope)
+        ref_scores = self._extra_batch[REF_SCORE_COLUMN].to(inputs["labels"].device)
+        return {"other_inputs": {"ref_scores": ref_scores, "beta": self.args.beta, "gamma": self.args.gamma}}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        local_count = None
+        if num_items_in_batch is None:
+            # Called without the trainer's global count (evaluation, a direct call): the mean over this batch's
+            # sequences
+            labels = scoped_labels(inputs, self.args.poft_target_scope)
+            local_count = int(trained_sequences(labels).sum())
+            num_items_in_batch = local_count
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if local_count is not None and self.args.average_tokens_across_devices:
+            # The parent rescales a global count by the number of data-parallel ranks; a local one must not be
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            result = (result[0] / scale, *result[1:]) if return_outputs else result / scale
+        return result
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        if not all("labels" in batch for batch in batch_samples):
+            return super()._get_num_items_in_batch(batch_samples, device)
+        # The number of sequences instead of tokens: one stand-in label per sequence with a trained token, so that the
+        # parent's gathering across processes and its parallelism divisors apply unchanged
+        stand_ins = []
+        for batch in batch_samples:
+            labels = scoped_labels(batch, self.args.poft_target_scope)
+            trained = trained_sequences(labels)
+            stand_in = torch.full((trained.shape[0], 2), IGNORE_INDEX, dtype=torch.long, device=trained.device)
+            stand_in[trained, 1] = 0
+            stand_ins.append({"labels": stand_in})
+        return super()._get_num_items_in_batch(stand_ins, device)
+
+    def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
+        """The per-sequence metrics as means over every process's sequences; the rest as the parent logs them."""
+        for name in _SEQUENCE_METRICS:
+            metrics.pop(name, None)
+        stats = self._poft_method.sequence_stats if self._poft_method is not None else None
+        if stats is not None:
+            device = self.accelerator.device
+            margin = stats["policy_score"] - stats["ref_score"]
+            local = torch.stack(
+                [
+                    torch.tensor(float(margin.numel()), dtype=torch.float64),
+                    margin.sum().double().cpu(),
+                    stats["poft_weight"].sum().double().cpu(),
+                    stats["policy_score"].sum().double().cpu(),
+                ]
+            ).to(device)
+            total = self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0).tolist()
+            count = total[0]
+            if count > 0:  # a batch without a trained sequence anywhere has no per-sequence value to log
+                for name, value in zip(_SEQUENCE_METRICS, total[1:]):
+                    self._metrics[mode][name].append(value / count)
+        super()._log_head_metrics(mode, metrics, inputs)
