@@ -37,8 +37,10 @@ import torch
 GIB = 1024**3
 TRL_METHODS = ("sft", "dft")
 LIGER_METHODS = ("sft", "dft", "weighted")
-#: Matmuls a method adds to the three of the head (ASFT: the reference logits).
-EXTRA_MATMULS = {"asft": 1}
+#: Matmuls a method adds to the three of the head (ASFT: the reference logits; PoFT: its no-grad scoring pass).
+EXTRA_MATMULS = {"asft": 1, "poft": 1}
+#: Sequences the rows are split into for per-sequence methods.
+SEQUENCES = 8
 
 
 def log(*args):
@@ -68,6 +70,8 @@ def method_kwargs(method, inputs):
         return {"ref_hidden": inputs["ref_hidden"], "ref_weight": inputs["ref_weight"], "kl_coef": 0.05}
     if method == "otr":
         return {"num_samples": 8, "temperature": 1.2, "negative_reward": -0.1}
+    if method == "poft":
+        return {"ref_scores": torch.full((SEQUENCES,), -2.0, device="cuda"), "beta": 1.0}
     return {}
 
 
@@ -79,9 +83,12 @@ def loss_fn(variant, method, inputs, chunk_size=None):
     if variant in ("reference", "chunked", "triton", "liger"):
         kwargs = method_kwargs(method, inputs)
 
+        # per-sequence methods see [B, T] rows (PoFT's score is a mean over each sequence)
+        hh, yy = (h.view(SEQUENCES, -1, h.shape[-1]), y.view(SEQUENCES, -1)) if method == "poft" else (h, y)
+
         def run():
             torch.manual_seed(0)  # OTR's uniforms: the same draw on every backend
-            return fused_linear_loss(h, w, y, method, backend=variant, chunk_size=chunk_size, **kwargs)
+            return fused_linear_loss(hh, w, yy, method, backend=variant, chunk_size=chunk_size, **kwargs)
 
         return run
     if variant == "trl":

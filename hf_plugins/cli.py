@@ -18,6 +18,7 @@ TRAIN_COMMANDS = {
     "asft": ("ASFTConfig", "ASFTTrainer", "Anchored SFT: DFT plus a KL anchor to a frozen reference model"),
     "otr": ("OTRConfig", "OTRTrainer", "One-Token Rollout: a one-step policy gradient at every token"),
     "tl": ("TLConfig", "TLTrainer", "TL-Training: tool-call SFT with key-token weights and bad-call masking"),
+    "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
 }
 
 

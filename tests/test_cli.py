@@ -32,7 +32,9 @@ def data_dirs(tmp_path_factory):
     tiny_conversational_dataset(12).save_to_disk(str(chat))
     tools = root / "tools"
     tiny_tool_calling_dataset(8).save_to_disk(str(tools))
-    return {"chat": str(chat), "tools": str(tools)}
+    scored = root / "scored"  # PoFT's `ref_score` column, as score_with_aligned_models adds it
+    tiny_conversational_dataset(12).add_column("ref_score", [-3.0 + 0.1 * i for i in range(12)]).save_to_disk(str(scored))
+    return {"chat": str(chat), "tools": str(tools), "poft": str(scored)}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_help_lists_every_method(capsys):
     for name, (config, trainer, _) in TRAIN_COMMANDS.items():
         assert f"  {name} " in out
         assert hasattr(hf_plugins, config) and hasattr(hf_plugins, trainer)
-    assert {"sft", "asft", "otr", "tl"} <= set(TRAIN_COMMANDS)
+    assert {"sft", "asft", "otr", "tl", "poft"} <= set(TRAIN_COMMANDS)
 
 
 def test_method_help_lists_its_fields(capsys):
@@ -80,7 +82,8 @@ def test_method_help_lists_its_fields(capsys):
 def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_model_dir, data_dirs, method):
     config = EXAMPLES / f"{method}.yaml"
     assert config.is_file(), f"examples/configs/{method}.yaml is missing"
-    model, data = (tool_model_dir, data_dirs["tools"]) if method == "tl" else (tiny_model_dir, data_dirs["chat"])
+    model = tool_model_dir if method == "tl" else tiny_model_dir
+    data = {"tl": data_dirs["tools"], "poft": data_dirs["poft"]}.get(method, data_dirs["chat"])
     out = tmp_path / "out"
     code, _, err = run_cli(
         capsys, method, "--config", config, "--model_name_or_path", model, "--dataset_name", data,
@@ -205,6 +208,7 @@ def _non_defaults(config_class):
         "ASFTConfig": dict(kl_coef=0.11, ref_model="some/reference"),
         "OTRConfig": dict(num_samples=None, temperature=0.9, negative_reward=-0.3),
         "TLConfig": dict(max_weight=4.0, weight_normalization="token", mae=False),
+        "PoFTConfig": dict(beta=0.5, gamma=0.1, poft_target_scope="full"),
     }
     return {**common, **own.get(config_class.__name__, {})}
 
