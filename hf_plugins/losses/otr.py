@@ -144,8 +144,8 @@ def otr_loss(
     """The OTR surrogate loss on materialised logits, reduced like `sft_loss`.
 
     Args:
-        logits (`torch.Tensor` of shape `[B, T, V]`), labels (`torch.LongTensor` of shape `[B, T]`): aligned, -100
-            where no loss is taken (or `[N, V]` and `[N]`).
+        logits (`torch.Tensor` of shape `[B, T, V]` or `[N, V]`): aligned with `labels`.
+        labels (`torch.LongTensor` of shape `[B, T]` or `[N]`): token ids, -100 where no loss is taken.
         num_samples (`int` or `None`, *optional*, defaults to `8`): K, tokens sampled per supervised position.
             `None`: the exact expectation over the tempered policy (no sampling).
         temperature (`float`, *optional*, defaults to `1.2`): tau of the sampling policy `softmax(z / tau)`.

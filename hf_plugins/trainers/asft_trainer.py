@@ -55,8 +55,9 @@ class ASFTTrainer(FusedSFTTrainer):
     ever built for more than a chunk of tokens. Logged metrics (besides TRL's): `kl` (mean KL(reference || policy) per
     supervised token, the drift from the starting model), `dft_weight` (mean p(label)) and `mean_token_accuracy`.
 
+    It takes every argument of `SFTTrainer` (`model`, `args`, ...) as there, with an [`ASFTConfig`] as `args`, and:
+
     Args:
-        model, args, and every other argument of `SFTTrainer`: as there (`args` is an [`ASFTConfig`]).
         ref_model (`str` or [`~transformers.PreTrainedModel`], *optional*, keyword only):
             The frozen reference. Defaults to `args.ref_model`; if both are `None`, the starting model itself (with
             PEFT: the same model with its adapters disabled; otherwise a frozen copy, which doubles the weights in
