@@ -321,7 +321,41 @@ def test_chunked_never_holds_full_logits():
         loss = fused_linear_loss(hidden, weight, labels, "poft", backend="chunked", chunk_size=32,
                                  ref_scores=torch.full((4,), -7.0))
         loss.backward()
-    assert tracker.largest <= 32 * V < N_rows * V
+    # tiles hold whole sequences (64 rows here, more than chunk_size=32): still never the whole batch's logits
+    assert tracker.largest <= 64 * V < N_rows * V
+
+
+def test_tiles_keep_sequences_whole():
+    from hf_plugins.ops.chunked import tile_slices
+
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3])
+    assert tile_slices(12, 5, groups) == [slice(0, 5), slice(5, 11), slice(11, 12)]
+    assert tile_slices(12, 100, groups) == [slice(0, 12)]
+    assert tile_slices(12, 1, groups) == [slice(0, 3), slice(3, 5), slice(5, 11), slice(11, 12)]
+    assert tile_slices(0, 4, groups[:0]) == [slice(0, 0)]
+    assert tile_slices(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 100])
+def test_one_pass_equals_the_first_pass_form(chunk_size):
+    """chunked scores each tile's whole sequences itself (three matmuls); triton-style weights from a first pass
+    (the reference's own path forced through `whole_sequence_tiles=False`) give the same loss and gradients."""
+    from hf_plugins.losses.poft import PoFTMethod
+
+    hidden, weight, b, labels, ref = make_inputs(B=4, T=9, seed=21)
+    one_pass = fused(hidden, weight, b, labels, ref, "chunked", chunk_size=chunk_size)
+
+    class FirstPass(PoFTMethod):
+        def prepare(self, rows, **inputs):
+            rows.whole_sequence_tiles = False
+            return super().prepare(rows, **inputs)
+
+    loss = fused_linear_loss(hidden, weight, labels, FirstPass(), bias=b, backend="chunked", chunk_size=chunk_size,
+                             ref_scores=ref)
+    grads = torch.autograd.grad(loss, [t for t in (hidden, weight, b) if t is not None])
+    torch.testing.assert_close(loss.detach(), one_pass[0].detach(), rtol=1e-12, atol=1e-12)
+    for grad, exp in zip(grads, one_pass[1]):
+        torch.testing.assert_close(grad, exp, rtol=1e-10, atol=1e-12)
 
 
 def _valid():

@@ -26,6 +26,7 @@ gradient vanish.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from numbers import Real
 
 import torch
@@ -164,14 +165,23 @@ def poft_loss(
     return reduce_sum(per_sequence.sum(), int((counts > 0).sum()), num_items_in_batch)
 
 
+@dataclass
+class PoFTTargets(Targets):
+    """PoFT's targets, carrying the per-row metric values of the tile's sequences."""
+
+    row_metrics: dict = field(default_factory=dict)
+
+
 class PoFTMethod(LossMethod):
     """Target rule of PoFT for the fused head: `w = c_i * one_hot(y)` with the detached per-sequence weight
     `c_i = beta * sigmoid(beta * (ref_i - r_i) - gamma) / T_i`, plus a per-row constant so that the value is the exact
     PoFT loss.
 
     Inputs: `ref_scores` (`[S]`, one per sequence), `beta`, `gamma` and, for packed rows, `position_ids` (shaped like
-    `labels`, aligned with them). `prepare` runs a no-grad pass of the head (`Rows.label_log_probs`) to get every
-    sequence's `r_i` before the pass that computes the loss and gradients. Without `num_items_in_batch` the loss is
+    `labels`, aligned with them). A sequence's weight needs its whole `r_i` before its gradient: on backends that keep
+    sequences whole within a tile (`chunked`, `reference`: `tile_groups`) each tile scores its own sequences first,
+    so the head costs SFT's three matmuls (a sequence longer than the tile gets a tile of its own); on `triton`, whose
+    kernel needs every weight up front, `prepare` runs a no-grad pass of the head (`Rows.label_log_probs`) first. Without `num_items_in_batch` the loss is
     the mean over the sequences that have a supervised token.
 
     Metrics (besides the head's per-token ones): `nll`, the plain mean NLL per supervised token; and per-sequence
@@ -197,27 +207,42 @@ class PoFTMethod(LossMethod):
         else:
             ids, num_sequences = sequence_ids(labels_shape, position_ids)
             row_sequence = ids.to(rows.mask.device)[rows.mask]
-        log_probs = rows.label_log_probs()
-        dtype = log_probs.dtype
-        scores = check_ref_scores(ref_scores, num_sequences, log_probs.device, dtype)
-        row_sequence = row_sequence.to(log_probs.device)
-        sums = torch.zeros(num_sequences, dtype=dtype, device=log_probs.device).index_add(0, row_sequence, log_probs)
-        counts = torch.zeros(num_sequences, dtype=torch.long, device=log_probs.device).index_add(
+        device = rows.labels.device
+        row_sequence = row_sequence.to(device)
+        counts = torch.zeros(num_sequences, dtype=torch.long, device=device).index_add(
             0, row_sequence, torch.ones_like(row_sequence)
         )
-        r, loss, coefficient, weight = sequence_coefficients(sums, counts, scores, self.beta, self.gamma)
         self.num_trained_sequences = int((counts > 0).sum())
         trained = counts > 0
+        # the scores are kept in float64 and cast to each tile's compute dtype
+        scores = check_ref_scores(ref_scores, num_sequences, device, torch.float64)
+        # share: each row carries its sequence's metric value times N / (S * T_i), so that the head's token mean of
+        # those is exactly the mean over sequences
+        share = rows.labels.numel() / max(self.num_trained_sequences, 1) / counts.clamp(min=1)[row_sequence].double()
+
+        if rows.whole_sequence_tiles:
+            # Every tile holds whole sequences (`tile_groups`): each tile scores its own sequences before forming its
+            # gradient, so the head makes three matmuls, with no first pass
+            self._deferred = (scores, counts, trained)
+            self._policy_score = torch.zeros(num_sequences, dtype=torch.float64, device=device)
+            self._weight = torch.zeros(num_sequences, dtype=torch.float64, device=device)
+            return {"row_sequence": row_sequence, "share": share.to(torch.float64)}
+
+        self._deferred = None
+        log_probs = rows.label_log_probs()
+        dtype = log_probs.dtype
+        scores = scores.to(dtype)
+        sums = torch.zeros(num_sequences, dtype=dtype, device=device).index_add(0, row_sequence, log_probs)
+        r, loss, coefficient, weight = sequence_coefficients(sums, counts, scores, self.beta, self.gamma)
         # Per-sequence values kept for callers that log them exactly (the trainer reduces them across processes)
-        self.sequence_stats = {
+        self._sequence_stats = {
             "policy_score": r[trained], "ref_score": scores[trained], "poft_weight": weight[trained]
         }
-
         count = counts.to(dtype).clamp(min=1)[row_sequence]
         row_coefficient = coefficient[row_sequence]
         # sum_t (-c_i log p_t + k_t) over sequence i must be L_i: k_t = L_i / T_i + c_i * r_i
         constant = loss[row_sequence] / count + row_coefficient * r[row_sequence]
-        share = rows.labels.numel() / max(self.num_trained_sequences, 1) / count
+        share = share.to(dtype)
         return {
             "label_weight": row_coefficient,
             "constant": constant,
@@ -226,20 +251,57 @@ class PoFTMethod(LossMethod):
             "policy_score": r[row_sequence] * share,
         }
 
+    @property
+    def sequence_stats(self) -> dict[str, torch.Tensor]:
+        """Per trained sequence: `policy_score` (r_i), `ref_score` and `poft_weight`, for exact logging."""
+        if self._deferred is None:
+            return self._sequence_stats
+        scores, _, trained = self._deferred
+        return {
+            "policy_score": self._policy_score[trained], "ref_score": scores[trained],
+            "poft_weight": self._weight[trained],
+        }
+
+    def tile_groups(self, row_inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return row_inputs.get("row_sequence")
+
     def num_items(self, rows: Rows, row_inputs: dict[str, torch.Tensor]) -> int:
         return self.num_trained_sequences
 
     def targets(self, chunk: Chunk) -> Targets:
         dtype = chunk.log_probs.dtype
-        targets = label_targets(chunk.labels, chunk.inputs["label_weight"].to(dtype))
-        targets.constant = chunk.inputs["constant"].to(dtype)
+        if self._deferred is None:
+            targets = PoFTTargets(index=chunk.labels.unsqueeze(-1), value=chunk.inputs["label_weight"].to(dtype).unsqueeze(-1))
+            targets.constant = chunk.inputs["constant"].to(dtype)
+            targets.row_metrics = {name: chunk.inputs[name] for name in ("reward_margin", "poft_weight", "policy_score")}
+            return targets
+        # Whole sequences in this tile: score them from the tile's own log-probs
+        scores, counts, _ = self._deferred
+        sequence = chunk.inputs["row_sequence"]
+        local, inverse = torch.unique_consecutive(sequence, return_inverse=True)
+        sums = torch.zeros(local.numel(), dtype=dtype, device=sequence.device).index_add(0, inverse, chunk.label_log_probs)
+        seen = torch.zeros_like(local).index_add(0, inverse, torch.ones_like(inverse))
+        if not torch.equal(seen, counts[local]):
+            raise RuntimeError("PoFT: a tile split a sequence; the backend must honour `tile_groups`.")
+        r, loss, coefficient, weight = sequence_coefficients(
+            sums, counts[local], scores[local].to(dtype), self.beta, self.gamma
+        )
+        self._policy_score[local] = r.double()
+        self._weight[local] = weight.double()
+        count = counts[local].to(dtype).clamp(min=1)[inverse]
+        row_coefficient = coefficient[inverse]
+        targets = PoFTTargets(index=chunk.labels.unsqueeze(-1), value=row_coefficient.unsqueeze(-1))
+        targets.constant = loss[inverse] / count + row_coefficient * r[inverse]
+        share = chunk.inputs["share"].to(dtype)
+        targets.row_metrics = {
+            "reward_margin": (r - scores[local].to(dtype))[inverse] * share,
+            "poft_weight": weight[inverse] * share,
+            "policy_score": r[inverse] * share,
+        }
         return targets
 
-    def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
-        return {
-            "nll": -chunk.label_log_probs,
-            **{name: chunk.inputs[name] for name in ("reward_margin", "poft_weight", "policy_score")},
-        }
+    def metrics(self, chunk: Chunk, targets: "PoFTTargets") -> dict[str, torch.Tensor]:
+        return {"nll": -chunk.label_log_probs, **targets.row_metrics}
 
     def kernel_spec(self, row_inputs) -> KernelSpec:
         return KernelSpec(label_weight=row_inputs["label_weight"], constant=row_inputs["constant"])

@@ -32,6 +32,26 @@ def chunk_compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float32
 
 
+def tile_slices(n_rows: int, chunk_size: int, groups: torch.Tensor | None = None) -> list[slice]:
+    """Tiles of at most `chunk_size` rows; with `groups` (per-row ids, non-decreasing), tiles end only where a group
+    ends, and a group longer than `chunk_size` is a tile of its own.
+
+    There is always at least one (possibly empty) tile: a call without supervised rows still reports every metric
+    name, so that processes gathering metrics under DDP always exchange the same keys.
+    """
+    if groups is None or n_rows == 0:
+        return [slice(start, min(start + chunk_size, n_rows)) for start in range(0, max(n_rows, 1), chunk_size)]
+    ends = ((groups[1:] != groups[:-1]).nonzero().flatten() + 1).tolist() + [n_rows]
+    tiles, start, end = [], 0, 0
+    for group_end in ends:
+        if group_end - start > chunk_size and end > start:
+            tiles.append(slice(start, end))
+            start = end
+        end = group_end
+    tiles.append(slice(start, n_rows))
+    return tiles
+
+
 def run_chunks(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -67,10 +87,7 @@ def run_chunks(
     def add_metric(name, per_row):
         metric_sums[name] = metric_sums.get(name, 0) + per_row.sum()
 
-    # At least one (possibly empty) tile: a call without supervised rows still reports every metric name, so that
-    # processes gathering metrics under DDP always exchange the same keys
-    for start in range(0, max(n_rows, 1), chunk_size):
-        rows = slice(start, min(start + chunk_size, n_rows))
+    for rows in tile_slices(n_rows, chunk_size, method.tile_groups(row_inputs)):
         h = hidden[rows].to(dtype)
         y = labels[rows]
         logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()

@@ -142,6 +142,8 @@ def fused_linear_loss(
         num_sequences=num_sequences,
         label_log_probs=lambda: chunked_label_log_probs(row_hidden, weight, bias, row_labels, chunk_size),
         vocab_size=weight.shape[0],
+        # chunked honours `LossMethod.tile_groups`; reference is one tile; triton needs every weight before its kernel
+        whole_sequence_tiles=backend in ("chunked", "reference"),
     )
     try:
         row_inputs = method.prepare(rows, **method_inputs)

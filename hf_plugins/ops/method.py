@@ -105,6 +105,9 @@ class Rows:
             per row, for methods whose weights depend on whole sequences.
         vocab_size (`int`, *optional*): V, the number of rows of the lm_head weight (to check inputs over the
             vocabulary, e.g. a reference model's head).
+        whole_sequence_tiles (`bool`): the backend keeps the groups of rows that `LossMethod.tile_groups` names
+            (e.g. sequences) whole within one tile, so `targets` sees every row of a group at once; a method whose
+            weights depend on whole sequences can then skip the `label_log_probs` pass.
     """
 
     labels: torch.Tensor
@@ -113,6 +116,7 @@ class Rows:
     num_sequences: int
     label_log_probs: Callable[[], torch.Tensor]
     vocab_size: int | None = None
+    whole_sequence_tiles: bool = False
 
     def gather(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Select a per-token input (shaped like the caller's labels) at the supervised rows, checking its shape."""
@@ -200,6 +204,11 @@ class LossMethod:
         """What the summed loss is divided by when the caller gives no `num_items_in_batch`: the number of supervised
         rows (the mean over tokens). Sequence-level methods (PoFT) return their number of sequences instead."""
         return rows.labels.numel()
+
+    def tile_groups(self, row_inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Per-row group ids (non-decreasing) that a backend with `Rows.whole_sequence_tiles` must not split across
+        tiles, or None. A group larger than the tile gets a tile of its own."""
+        return None
 
     def kernel_spec(self, row_inputs: dict[str, torch.Tensor]) -> KernelSpec | None:
         """The method's targets in the fused kernels' closed form, or None when they have none (then the GPU
