@@ -15,6 +15,8 @@ _EXPORTS = {
     "OTRTrainer": "trainers",
     "PoFTConfig": "trainers",
     "PoFTTrainer": "trainers",
+    "RoSTEConfig": "trainers",
+    "RoSTETrainer": "trainers",
     "TLConfig": "trainers",
     "TLTrainer": "trainers",
     "asft_loss": "losses",

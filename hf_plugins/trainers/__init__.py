@@ -8,6 +8,8 @@ from .otr_config import OTRConfig
 from .otr_trainer import OTRTrainer
 from .poft_config import PoFTConfig
 from .poft_trainer import PoFTTrainer
+from .roste_config import RoSTEConfig
+from .roste_trainer import RoSTETrainer
 from .tl_config import TLConfig
 from .tl_trainer import TLTrainer
 
@@ -20,6 +22,8 @@ __all__ = [
     "OTRTrainer",
     "PoFTConfig",
     "PoFTTrainer",
+    "RoSTEConfig",
+    "RoSTETrainer",
     "TLConfig",
     "TLTrainer",
 ]
