@@ -70,7 +70,7 @@ def test_help_lists_every_method(capsys):
     for name, (config, trainer, _) in TRAIN_COMMANDS.items():
         assert f"  {name} " in out
         assert hasattr(hf_plugins, config) and hasattr(hf_plugins, trainer)
-    assert {"sft", "asft", "otr", "tl", "poft"} <= set(TRAIN_COMMANDS)
+    assert {"sft", "asft", "otr", "tl", "poft", "roste"} <= set(TRAIN_COMMANDS)
 
 
 def test_method_help_lists_its_fields(capsys):
@@ -85,9 +85,10 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
     model = tool_model_dir if method == "tl" else tiny_model_dir
     data = {"tl": data_dirs["tools"], "poft": data_dirs["poft"]}.get(method, data_dirs["chat"])
     out = tmp_path / "out"
+    extra = ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"] if method == "roste" else []
     code, _, err = run_cli(
         capsys, method, "--config", config, "--model_name_or_path", model, "--dataset_name", data,
-        "--output_dir", out, *CPU_FLAGS,
+        "--output_dir", out, *CPU_FLAGS, *extra,
     )
     assert code == 0, err[-2000:]
     assert len(losses(out)) == 2 and all(loss == loss for loss in losses(out))
@@ -209,6 +210,7 @@ def _non_defaults(config_class):
         "OTRConfig": dict(num_samples=None, temperature=0.9, negative_reward=-0.3),
         "TLConfig": dict(max_weight=4.0, weight_normalization="token", mae=False),
         "PoFTConfig": dict(beta=0.5, gamma=0.1, poft_target_scope="full"),
+        "RoSTEConfig": dict(w_bits=3, a_bits=8, kv_sym=False, rotations="all", rotation_search_samples=16),
     }
     return {**common, **own.get(config_class.__name__, {})}
 
