@@ -1,4 +1,5 @@
-"""Trainer/config pairs, one per method, all drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig`."""
+"""Trainer/config pairs, one per method, all drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig`; UDS online batch
+selection as a mixin for any of them (`with_uds`)."""
 
 from .asft_config import ASFTConfig
 from .asft_trainer import ASFTTrainer
@@ -10,6 +11,8 @@ from .poft_config import PoFTConfig
 from .poft_trainer import PoFTTrainer
 from .tl_config import TLConfig
 from .tl_trainer import TLTrainer
+from .uds_config import UDSConfig
+from .uds_trainer import UDSMixin, with_uds
 
 __all__ = [
     "ASFTConfig",
@@ -22,4 +25,7 @@ __all__ = [
     "PoFTTrainer",
     "TLConfig",
     "TLTrainer",
+    "UDSConfig",
+    "UDSMixin",
+    "with_uds",
 ]
