@@ -302,7 +302,7 @@ def test_with_uds_classes():
 
 
 def make_trainer(model_dir, output_dir, trainer_cls=FusedSFTTrainer, model=None, dataset=None, eval_dataset=None,
-                 **overrides):
+                 tokenizer=None, **overrides):
     cls = with_uds(trainer_cls)
     config_cls = getattr(cls, "config_class", None) or with_uds(SFTConfig)
     settings = {**CPU_ARGS, "max_steps": 3, "per_device_train_batch_size": 4, **overrides}
@@ -311,7 +311,7 @@ def make_trainer(model_dir, output_dir, trainer_cls=FusedSFTTrainer, model=None,
         args=config_cls(output_dir=str(output_dir), **settings),
         train_dataset=dataset if dataset is not None else tiny_conversational_dataset(32),
         eval_dataset=eval_dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        processing_class=tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir),
     )
 
 
@@ -573,3 +573,45 @@ def test_callback_settings_must_match_the_config(tiny_model_dir, tmp_path):
     callback = UDSCallback.from_config(args)
     trainer = cls(**common, callbacks=[callback])
     assert trainer.uds_callback is callback and callback.trainer_attached
+
+
+@pytest.mark.parametrize("method", ["poft", "tl", "otr"])
+def test_method_trainers_with_extra_columns_select_them_with_the_examples(tiny_model_dir, tmp_path, method):
+    """Per-example (PoFT's reference scores) and per-token (TL's token weights) columns are selected with their
+    examples; OTR's sampling trains on the kept examples too."""
+    from hf_plugins import OTRTrainer, PoFTTrainer, TLTrainer
+    from hf_plugins.testing import TOOL_CHAT_TEMPLATE, tiny_tool_calling_dataset
+    from hf_plugins.trainers.poft_trainer import REF_SCORE_COLUMN
+
+    if method == "poft":
+        dataset = tiny_conversational_dataset(32)
+        dataset = dataset.add_column(REF_SCORE_COLUMN, [-3.0 - 0.01 * i for i in range(32)])
+        trainer = make_trainer(tiny_model_dir, tmp_path, PoFTTrainer, dataset=dataset)
+        column = REF_SCORE_COLUMN
+    elif method == "tl":
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+        tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+        trainer = make_trainer(tiny_model_dir, tmp_path, TLTrainer, dataset=tiny_tool_calling_dataset(16),
+                               tokenizer=tokenizer)
+        column = "token_weights"
+    else:
+        trainer = make_trainer(tiny_model_dir, tmp_path, OTRTrainer)
+        column = None
+    batches = []
+    original = trainer._uds_subset
+
+    def subset(batch, indices):
+        out = original(batch, indices)
+        batches.append(out)
+        return out
+
+    trainer._uds_subset = subset
+    trainer.train()
+    assert all(math.isfinite(x) for x in logged(trainer)) and len(logged(trainer)) == 3
+    assert logged(trainer, "uds/selected_fraction") == [0.25] * 3
+    for batch in batches:
+        assert batch["input_ids"].shape[0] == 1
+        if column is not None:
+            assert batch[column].shape[0] == 1
+            if column == "token_weights":
+                assert batch[column].shape == batch["input_ids"].shape
