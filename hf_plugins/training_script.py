@@ -4,6 +4,7 @@ The arguments are TRL's own dataclasses (`ScriptArguments`, `ModelConfig`, `Data
 config, parsed by TRL's `TrlParser`, so a YAML written for `trl sft` runs unchanged after changing the command:
 
     hf-plugins asft --config run.yaml --kl_coef 0.05
+    hf-plugins sft --config run.yaml --uds --uds_keep 2        # UDS online batch selection on any method
     accelerate launch --config_file examples/accelerate/multi_gpu.yaml examples/train.py asft --config run.yaml
 
 `--config` takes a YAML file, a folder written by `<Config>.save_pretrained`, or a Hub repo id holding one. Datasets
@@ -24,15 +25,31 @@ class UsageError(Exception):
     """Bad command-line input: reported as one line, exit status 2."""
 
 
-def _parser(method: str):
+def _classes(method: str, uds: bool):
+    """The method's (config class, trainer class); their UDS versions (`with_uds`) with `uds=True`."""
+    import hf_plugins
+
+    from . import cli
+
+    config_name, trainer_name, _ = cli.TRAIN_COMMANDS[method]
+    config_class, trainer_class = getattr(hf_plugins, config_name), getattr(hf_plugins, trainer_name)
+    if uds:
+        config_class, trainer_class = hf_plugins.with_uds(config_class), hf_plugins.with_uds(trainer_class)
+    return config_class, trainer_class
+
+
+def _wants_uds(argv: list[str]) -> tuple[bool, list[str]]:
+    """`--uds` (or any `--uds_*` field) turns on UDS online batch selection; the flag itself is ours, not a field."""
+    uds = "--uds" in argv or any(arg.startswith("--uds_") for arg in argv)
+    return uds, [arg for arg in argv if arg != "--uds"]
+
+
+def _parser(method: str, uds: bool = False):
     import argparse
 
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-    from . import cli
-    import hf_plugins
-
-    config_class = getattr(hf_plugins, cli.TRAIN_COMMANDS[method][0])
+    config_class, _ = _classes(method, uds)
 
     class Parser(TrlParser):
         # argparse prints the whole usage (hundreds of options) before an error: one line is enough
@@ -102,10 +119,17 @@ def build_trainer(method: str, argv: list[str]):
 
     from . import cli
 
-    parser = _parser(method)
+    uds, argv = _wants_uds(argv)
+    argv = _resolve_config(argv)
+    if not uds and "--config" in argv:
+        from .trainers.hub_config import read_config_yaml
+
+        # a YAML that sets any `uds_*` field asks for UDS too
+        uds = any(key.startswith("uds_") for key in read_config_yaml(argv[argv.index("--config") + 1]))
+    parser = _parser(method, uds)
     try:
         script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
-            args=_resolve_config(argv), fail_with_unknown_args=True
+            args=argv, fail_with_unknown_args=True
         )
     except ValueError as error:
         message = str(error)
@@ -134,7 +158,7 @@ def build_trainer(method: str, argv: list[str]):
     if training_args.eval_strategy != "no":
         evaluation = _split(data, script_args.dataset_test_split, "test")
 
-    trainer_class = getattr(hf_plugins, cli.TRAIN_COMMANDS[method][1])
+    _, trainer_class = _classes(method, uds)
     trainer = trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -149,7 +173,8 @@ def build_trainer(method: str, argv: list[str]):
 def run_training_command(method: str, argv: list[str]) -> int:
     """`hf-plugins <method> ...`: build, train, save (model, trainer state, model card), optionally push."""
     if any(arg in ("-h", "--help") for arg in argv):
-        _parser(method).print_help()
+        uds, _ = _wants_uds(argv)
+        _parser(method, uds).print_help()
         return 0
     try:
         trainer, script_args = build_trainer(method, argv)

@@ -293,3 +293,30 @@ def test_accelerate_examples_cover_every_engine_and_method():
     for method in TRAIN_COMMANDS:
         script = (folder / f"launch_{method}.sh").read_text()
         assert f"examples/train.py {method} --config" in script and "accelerate launch --config_file" in script
+
+
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_uds_is_an_option_of_any_command(capsys, tmp_path, tiny_model_dir, data_dirs, how):
+    out = tmp_path / "out"
+    args = ["asft", "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"], "--output_dir", out,
+            *CPU_FLAGS, "--per_device_train_batch_size", "4"]
+    if how == "flag":
+        args += ["--uds", "--uds_keep", "2"]
+    else:
+        config = tmp_path / "uds.yaml"
+        config.write_text("uds_keep: 2\nuds_alpha: 0.002\n")
+        args += ["--config", config]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err[-2000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    fractions = [entry["uds/selected_fraction"] for entry in state["log_history"] if "uds/selected_fraction" in entry]
+    assert fractions and all(f == pytest.approx(0.5) for f in fractions)
+
+
+def test_uds_fields_without_uds_are_refused(capsys, tmp_path, tiny_model_dir, data_dirs):
+    """Without `--uds`, `uds_*` fields on the command line turn UDS on; a bad UDS value is a one-line error."""
+    code, _, err = run_cli(
+        capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"],
+        "--output_dir", tmp_path, *CPU_FLAGS, "--uds_keep", "5",
+    )
+    _one_line_error(code, err, "uds_keep")

@@ -60,3 +60,43 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_d
                        "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")], tmp_path / "two")
     assert len(one) == 3
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
+
+
+UDS_SCRIPT = Path(__file__).parent / "scripts" / "train_uds_ddp.py"
+
+
+def _train_uds(model_dir, out, checkpoint=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(UDS_SCRIPT), model_dir, str(out)]
+    result = subprocess.run(cmd + ([str(checkpoint)] if checkpoint else []), env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "WORLD 2" in result.stdout, result.stdout[-2000:]
+    ranks = [json.loads((out / f"selections_{rank}.json").read_text()) for rank in (0, 1)]
+    return json.loads((out / "losses.json").read_text()), ranks
+
+
+@pytest.mark.slow
+def test_uds_ddp_each_rank_selects_from_its_own_batch_and_resumes(tiny_model_dir, tmp_path):
+    """UDS under DDP (2 CPU processes, gloo): each rank keeps 1 of its 4 candidates into its own memory; each rank's
+    state is saved in its own file and restored, so a resumed run selects what the uninterrupted one did."""
+    import torch
+
+    logs, ranks = _train_uds(tiny_model_dir, tmp_path)
+    assert len(logs["losses"]) == 4 and logs["fraction"] == [0.25] * 4
+    for rank in ranks:
+        assert len(rank["selections"]) == 4 and all(len(s) == 1 for s in rank["selections"])
+        assert rank["memory_count"] == 4
+    assert ranks[0]["selections"] != ranks[1]["selections"]  # different data, selected separately
+    checkpoint = tmp_path / "checkpoint-2"
+    states = [torch.load(checkpoint / f"uds_state_{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert not (checkpoint / "uds_state.pt").exists()
+    assert all(state["memory"]["count"] == 2 for state in states)
+    assert not torch.equal(states[0]["memory"]["buffer"], states[1]["memory"]["buffer"])  # per-rank memories
+    assert torch.equal(states[0]["idx2"], states[1]["idx2"])  # one sketch for all ranks
+
+    resumed_logs, resumed = _train_uds(tiny_model_dir, tmp_path, checkpoint)
+    for rank in (0, 1):
+        assert resumed[rank]["selections"] == ranks[rank]["selections"][2:]
+    assert resumed_logs["losses"][2:] == pytest.approx(logs["losses"][2:], abs=1e-6)
+    assert resumed_logs["diversity"][2:] == pytest.approx(logs["diversity"][2:], rel=1e-9)

@@ -1,4 +1,5 @@
-"""Trainer/config pairs, one per method, all drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig`."""
+"""Trainer/config pairs, one per method, all drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig`; UDS online batch
+selection as a mixin for any of them (`with_uds`)."""
 
 from .asft_config import ASFTConfig
 from .asft_trainer import ASFTTrainer
@@ -12,6 +13,8 @@ from .roste_config import RoSTEConfig
 from .roste_trainer import RoSTETrainer
 from .tl_config import TLConfig
 from .tl_trainer import TLTrainer
+from .uds_config import UDSConfig
+from .uds_trainer import UDSMixin, with_uds
 
 __all__ = [
     "ASFTConfig",
@@ -26,4 +29,7 @@ __all__ = [
     "RoSTETrainer",
     "TLConfig",
     "TLTrainer",
+    "UDSConfig",
+    "UDSMixin",
+    "with_uds",
 ]

@@ -134,12 +134,20 @@ class LossHead:
         return FusedHeadOutput(loss=loss, metrics=metrics)
 
 
-def add_loss_head_forward(model) -> None:
+def add_loss_head_forward(model, check_head: bool = True) -> None:
     """Patch `model.forward` so that `model(..., labels=..., loss_head=head)` returns `head`'s output computed from
-    the backbone's last hidden state, without ever applying the lm_head to all positions. Idempotent."""
+    the backbone's last hidden state, without ever applying the lm_head to all positions. Idempotent.
+
+    With `check_head=False` a model whose logits are transformed after the lm_head (soft-capping, scaling) is patched
+    too: for heads that read only the hidden states and apply the transform themselves (UDS scoring). A later call
+    with `check_head=True` still checks it."""
     if getattr(model, "_hf_plugins_loss_head", False):
+        if check_head and not getattr(model, "_hf_plugins_head_checked", False):
+            check_plain_lm_head(model)
+            model._hf_plugins_head_checked = True
         return
-    check_plain_lm_head(model)
+    if check_head:
+        check_plain_lm_head(model)
     previous_forward = model.forward
 
     # Keep the class signature: `generate` validates its model kwargs against it
@@ -165,6 +173,7 @@ def add_loss_head_forward(model) -> None:
 
     model.forward = types.MethodType(forward, model)
     model._hf_plugins_loss_head = True
+    model._hf_plugins_head_checked = check_head
 
 
 @dataclass

@@ -1,0 +1,594 @@
+"""UDS (Utility-Diversity Sampling, arXiv 2510.16882): online batch selection scored from hidden states.
+
+From each candidate micro-batch of B examples UDS keeps the K with the largest
+
+    score_i = ||L_i||_*  +  alpha * mean_{q in Q} ||z_i - q||_2
+
+where `L_i` [N, V] are example i's logits over the padded batch length, `||.||_*` the nuclear norm (utility and
+intra-sample diversity), `z_i` a fixed random bilinear sketch of `L_i` (r1 x r2 entries) and `Q` a FIFO memory of the
+sketches of previously selected examples (inter-sample diversity). Only the kept examples are trained on; their
+sketches enter the memory.
+
+The reference computation materialises `L_i`. Here neither score ever builds logits, because `L_i = H_i W^T (+ b)`
+is linear in the final hidden states `H_i` [N, D]:
+
+- nuclear norm: `L L^T = H M H^T` with `M = W^T W` [D, D]. With `M = F F^T` (Cholesky), the singular values of `L`
+  are those of `A = H F` [N, D], read off the smaller of the Gram matrices `A A^T` / `A^T A` (float64 `eigvalsh`).
+- sketch: `z = sqrt(T/r1) sqrt(V/r2) * P (H Omega)` with `Omega = W^T diag(d2) C_V[:, idx2]` [D, r2] and the small
+  time transform `P = (C_T diag(d1))[idx1, :N]` [r1, N]; `C` are cosine (real DFT) matrices.
+
+`F` and `Omega` depend on the lm_head only: they are computed once per optimizer step (once per run when the head is
+frozen, e.g. under LoRA). A bias is folded in exactly by appending a constant 1 to the hidden states (a column of
+ones, zero on masked rows); a soft-capped head (`c * tanh(L / c)`) is not linear in `H`, so it is scored from logit
+tiles of a vocabulary chunk at a time instead (exact, never a `[B, N, V]` tensor).
+
+This module holds the readable definitions on materialised logits (`nuclear_norms_from_logits`,
+`sketches_from_logits`: the reference computation), the hidden-state scorer, the sketch memory and `UDSCallback`,
+which owns all of UDS's state. The trainer hook that feeds it batches is `hf_plugins.trainers.UDSMixin`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+#: Name of the file, inside a checkpoint folder, that holds the UDS state (one per process when distributed)
+UDS_STATE_NAME = "uds_state"
+
+#: Default sketch length T when neither `uds_sketch_length` nor `max_length` is set (the reference's cutoff length)
+DEFAULT_SKETCH_LENGTH = 512
+
+#: Values of `uds_mode`
+MODES = ("uds", "random")
+
+# Elements per tile when a computation streams over the vocabulary (lm_head rows, soft-capped logits)
+_TILE_ELEMENTS = 2**22
+
+
+# ------------------------------------------------------------------------------------------------ sketch constants
+
+
+def _cosines(positions: torch.Tensor, frequencies: torch.Tensor, period: int) -> torch.Tensor:
+    """`cos(2 pi p f / period)` [len(positions), len(frequencies)] in float64, with the phase reduced modulo the period
+    in integers first (as a DFT's twiddle factors are), so large `p * f` lose no precision."""
+    phase = torch.remainder(positions.long()[:, None] * frequencies.long()[None, :], period).to(torch.float64)
+    return torch.cos(phase * (2.0 * math.pi / period))
+
+
+@dataclass
+class SketchConstants:
+    """The fixed random projection of the UDS sketch (a subsampled randomised real Fourier transform on both sides).
+
+    Attributes:
+        d1 (`torch.Tensor`): `[T]` random signs of the time side.
+        d2 (`torch.Tensor`): `[V]` random signs of the vocabulary side.
+        idx1 (`torch.Tensor`): `[r1]` time frequencies, drawn uniformly from `[0, T)` with replacement.
+        idx2 (`torch.Tensor`): `[r2]` vocabulary frequencies, drawn uniformly from `[0, V)` with replacement.
+    """
+
+    d1: torch.Tensor
+    d2: torch.Tensor
+    idx1: torch.Tensor
+    idx2: torch.Tensor
+
+    @classmethod
+    def draw(cls, length: int, vocab_size: int, rows: int, cols: int, generator: torch.Generator) -> SketchConstants:
+        """Draw the constants for sequences of up to `length` (T) tokens, `vocab_size` (V) logits, an `rows` x `cols`
+        (r1 x r2) sketch; in the reference's order (d2, idx2, d1, idx1)."""
+        d2 = torch.randint(0, 2, (vocab_size,), generator=generator, dtype=torch.int8) * 2 - 1
+        idx2 = torch.randint(0, vocab_size, (cols,), generator=generator)
+        d1 = torch.randint(0, 2, (length,), generator=generator, dtype=torch.int8) * 2 - 1
+        idx1 = torch.randint(0, length, (rows,), generator=generator)
+        return cls(d1=d1, d2=d2, idx1=idx1, idx2=idx2)
+
+    @property
+    def length(self) -> int:
+        return self.d1.numel()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.d2.numel()
+
+    @property
+    def rows(self) -> int:
+        return self.idx1.numel()
+
+    @property
+    def cols(self) -> int:
+        return self.idx2.numel()
+
+    def to(self, device) -> SketchConstants:
+        return SketchConstants(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def time_transform(self, n: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """`sqrt(T / r1) * (C_T diag(d1))[idx1, :n]`, `[r1, n]`: the left factor, restricted to the first n rows
+        (the rows after n are the zero padding up to T)."""
+        t = torch.arange(n, device=self.idx1.device)
+        transform = _cosines(self.idx1, t, self.length) * self.d1[:n].to(torch.float64)
+        return (transform * math.sqrt(self.length / self.rows)).to(dtype=dtype, device=device)
+
+    def vocab_transform(self, start: int, stop: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """`sqrt(V / r2) * (diag(d2) C_V)[start:stop, idx2]`, `[stop - start, r2]`: rows of the right factor."""
+        v = torch.arange(start, stop, device=self.idx2.device)
+        transform = _cosines(v, self.idx2, self.vocab_size) * self.d2[start:stop, None].to(torch.float64)
+        return (transform * math.sqrt(self.vocab_size / self.cols)).to(dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------- the reference, on materialised logits
+
+
+def nuclear_norms_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Utility of each example as the reference computes it: `svdvals(L_i).sum()` for logits `[B, N, V]`; `[B]`."""
+    return torch.linalg.svdvals(logits).sum(-1)
+
+
+def sketches_from_logits(logits: torch.Tensor, constants: SketchConstants) -> torch.Tensor:
+    """Sketch of each example as the reference computes it, with FFTs over materialised logits `[B, N, V]`: zero-pad
+    to T rows, flip signs with d2, keep the real DFT at idx2 along the vocabulary (times sqrt(V / r2)), flip signs
+    with d1, keep the real DFT at idx1 along time (times sqrt(T / r1)). Returns `[B, r1 * r2]` (row-major r1 x r2)."""
+    batch, n, vocab = logits.shape
+    T = constants.length
+    if vocab != constants.vocab_size:
+        raise ValueError(f"The logits have {vocab} columns but the sketch was drawn for V={constants.vocab_size}.")
+    if n > T:
+        raise ValueError(f"The logits have {n} rows, more than the sketch length T={T}.")
+    x = logits.new_zeros(batch, T, vocab)
+    x[:, :n] = logits
+    x = x * constants.d2.to(device=x.device, dtype=x.dtype)
+    x = torch.fft.fft(x, dim=-1).real[..., constants.idx2.to(x.device)] * math.sqrt(vocab / constants.cols)
+    x = x * constants.d1.to(device=x.device, dtype=x.dtype).view(1, T, 1)
+    x = torch.fft.fft(x, dim=1).real[:, constants.idx1.to(x.device), :] * math.sqrt(T / constants.rows)
+    return x.reshape(batch, -1)
+
+
+# ----------------------------------------------------------------------------------------- the hidden-state scorer
+
+
+@dataclass
+class HeadFactors:
+    """What the hidden-state scorer needs from the lm_head, computed once per head value.
+
+    Attributes:
+        factor (`torch.Tensor`): `[D', D']` with `factor @ factor.T == W'^T W'`, `W' = [W, b]` (D' = D + 1 with a
+            bias).
+        projection (`torch.Tensor`): `[D', r2]`, `W'^T (sqrt(V / r2) diag(d2) C_V[:, idx2])`.
+        has_bias (`bool`): whether the last row of both stands for the bias (a constant-1 hidden coordinate).
+    """
+
+    factor: torch.Tensor
+    projection: torch.Tensor
+    has_bias: bool
+
+
+def _vocab_tiles(vocab: int, width: int):
+    step = max(1, _TILE_ELEMENTS // max(1, width))
+    for start in range(0, vocab, step):
+        yield start, min(vocab, start + step)
+
+
+@torch.no_grad()
+def head_factors(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    constants: SketchConstants,
+    dtype: torch.dtype = torch.float32,
+    vocab_transform: torch.Tensor | None = None,
+) -> HeadFactors:
+    """`HeadFactors` for the lm_head `weight` [V, D] (and `bias` [V]), streaming over the vocabulary in tiles so that
+    no float copy of the whole head is made. `M` is accumulated in `dtype`, factored in float64. `vocab_transform`:
+    the whole `constants.vocab_transform(0, V)` in `dtype` if the caller keeps it (else built tile by tile)."""
+    vocab, hidden_size = weight.shape
+    if vocab != constants.vocab_size:
+        raise ValueError(f"The lm_head has {vocab} rows but the sketch was drawn for V={constants.vocab_size}.")
+    width = hidden_size + (bias is not None)
+    device = weight.device
+    gram = torch.zeros(width, width, dtype=dtype, device=device)
+    projection = torch.zeros(width, constants.cols, dtype=dtype, device=device)
+    for start, stop in _vocab_tiles(vocab, width):
+        tile = weight[start:stop].to(dtype)
+        if bias is not None:
+            tile = torch.cat([tile, bias[start:stop, None].to(dtype)], dim=1)
+        gram += tile.T @ tile
+        if vocab_transform is not None:
+            transform = vocab_transform[start:stop]
+        else:
+            transform = constants.vocab_transform(start, stop, dtype, device)
+        projection += tile.T @ transform
+    gram = gram.to(torch.float64)
+    gram = (gram + gram.T) / 2
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if info.item() != 0:
+        # W'^T W' is singular (fewer independent vocabulary rows than dimensions): any factor with F F^T = M will do
+        eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+        factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()
+    return HeadFactors(factor=factor.to(dtype), projection=projection, has_bias=bias is not None)
+
+
+def score_rows(hidden: torch.Tensor, attention_mask: torch.Tensor | None, mask_padding: bool):
+    """The rows each example is scored on: `(hidden, row_mask)`.
+
+    With `mask_padding`, the rows of padding positions are dropped and the remaining rows moved to the front, in
+    order (the example is scored as if it had been alone in its batch, whatever the padding side and length);
+    `row_mask` [B, N] marks the rows that remain. Without it, every row of the padded batch counts (the reference's
+    behaviour) and `row_mask` is all ones."""
+    batch, n = hidden.shape[:2]
+    if not mask_padding or attention_mask is None:
+        return hidden, torch.ones(batch, n, dtype=hidden.dtype, device=hidden.device)
+    keep = attention_mask.to(hidden.device).bool()
+    # A stable sort of "is padding" brings the kept rows to the front in their order
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    kept = torch.gather(keep, 1, order).to(hidden.dtype)
+    hidden = torch.gather(hidden, 1, order[..., None].expand_as(hidden)) * kept[..., None]
+    return hidden, kept
+
+
+def _nuclear_norms(a: torch.Tensor) -> torch.Tensor:
+    """Sum of the singular values of each `a` [B, N, D'] from the smaller Gram matrix, in float64."""
+    a = a.to(torch.float64)
+    gram = a @ a.mT if a.shape[1] <= a.shape[2] else a.mT @ a
+    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1)
+
+
+@torch.no_grad()
+def scores_from_hidden(
+    hidden: torch.Tensor,
+    factors: HeadFactors,
+    constants: SketchConstants,
+    attention_mask: torch.Tensor | None = None,
+    mask_padding: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Utility `[B]` (float64) and sketch `[B, r1 * r2]` of each example from its final hidden states `[B, N, D]`,
+    equal to `nuclear_norms_from_logits` / `sketches_from_logits` on `hidden @ W.T + b` (with padding rows removed
+    and the rest moved to the front under `mask_padding`)."""
+    n = hidden.shape[1]
+    if n > constants.length:
+        raise ValueError(
+            f"A batch of {n} tokens per example is longer than the UDS sketch length T={constants.length}: set "
+            f"`uds_sketch_length` to at least the longest padded batch (e.g. `max_length`), or lower `max_length`."
+        )
+    dtype = factors.factor.dtype
+    rows, row_mask = score_rows(hidden.to(dtype), attention_mask, mask_padding)
+    factor, projection = factors.factor, factors.projection
+    a = rows @ factor[: rows.shape[-1]]
+    y = rows @ projection[: rows.shape[-1]]
+    if factors.has_bias:  # the constant-1 coordinate of the kept rows
+        a = a + row_mask[..., None] * factor[-1]
+        y = y + row_mask[..., None] * projection[-1]
+    sketch = constants.time_transform(n, dtype, hidden.device) @ y
+    return _nuclear_norms(a), sketch.reshape(hidden.shape[0], -1)
+
+
+@torch.no_grad()
+def scores_from_hidden_softcapped(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    softcap: float,
+    constants: SketchConstants,
+    attention_mask: torch.Tensor | None = None,
+    mask_padding: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `scores_from_hidden` for a soft-capped head (`L = c tanh((H W^T + b) / c)`), which is not linear in `H`:
+    the logits are built one vocabulary tile at a time (`[B, N, tile]`, never all V) and folded into the `[B, N, N]`
+    Gram matrices and the sketch."""
+    batch, n = hidden.shape[:2]
+    if n > constants.length:
+        raise ValueError(
+            f"A batch of {n} tokens per example is longer than the UDS sketch length T={constants.length}: set "
+            f"`uds_sketch_length` to at least the longest padded batch (e.g. `max_length`), or lower `max_length`."
+        )
+    rows, row_mask = score_rows(hidden.to(dtype), attention_mask, mask_padding)
+    gram = torch.zeros(batch, n, n, dtype=torch.float64, device=hidden.device)
+    y = torch.zeros(batch, n, constants.cols, dtype=dtype, device=hidden.device)
+    for start, stop in _vocab_tiles(weight.shape[0], batch * n):
+        logits = rows @ weight[start:stop].to(dtype).T
+        if bias is not None:
+            logits = logits + bias[start:stop].to(dtype)
+        logits = softcap * torch.tanh(logits / softcap) * row_mask[..., None]
+        gram += (logits @ logits.mT).to(torch.float64)
+        y += logits @ constants.vocab_transform(start, stop, dtype, hidden.device)
+    utility = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1)
+    sketch = constants.time_transform(n, dtype, hidden.device) @ y
+    return utility, sketch.reshape(batch, -1)
+
+
+# ------------------------------------------------------------------------------------------------------ the memory
+
+
+class SketchMemory:
+    """FIFO memory of the sketches of selected examples: a ring buffer of `capacity` rows written at `pointer`, which
+    wraps around; the oldest rows are overwritten first once `count == capacity`."""
+
+    def __init__(self, capacity: int, dim: int, device=None):
+        self.buffer = torch.zeros(capacity, dim, dtype=torch.float32, device=device)
+        self.pointer = 0
+        self.count = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.buffer.shape[0]
+
+    def contents(self) -> torch.Tensor:
+        """The stored sketches, oldest first."""
+        if self.count < self.capacity:
+            return self.buffer[: self.count]
+        return torch.cat([self.buffer[self.pointer :], self.buffer[: self.pointer]])
+
+    def mean_distances(self, sketches: torch.Tensor) -> torch.Tensor:
+        """Mean L2 distance `[B]` of each sketch to the stored ones; zeros while the memory is empty."""
+        if self.count == 0:
+            return torch.zeros(sketches.shape[0], dtype=torch.float64, device=sketches.device)
+        stored = self.buffer[: self.count].to(device=sketches.device, dtype=torch.float64)
+        distances = torch.cdist(sketches.to(torch.float64), stored, compute_mode="donot_use_mm_for_euclid_dist")
+        return distances.mean(1)
+
+    def push(self, sketches: torch.Tensor) -> None:
+        """Write `sketches` [K, dim] after the newest row, wrapping around."""
+        sketches = sketches.detach().to(device=self.buffer.device, dtype=self.buffer.dtype)[-self.capacity :]
+        k = sketches.shape[0]
+        index = (self.pointer + torch.arange(k, device=self.buffer.device)) % self.capacity
+        self.buffer[index] = sketches
+        self.pointer = (self.pointer + k) % self.capacity
+        self.count = min(self.capacity, self.count + k)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.cpu(), "pointer": self.pointer, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["buffer"].shape) != tuple(self.buffer.shape):
+            raise ValueError(
+                f"The saved UDS memory holds {tuple(state['buffer'].shape)} sketches (memory size x sketch entries) "
+                "but "
+                f"this run's holds {tuple(self.buffer.shape)}: resume with the `uds_memory_size`, `uds_sketch_rows` "
+                "and `uds_sketch_cols` the checkpoint was trained with."
+            )
+        self.buffer.copy_(state["buffer"])
+        self.pointer, self.count = int(state["pointer"]), int(state["count"])
+
+
+# ----------------------------------------------------------------------------------------------------- the callback
+
+
+@dataclass
+class UDSSettings:
+    """The settings of a `UDSCallback` (the `uds_*` fields of `UDSConfig` without their prefix)."""
+
+    keep: int = 1
+    alpha: float = 1.5e-3
+    memory_size: int = 1024
+    sketch_rows: int = 8
+    sketch_cols: int = 128
+    sketch_length: int | None = None
+    start_step: int = 0
+    mask_padding: bool = True
+    mode: str = "uds"
+    seed: int | None = None
+
+
+def check_uds_settings(settings: UDSSettings, batch_size: int | None = None) -> None:
+    """Raise a `ValueError` naming the `uds_*` field and the fix for any invalid setting."""
+
+    def is_int(value):
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not is_int(settings.keep) or settings.keep < 1:
+        raise ValueError(
+            f"`uds_keep={settings.keep!r}` must be a positive number of examples to keep from each candidate "
+            "micro-batch (the reference keeps 1 of 4)."
+        )
+    if batch_size is not None and settings.keep >= batch_size:
+        raise ValueError(
+            f"`uds_keep={settings.keep}` must be smaller than `per_device_train_batch_size={batch_size}`, the number "
+            f"of candidates UDS selects from: with keep >= candidates nothing is selected. Raise "
+            f"`per_device_train_batch_size` (e.g. to {4 * settings.keep} for 1 of 4) or lower `uds_keep`."
+        )
+    alpha = settings.alpha
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"`uds_alpha={settings.alpha!r}` must be a finite number >= 0 (the reference uses 1.5e-3).")
+    for name in ("memory_size", "sketch_rows", "sketch_cols"):
+        value = getattr(settings, name)
+        if not is_int(value) or value < 1:
+            raise ValueError(f"`uds_{name}={value!r}` must be a positive integer.")
+    if settings.sketch_length is not None and (not is_int(settings.sketch_length) or settings.sketch_length < 1):
+        raise ValueError(
+            f"`uds_sketch_length={settings.sketch_length!r}` must be a positive number of tokens (at least the "
+            "longest padded batch), or None for `max_length`."
+        )
+    if not is_int(settings.start_step) or settings.start_step < 0:
+        raise ValueError(f"`uds_start_step={settings.start_step!r}` must be an optimizer step >= 0.")
+    if settings.mode not in MODES:
+        choices = ", ".join(map(repr, MODES))
+        raise ValueError(f"`uds_mode={settings.mode!r}` is not a UDS mode: choose one of {choices}.")
+    if settings.seed is not None and not is_int(settings.seed):
+        raise ValueError(f"`uds_seed={settings.seed!r}` must be an integer or None (then `seed` is used).")
+
+
+@dataclass
+class Selection:
+    """What `UDSCallback.select` decided for one candidate micro-batch."""
+
+    indices: torch.Tensor  # [K] selected rows, ascending
+    utility: torch.Tensor | None = None  # [B] float64, None when not scored
+    diversity: torch.Tensor | None = None  # [B] float64
+    scores: torch.Tensor | None = None  # [B] utility + alpha * diversity
+
+
+class UDSCallback(TrainerCallback):
+    """
+    Owns the state of UDS online batch selection: the sketch constants, the FIFO memory of selected sketches (with its
+    pointer and fill count), the generator of the `random` mode and the cached lm_head factors; selects the examples
+    to keep from each candidate micro-batch; saves and restores all of it with the checkpoints.
+
+    The trainer hook that feeds it the candidates is [`UDSMixin`] (`with_uds(TrainerClass)`), which creates the
+    callback from the config's `uds_*` fields (a callback passed in `callbacks=` is used instead if its settings
+    match the config's). A callback on a trainer without that hook refuses to start: a callback alone never sees
+    the batches.
+
+    Args:
+        settings ([`UDSSettings`], *optional*): the selection settings; defaults to the reference's.
+    """
+
+    def __init__(self, settings: UDSSettings | None = None, **kwargs):
+        self.settings = UDSSettings(**kwargs) if settings is None else settings
+        if settings is not None and kwargs:
+            raise ValueError("Pass either a `UDSSettings` or its fields as keyword arguments, not both.")
+        check_uds_settings(self.settings)
+        self.constants: SketchConstants | None = None
+        self.memory: SketchMemory | None = None
+        self.generator: torch.Generator | None = None
+        self.trainer_attached = False
+        self.factor_computations = 0  # how often the lm_head factors were (re)computed; for tests and profiling
+        self._factors: HeadFactors | None = None
+        self._factors_key = None
+        self._vocab_transform: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, args) -> UDSCallback:
+        """A callback with the `uds_*` settings of a [`UDSConfig`]."""
+        return cls(settings_from_config(args))
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, vocab_size: int, sketch_length: int, device, process_index: int = 0, seed: int = 0) -> None:
+        """Draw the sketch constants (the same on every process: they are seeded with `seed` only) and create the
+        memory and the `random` mode's generator (seeded with `seed + process_index`, one stream per process)."""
+        settings = self.settings
+        generator = torch.Generator().manual_seed(seed)
+        self.constants = SketchConstants.draw(
+            sketch_length, vocab_size, settings.sketch_rows, settings.sketch_cols, generator
+        ).to(device)
+        self.memory = SketchMemory(settings.memory_size, settings.sketch_rows * settings.sketch_cols, device)
+        self.generator = torch.Generator().manual_seed(seed + process_index)
+        self._factors = self._factors_key = self._vocab_transform = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.trainer_attached:
+            raise ValueError(
+                "UDSCallback selects examples from each batch, which a callback never sees: use it through a UDS "
+                "trainer, `with_uds(TrainerClass)` (e.g. `with_uds(SFTTrainer)` or `with_uds(ASFTTrainer)`), which "
+                "creates the callback from the config's `uds_*` fields."
+            )
+
+    # ------------------------------------------------------------------ scoring and selection
+    def head_factors(self, weight: torch.Tensor, bias: torch.Tensor | None, step: int) -> HeadFactors:
+        """The lm_head factors, recomputed only when the head can have changed: once per optimizer step while it is
+        trained, once per run while it is frozen (or whenever its storage or version counter changes)."""
+        trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        key = (
+            step if trainable else None,
+            weight.data_ptr(),
+            weight._version,
+            None if bias is None else (bias.data_ptr(), bias._version),
+            tuple(weight.shape),
+            dtype,
+        )
+        if self._factors is None or key != self._factors_key:
+            # The cosines of the vocabulary side are fixed for the run ([V, r2]: 16 MB at V = 32000 in float32);
+            # building them costs more than the matmuls on a CPU, so they are kept
+            cached = self._vocab_transform
+            if cached is None or cached.dtype != dtype or cached.device != weight.device:
+                cached = self.constants.vocab_transform(0, self.constants.vocab_size, dtype, weight.device)
+                self._vocab_transform = cached
+            self._factors = head_factors(
+                weight.detach(), None if bias is None else bias.detach(), self.constants, dtype, cached
+            )
+            self._factors_key = key
+            self.factor_computations += 1
+        return self._factors
+
+    @torch.no_grad()
+    def score(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        step: int,
+        softcap: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Utility `[B]`, diversity `[B]` (mean distance to the memory) and sketches `[B, r1 * r2]` of a batch."""
+        mask_padding = self.settings.mask_padding
+        if softcap is None:
+            factors = self.head_factors(weight, bias, step)
+            utility, sketch = scores_from_hidden(hidden, factors, self.constants, attention_mask, mask_padding)
+        else:
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            utility, sketch = scores_from_hidden_softcapped(
+                hidden, weight.detach(), None if bias is None else bias.detach(), softcap, self.constants,
+                attention_mask, mask_padding, dtype,
+            )  # fmt: skip
+        return utility, self.memory.mean_distances(sketch), sketch
+
+    def select_random(self, batch_size: int) -> Selection:
+        keep = min(self.settings.keep, batch_size)
+        indices = torch.randperm(batch_size, generator=self.generator)[:keep]
+        return Selection(indices=indices.sort().values)
+
+    def select_from_scores(self, utility: torch.Tensor, diversity: torch.Tensor, sketch: torch.Tensor) -> Selection:
+        """Keep the top `keep` of `utility + alpha * diversity` and push their sketches into the memory."""
+        scores = utility + self.settings.alpha * diversity
+        keep = min(self.settings.keep, scores.shape[0])
+        indices = torch.topk(scores, keep, largest=True, sorted=False).indices.sort().values
+        self.memory.push(sketch[indices])
+        return Selection(indices=indices, utility=utility, diversity=diversity, scores=scores)
+
+    # ------------------------------------------------------------------ state in checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        c = self.constants
+        return {
+            "version": 1,
+            "d1": c.d1.cpu(), "d2": c.d2.cpu(), "idx1": c.idx1.cpu(), "idx2": c.idx2.cpu(),
+            "memory": self.memory.state_dict(),
+            "generator": self.generator.get_state(),
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = SketchConstants(state["d1"], state["d2"], state["idx1"], state["idx2"])
+        mine = self.constants
+        for name, label in (("length", "uds_sketch_length"), ("vocab_size", "the vocabulary size"),
+                            ("rows", "uds_sketch_rows"), ("cols", "uds_sketch_cols")):  # fmt: skip
+            if getattr(saved, name) != getattr(mine, name):
+                raise ValueError(
+                    f"The checkpoint's UDS sketch was drawn with {label} = {getattr(saved, name)}, this run's with "
+                    f"{getattr(mine, name)}: resume with the settings the checkpoint was trained with."
+                )
+        device = mine.d1.device
+        self.constants = saved.to(device)
+        self.memory.load_state_dict(state["memory"])
+        self.generator.set_state(state["generator"])
+        self._factors = self._factors_key = self._vocab_transform = None
+
+    @staticmethod
+    def state_file(folder: str, process_index: int = 0, world_size: int = 1) -> str:
+        suffix = "" if world_size <= 1 else f"_{process_index}"
+        return os.path.join(folder, f"{UDS_STATE_NAME}{suffix}.pt")
+
+    def save(self, folder: str, process_index: int = 0, world_size: int = 1) -> None:
+        os.makedirs(folder, exist_ok=True)
+        torch.save(self.state_dict(), self.state_file(folder, process_index, world_size))
+
+    def load(self, folder: str, process_index: int = 0, world_size: int = 1) -> bool:
+        """Restore the state saved in checkpoint `folder`; warns and returns False if there is none."""
+        path = self.state_file(folder, process_index, world_size)
+        if not os.path.isfile(path):
+            logger.warning(
+                f"No UDS state in {folder} ({os.path.basename(path)}): the resumed run starts with an empty memory "
+                "and selects other examples than the uninterrupted run would have."
+            )
+            return False
+        self.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+        return True
+
+
+def settings_from_config(args) -> UDSSettings:
+    """The `UDSSettings` of a config with `uds_*` fields."""
+    return UDSSettings(**{f.name: getattr(args, f"uds_{f.name}") for f in fields(UDSSettings)})
