@@ -162,7 +162,41 @@ class FusedSFTTrainer(SFTTrainer):
         extra = [name for name in (*self.token_columns, *self.example_columns) if name not in self._signature_columns]
         self._signature_columns = [*self._signature_columns, *extra]
 
+    def trained_sequences(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """For trainers whose loss is a mean over sequences (PoFT, TL-Training's "sample" weights): `[B]` bool, the
+        sequences of `batch` that have a trained token; the loss is then divided by the global count of those
+        (under gradient accumulation and data parallelism) instead of the token count. None (here): tokens."""
+        return None
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        trained = [self.trained_sequences(batch) for batch in batch_samples]
+        if any(t is None for t in trained):
+            return super()._get_num_items_in_batch(batch_samples, device)
+        # The number of sequences instead of tokens: one stand-in label per trained sequence, so that the parent's
+        # gathering across processes and its parallelism divisors apply unchanged
+        stand_ins = []
+        for sequences in trained:
+            labels = torch.full((sequences.shape[0], 2), -100, dtype=torch.long, device=sequences.device)
+            labels[sequences, 1] = 0
+            stand_ins.append({"labels": labels})
+        return super()._get_num_items_in_batch(stand_ins, device)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        local_count = None
+        if num_items_in_batch is None:
+            trained = self.trained_sequences(inputs)
+            if trained is not None:
+                # Called without the trainer's global count (evaluation, a direct call): this batch's sequences
+                local_count = int(trained.sum())
+                num_items_in_batch = local_count
+        result = self._compute_head_loss(model, inputs, return_outputs, num_items_in_batch)
+        if local_count is not None and self.args.average_tokens_across_devices:
+            # The head rescales a global count by the number of data-parallel ranks; a local one must not be
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            result = (result[0] / scale, *result[1:]) if return_outputs else result / scale
+        return result
+
+    def _compute_head_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         self._extra_batch = {name: inputs.pop(name) for name in (*self.token_columns, *self.example_columns) if name in inputs}

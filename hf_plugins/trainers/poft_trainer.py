@@ -163,34 +163,11 @@ class PoFTTrainer(FusedSFTTrainer):
         ref_scores = self._extra_batch[REF_SCORE_COLUMN].to(inputs["labels"].device)
         return {"other_inputs": {"ref_scores": ref_scores, "beta": self.args.beta, "gamma": self.args.gamma}}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        local_count = None
-        if num_items_in_batch is None:
-            # Called without the trainer's global count (evaluation, a direct call): the mean over this batch's
-            # sequences
-            labels = scoped_labels(inputs, self.args.poft_target_scope)
-            local_count = int(trained_sequences(labels).sum())
-            num_items_in_batch = local_count
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if local_count is not None and self.args.average_tokens_across_devices:
-            # The parent rescales a global count by the number of data-parallel ranks; a local one must not be
-            scale = self.accelerator.num_processes // self.get_tp_size()
-            result = (result[0] / scale, *result[1:]) if return_outputs else result / scale
-        return result
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        if not all("labels" in batch for batch in batch_samples):
-            return super()._get_num_items_in_batch(batch_samples, device)
-        # The number of sequences instead of tokens: one stand-in label per sequence with a trained token, so that the
-        # parent's gathering across processes and its parallelism divisors apply unchanged
-        stand_ins = []
-        for batch in batch_samples:
-            labels = scoped_labels(batch, self.args.poft_target_scope)
-            trained = trained_sequences(labels)
-            stand_in = torch.full((trained.shape[0], 2), IGNORE_INDEX, dtype=torch.long, device=trained.device)
-            stand_in[trained, 1] = 0
-            stand_ins.append({"labels": stand_in})
-        return super()._get_num_items_in_batch(stand_ins, device)
+    def trained_sequences(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        # PoFT's loss is a mean over sequences: the global count of sequences with a scored token
+        if "labels" not in batch:
+            return None
+        return trained_sequences(scoped_labels(batch, self.args.poft_target_scope))
 
     def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
         """The per-sequence metrics as means over every process's sequences; the rest as the parent logs them."""

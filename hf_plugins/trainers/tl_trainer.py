@@ -145,34 +145,11 @@ class TLTrainer(FusedSFTTrainer):
             weights = per_sequence_normalized(weights, labels)
         return {"token_inputs": {"token_weights": weights}}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        local_count = None
-        if self.args.weight_normalization == "sample" and num_items_in_batch is None:
-            # Called without the trainer's global count (a direct call, or a model that takes no loss kwargs): the
-            # mean over this batch's sequences
-            local_count = int(trained_sequences(inputs["labels"], inputs["token_weights"]).sum())
-            num_items_in_batch = local_count
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if local_count is not None and self.args.average_tokens_across_devices:
-            # The parent rescales a global count by the number of data-parallel ranks; a local one must not be
-            scale = self.accelerator.num_processes // self.get_tp_size()
-            result = (result[0] / scale, *result[1:]) if return_outputs else result / scale
-        return result
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
-        if self.args.weight_normalization != "sample" or not all(
-            "labels" in batch and "token_weights" in batch for batch in batch_samples
-        ):
-            return super()._get_num_items_in_batch(batch_samples, device)
-        # The number of sequences instead of tokens: one stand-in label per sequence with a trained token, so that the
-        # parent's gathering across processes and its parallelism divisors apply unchanged
-        stand_ins = []
-        for batch in batch_samples:
-            trained = trained_sequences(batch["labels"], batch["token_weights"])
-            labels = torch.full((trained.shape[0], 2), IGNORE_INDEX, dtype=torch.long, device=trained.device)
-            labels[trained, 1] = 0
-            stand_ins.append({"labels": labels})
-        return super()._get_num_items_in_batch(stand_ins, device)
+    def trained_sequences(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        # "sample": the official per-sample normalisation, a mean over the sequences with a weighted token
+        if self.args.weight_normalization != "sample" or "labels" not in batch or "token_weights" not in batch:
+            return None
+        return trained_sequences(batch["labels"], batch["token_weights"])
 
     def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
         if "token_weight" in metrics:
