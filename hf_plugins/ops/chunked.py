@@ -13,12 +13,12 @@ import torch
 from .method import Chunk, LossMethod
 from .precomputed import precomputed_gradient_loss
 
-#: Default tile budget in elements (8 MiB of float32 per tile). Measured on CPU (docs/benchmarks.md, N=4096,
-#: V=32000, D=256, 1 thread): 32-row tiles ran at 1.6x the bare three-matmul time, 64 rows at 1.25-1.4x, 128 rows at
-#: 1.1-1.3x; peak extra memory grows with the tile (about 90 MiB at 64 rows, 136-183 MiB at 128, against 1.5 GiB).
-DEFAULT_TILE_ELEMENTS = 1 << 21
+#: Default tile budget in elements (16 MiB of float32 per buffer; the call keeps two). Measured on CPU
+#: (docs/benchmarks.md, N=4096, V=32000, D=256, 1 thread) with the two buffers reused across tiles: 128-row tiles run
+#: at 1.2x the bare three-matmul time against 1.35-1.4x at 64 rows, for about 105 MiB of peak extra memory.
+DEFAULT_TILE_ELEMENTS = 1 << 22
 #: Fewer rows than this starve the matmuls (the weight is re-read once per tile), whatever the vocabulary size.
-MIN_CHUNK_ROWS = 64
+MIN_CHUNK_ROWS = 128
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -87,13 +87,26 @@ def run_chunks(
     def add_metric(name, per_row):
         metric_sums[name] = metric_sums.get(name, 0) + per_row.sum()
 
-    for rows in tile_slices(n_rows, chunk_size, method.tile_groups(row_inputs)):
+    tiles = tile_slices(n_rows, chunk_size, method.tile_groups(row_inputs))
+    # Two tile buffers for the whole call, reused by every tile: a fresh [rows, V] allocation per tile costs page
+    # faults that show in the timings (docs/benchmarks.md)
+    tile_rows = max(tile.stop - tile.start for tile in tiles)
+    log_prob_buffer = torch.empty((tile_rows, w.shape[0]), dtype=dtype, device=hidden.device)
+    prob_buffer = torch.empty_like(log_prob_buffer)
+
+    for rows in tiles:
         h = hidden[rows].to(dtype)
         y = labels[rows]
-        logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        del logits
-        probs = log_probs.exp()
+        # logits into the probabilities buffer, their log_softmax into the other, then exp back over the logits: the
+        # same kernels (and bits) as torch.log_softmax(...).exp(), without allocating
+        count = rows.stop - rows.start
+        logits, log_probs = prob_buffer[:count], log_prob_buffer[:count]
+        if b is not None:
+            torch.addmm(b, h, w.t(), out=logits)
+        else:
+            torch.mm(h, w.t(), out=logits)
+        torch.ops.aten._log_softmax.out(logits, -1, False, out=log_probs)
+        probs = torch.exp(log_probs, out=logits)
         label_log_probs = log_probs.gather(1, y.unsqueeze(-1)).squeeze(-1)
         chunk = Chunk(
             log_probs=log_probs,

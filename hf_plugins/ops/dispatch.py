@@ -113,7 +113,7 @@ def fused_linear_loss(
         backend (`str`): `"auto"` (fastest on the device: `"triton"` on CUDA, `"chunked"` elsewhere), `"chunked"`
             (pure torch, any device), `"triton"` (our Triton kernels, CUDA), `"liger"` (Liger-Kernel's fused linear
             cross-entropy, CUDA; sft, dft and weighted only) or `"reference"` (materialises the logits; for tests).
-        chunk_size (`int`, *optional*): rows per tile; default: on `chunked`, a tile of about 2M logits, at least 64
+        chunk_size (`int`, *optional*): rows per tile; default: on `chunked`, a tile of about 4M logits, at least 128
             rows; on `triton`, at most max(N * D, 4M) logits, a power of two of rows.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default:
             the mean over supervised tokens (`"poft"`: over sequences, see `LossMethod.num_items`).

@@ -27,8 +27,8 @@ class FusedSFTConfig(HubConfigMixin, SFTConfig):
             and SwiGLU model patches; CUDA; `loss_type` "nll" and "dft" and token-weighted losses only) or
             `"reference"` (materialises the logits of the supervised tokens; for debugging and tests only).
         loss_chunk_size (`int` or `None`, *optional*, defaults to `None`):
-            Supervised tokens per tile of the loss head. `None` picks the backend's default: about two million
-            logits (at least 64 tokens) on `chunked`; about as many logits as the batch has hidden-state values on
+            Supervised tokens per tile of the loss head. `None` picks the backend's default: about four million
+            logits (at least 128 tokens) on `chunked`; about as many logits as the batch has hidden-state values on
             `triton`. Smaller tiles use less memory; larger tiles give the matmuls more work per call.
 
     The inherited `loss_type` selects the loss: `"nll"` (cross-entropy, the default) or `"dft"` (Dynamic
@@ -49,7 +49,7 @@ class FusedSFTConfig(HubConfigMixin, SFTConfig):
         default=None,
         metadata={
             "help": "Supervised tokens per tile of the loss head. None picks the backend's default (chunked: about "
-            "two million logits; triton: about as many logits as the batch has hidden-state values)."
+            "four million logits; triton: about as many logits as the batch has hidden-state values)."
         },
     )
 
