@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import torch
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer
@@ -22,3 +24,8 @@ t.train()
 if t.accelerator.is_main_process:
     json.dump([h["loss"] for h in t.state.log_history if "loss" in h], open(os.path.join(out, "losses.json"), "w"))
     print("WORLD", t.accelerator.num_processes)
+# Tear the process group down before exit: gloo's threads otherwise race the interpreter's shutdown (an occasional
+# "terminate called without an active exception" abort)
+t.accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()

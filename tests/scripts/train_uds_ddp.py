@@ -9,6 +9,8 @@ import json
 import os
 import sys
 
+import torch
+
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_plugins import FusedSFTTrainer, with_uds
 from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
@@ -40,3 +42,8 @@ if t.accelerator.is_main_process:
     json.dump({"losses": [h["loss"] for h in logs], "fraction": [h["uds/selected_fraction"] for h in logs],
                "diversity": [h["uds/diversity"] for h in logs]}, open(os.path.join(out, "losses.json"), "w"))
     print("WORLD", t.accelerator.num_processes)
+# Tear the process group down before exit: gloo's threads otherwise race the interpreter's shutdown (an occasional
+# "terminate called without an active exception" abort)
+t.accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
