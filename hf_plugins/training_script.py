@@ -191,6 +191,4 @@ def run_training_command(method: str, argv: list[str]) -> int:
     if args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     trainer.accelerator.print(f"hf-plugins {method}: trained; model saved to {args.output_dir}")
-    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
-        trainer.end()
     return 0
