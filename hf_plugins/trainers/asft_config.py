@@ -67,14 +67,12 @@ class ASFTConfig(FusedSFTConfig):
 
     #: ASFT's loss is its own: only the default `loss_type` is accepted
     _loss_types = ("nll",)
+    _loss_type_replaced_by = (
+        "ASFT's loss (DFT + `kl_coef` x KL to the reference) replaces it. Leave `loss_type` at its default, and set "
+        "`kl_coef=0` for plain DFT."
+    )
 
     def __post_init__(self):
-        if self.loss_type not in ("nll", "chunked_nll"):  # "chunked_nll" is TRL's deprecated alias of "nll"
-            raise ValueError(
-                f"`loss_type={self.loss_type!r}` cannot be combined with ASFTConfig: ASFT's loss (DFT + "
-                "`kl_coef` x KL to the reference) replaces it. Leave `loss_type` at its default, and set `kl_coef=0` "
-                "for plain DFT."
-            )
         super().__post_init__()
         try:
             self.kl_coef = check_kl_coef(self.kl_coef)

@@ -55,8 +55,16 @@ class FusedSFTConfig(HubConfigMixin, SFTConfig):
 
     #: `loss_type` values this config's trainer implements (method configs narrow or extend it)
     _loss_types = ("nll", "dft")
+    #: For a method whose loss replaces `loss_type`: why, for the error on any value but the default
+    _loss_type_replaced_by = None
 
     def __post_init__(self):
+        # Checked before TRL's own post-init, which maps its deprecated alias "chunked_nll" to "nll"
+        if self._loss_type_replaced_by and self.loss_type not in ("nll", "chunked_nll"):
+            raise ValueError(
+                f"`loss_type={self.loss_type!r}` cannot be combined with {type(self).__name__}: "
+                f"{self._loss_type_replaced_by}"
+            )
         super().__post_init__()
         if self.loss_type not in self._loss_types:
             raise ValueError(

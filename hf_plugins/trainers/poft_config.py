@@ -68,13 +68,12 @@ class PoFTConfig(FusedSFTConfig):
     )
 
     _loss_types = ("nll",)
+    _loss_type_replaced_by = (
+        "PoFT's loss (-log sigmoid of the policy's score minus the aligned models') replaces it. Leave `loss_type` at "
+        "its default."
+    )
 
     def __post_init__(self):
-        if self.loss_type not in ("nll", "chunked_nll"):  # "chunked_nll": TRL's deprecated alias of "nll"
-            raise ValueError(
-                f"`loss_type={self.loss_type!r}` cannot be combined with PoFTConfig: PoFT's loss (-log sigmoid of the "
-                "policy's score minus the aligned models') replaces it. Leave `loss_type` at its default."
-            )
         super().__post_init__()
         try:
             self.beta, self.gamma = check_beta_gamma(self.beta, self.gamma)

@@ -85,13 +85,11 @@ class TLConfig(FusedSFTConfig):
     )
 
     _loss_types = ("nll",)
+    _loss_type_replaced_by = (
+        "TL-Training's loss is the weighted NLL of its token weights. Leave `loss_type` at its default."
+    )
 
     def __post_init__(self):
-        if self.loss_type not in ("nll", "chunked_nll"):  # "chunked_nll": TRL's deprecated alias of "nll"
-            raise ValueError(
-                f"`loss_type={self.loss_type!r}` cannot be combined with TLConfig: TL-Training's loss is the weighted "
-                "NLL of its token weights. Leave `loss_type` at its default."
-            )
         self.max_weight = check_max_weight(self.max_weight)
         if self.weight_normalization not in WEIGHT_NORMALIZATIONS:
             raise ValueError(
