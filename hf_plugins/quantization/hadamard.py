@@ -234,10 +234,44 @@ def fwht(x: torch.Tensor, normalized: bool = True) -> torch.Tensor:
     return y / math.sqrt(n) if normalized else y
 
 
+#: Largest Sylvester factor applied as one dense matmul: a power-of-two order above it is split into Kronecker factors
+#: of at most this order (Sylvester: `H_ab = H_a ⊗ H_b`), so a transform costs at most `2 * 128` flops per element
+#: per factor, in a few large matmuls rather than the `log2(n)` memory-bound passes of a butterfly.
+MAX_DENSE_FACTOR = 128
+
+
+def _kronecker_factors(k_factor: int, p_factor: int) -> list[int]:
+    """Orders whose Kronecker product, in this order, is the matrix of `hadamard_matrix(k_factor * p_factor)`."""
+    factors = [k_factor] if k_factor > 1 else []
+    while p_factor > 1:
+        factor = min(p_factor, MAX_DENSE_FACTOR)
+        factors.append(factor)
+        p_factor //= factor
+    return factors
+
+
+class _OrthogonalTransform(torch.autograd.Function):
+    """`x -> T(x)` for an orthogonal `T`: the backward is `g -> T⁻¹(g)`, so nothing is saved for it."""
+
+    @staticmethod
+    def forward(ctx, x, transform, inverse):
+        ctx.transform, ctx.inverse = transform, inverse
+        return transform._apply(x, inverse)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return ctx.transform._apply(grad_output, not ctx.inverse), None, None
+
+
 class HadamardTransform:
     """The orthogonal transform `x -> x @ H` along the last dimension, `H` the normalised Hadamard matrix of order
     `size` (or, where none is known, a seeded random orthogonal matrix, with a warning). `inverse=True` applies
-    `x @ Hᵀ`. Differentiable.
+    `x @ Hᵀ`. Differentiable, with a backward that saves no activation (the transform of the gradient).
+
+    `H` is applied as a Kronecker product of small unnormalised ±1 factors (the Paley factor `K` of a non-power-of-two
+    order, and Sylvester factors of at most `MAX_DENSE_FACTOR`), one matmul per factor on a view of `x`, then one
+    scaling by `1 / sqrt(size)`. The ±1 matrices are exact in every dtype, so bf16 inputs are rounded once per
+    factor and once by the scaling.
 
     Args:
         size (`int`): the last dimension of the tensors it transforms.
@@ -247,7 +281,7 @@ class HadamardTransform:
     def __init__(self, size: int, seed: int = 0):
         self.size = int(size)
         split = hadamard_factorization(self.size)
-        self._dense_cache: dict = {}
+        self._cast_cache: dict = {}
         if split is None:
             warnings.warn(
                 f"No Hadamard matrix of order {self.size} is known here: using a seeded random orthogonal matrix "
@@ -256,39 +290,49 @@ class HadamardTransform:
             )
             self.kind = "random"
             self.k_factor, self.p_factor = self.size, 1
-            self._small = random_orthogonal_matrix(self.size, seed=seed)
+            self._factors = [random_orthogonal_matrix(self.size, seed=seed)]
+            self._scale = 1.0
         else:
             self.k_factor, self.p_factor = split
             self.kind = "sylvester" if self.k_factor == 1 else "kronecker"
-            self._small = (
-                _checked_hadamard(self.k_factor) / math.sqrt(self.k_factor) if self.k_factor > 1 else None
-            )
+            self._factors = [_checked_hadamard(n) for n in _kronecker_factors(self.k_factor, self.p_factor)]
+            self._scale = 1.0 / math.sqrt(self.size)
 
     def __repr__(self):
         return f"HadamardTransform(size={self.size}, K={self.k_factor}, P={self.p_factor}, kind={self.kind!r})"
 
-    def _small_as(self, x: torch.Tensor) -> torch.Tensor:
+    def _factors_as(self, x: torch.Tensor) -> list[torch.Tensor]:
         key = (x.dtype, x.device)
-        if key not in self._dense_cache:
-            self._dense_cache[key] = self._small.to(dtype=x.dtype, device=x.device)
-        return self._dense_cache[key]
+        if key not in self._cast_cache:
+            self._cast_cache[key] = [f.to(dtype=x.dtype, device=x.device) for f in self._factors]
+        return self._cast_cache[key]
+
+    def _apply(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        """`x @ H` (or `x @ Hᵀ`) without autograd bookkeeping of its own."""
+        lead = x.shape[:-1]
+        factors = self._factors_as(x)
+        # x viewed as [rows, f_1, ..., f_m]: x @ (H_1 ⊗ ... ⊗ H_m) contracts axis i with H_i, for every i
+        y = x.reshape(-1, self.size)
+        before = 1
+        for index, factor in enumerate(factors):
+            order = factor.shape[0]
+            after = self.size // (before * order)
+            m = factor.t() if inverse else factor
+            if after == 1:  # the last axis: a right multiplication
+                y = (y.reshape(-1, order) @ m).reshape(-1, self.size)
+            else:  # a middle axis: a left multiplication, broadcast over the rows and the axes before it
+                y = torch.matmul(m.t(), y.reshape(-1, order, after)).reshape(-1, self.size)
+            before *= order
+        if self._scale != 1.0:
+            y = y * self._scale
+        return y.reshape(*lead, self.size)
 
     def __call__(self, x: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         if x.shape[-1] != self.size:
             raise ValueError(f"HadamardTransform of size {self.size} got a last dimension of {x.shape[-1]}")
-        if self.kind == "random":
-            m = self._small_as(x)
-            return x @ (m.t() if inverse else m)
-        if self.k_factor == 1:
-            return fwht(x)  # the Sylvester matrix is symmetric: its own transpose
-        lead = x.shape[:-1]
-        y = x.reshape(*lead, self.k_factor, self.p_factor)
-        if self.p_factor > 1:
-            y = fwht(y)
-        a = self._small_as(x)
-        # x @ (A ⊗ B) = Aᵀ X B with X = x viewed as [K, P]; x @ (A ⊗ B)ᵀ = A X B (B symmetric)
-        y = torch.matmul(a if inverse else a.t(), y)
-        return y.reshape(*lead, self.size)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _OrthogonalTransform.apply(x, self, inverse)
+        return self._apply(x, inverse)
 
     def matrix(self, dtype=torch.float64) -> torch.Tensor:
         """The `size x size` matrix `H` of the transform (`x @ H`)."""
