@@ -75,20 +75,25 @@ def quantize_to_grid(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     """The integer codes of `x` on `spec`'s grid, with the scale (and zero point for asymmetric), ranges over the last
     dimension. Returns `(codes, scale, zero)`: `codes` are whole numbers stored as floats of the compute dtype (in
     `[-2^(b-1), 2^(b-1)-1]` symmetric, `[0, 2^b-1]` asymmetric), `scale` and `zero` have a trailing dimension of 1,
-    `zero` is None for symmetric. `dequantize(codes, scale, zero)` is `fake_quantize_values(x, spec)`."""
+    `zero` is None for symmetric. `dequantize(codes, scale, zero)` is `fake_quantize_values(x, spec)`.
+
+    Divisions are tensor by tensor: on CUDA, torch divides by a Python number as a multiplication by its reciprocal,
+    one ulp away from IEEE division, which would make the scales (and the Triton kernel's agreement) device-dependent.
+    """
     if not spec.enabled:
         raise ValueError("quantize_to_grid needs bits < 16 (16 bits means no quantisation).")
     xf = x.to(_compute_dtype(x))
     if spec.symmetric:
         qmax = 2 ** (spec.bits - 1) - 1
-        scale = spec.clip_ratio * xf.abs().amax(dim=-1, keepdim=True) / qmax
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        scale = (spec.clip_ratio * amax) / torch.full_like(amax, qmax)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax)
         return codes, scale, None
     qmax = 2**spec.bits - 1
     lo = torch.clamp(xf.amin(dim=-1, keepdim=True), max=0.0)
     hi = torch.clamp(xf.amax(dim=-1, keepdim=True), min=0.0)
-    scale = spec.clip_ratio * (hi - lo) / qmax
+    scale = (spec.clip_ratio * (hi - lo)) / torch.full_like(hi, qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-spec.clip_ratio * lo / scale)
     codes = torch.clamp(torch.round(xf / scale) + zero, 0, qmax)
@@ -103,11 +108,37 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 
 def fake_quantize_values(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """`Q(x)` with no gradient rule (plain tensor ops); same dtype as `x`. The identity when `spec` is off."""
+    """`Q(x)` with no gradient rule; same dtype as `x`. The identity when `spec` is off. CUDA tensors in float32,
+    bf16 or fp16 go through the fused Triton kernel (`hf_plugins.ops.triton.fake_quant`, the same values bit for
+    bit); everything else through `fake_quantize_values_reference`."""
+    if not spec.enabled:
+        return x
+    if use_fake_quant_kernel(x):
+        from ..ops.triton.fake_quant import fake_quantize_rows
+
+        return fake_quantize_rows(x, spec.bits, spec.symmetric, spec.clip_ratio)
+    return fake_quantize_values_reference(x, spec)
+
+
+def fake_quantize_values_reference(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`Q(x)` in plain torch ops (the reference of the Triton kernel)."""
     if not spec.enabled:
         return x
     codes, scale, zero = quantize_to_grid(x, spec)
     return dequantize(codes, scale, zero, dtype=x.dtype)
+
+
+#: Set to False to run the torch reference on CUDA too
+USE_TRITON_KERNEL = True
+
+
+def use_fake_quant_kernel(x: torch.Tensor) -> bool:
+    """Whether `fake_quantize_values(x, ...)` takes the Triton kernel: a CUDA float32/bf16/fp16 tensor, with triton."""
+    if not (USE_TRITON_KERNEL and x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+        return False
+    from ..ops.triton.head import triton_usable
+
+    return triton_usable(x.device)
 
 
 class _STEFakeQuantize(torch.autograd.Function):
