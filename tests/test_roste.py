@@ -1,11 +1,12 @@
 """RoSTE: fake quantisers (hand-computed values, STE), Hadamard transforms (orthogonality, every factor structure),
 model surgery (rotations are exact identities of the float model), the adaptive search, export -> reload, and
-`RoSTETrainer` on the tiny offline model (training, cache per optimizer step, 16-bit == SFT, QAT beats post-training
-RTN, resume, bad inputs)."""
+`RoSTETrainer` on the tiny offline model (training, cache per optimizer step, 16-bit == SFT, resume, bad inputs), and
+on the real model (slow): RoSTE beats SFT followed by post-training RTN at equal steps."""
 
 import copy
 import math
 import warnings
+from tempfile import mkdtemp
 
 import pytest
 import torch
@@ -36,7 +37,14 @@ from hf_plugins.quantization import (
     set_rotations,
 )
 from hf_plugins.quantization.hadamard import _checked_hadamard
-from hf_plugins.testing import CPU_TRAINING_ARGS, build_tiny_model, build_tokenizer, tiny_conversational_dataset
+from hf_plugins.testing import (
+    CPU_TRAINING_ARGS,
+    DEMO_INSTALL_HINT,
+    build_tiny_model,
+    build_tokenizer,
+    missing_demo_packages,
+    tiny_conversational_dataset,
+)
 
 F64 = torch.float64
 OFF = QuantSpec(16)
@@ -160,16 +168,23 @@ def test_factor_structure_of_real_model_sizes():
     assert hadamard_factorization(6) is None and hadamard_factorization(3) is None
 
 
-@pytest.mark.parametrize("n", [16, 12, 20, 28, 76 * 4, 4864])
+@pytest.mark.parametrize("n", [16, 12, 20, 28, 76 * 4, 1024, 12 * 256, 4864])
 def test_transform_is_orthogonal_and_matches_its_matrix(n):
+    """Also for powers of two above MAX_DENSE_FACTOR (1024 = 128 x 8 and 3072 = 12 x 128 x 2 Kronecker factors); the
+    backward is the inverse transform of the gradient."""
     t = HadamardTransform(n)
-    x = torch.randn(3, 5, n, dtype=F64)
+    x = torch.randn(3, 5, n, dtype=F64, requires_grad=True)
     y = t(x)
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
     torch.testing.assert_close(t(y, inverse=True), x)
-    if n <= 512:
-        torch.testing.assert_close(y, x @ hadamard_matrix(n))
-        assert t.kind == ("sylvester" if n == 16 else "kronecker")
+    matrix = hadamard_matrix(n) if n <= 4096 else None
+    if matrix is not None:
+        torch.testing.assert_close(y, x @ matrix)
+        torch.testing.assert_close(t(x, inverse=True), x @ matrix.t())
+        assert t.kind == ("sylvester" if n in (16, 1024) else "kronecker")
+        g = torch.randn_like(y)
+        (y * g).sum().backward()
+        torch.testing.assert_close(x.grad, g @ matrix.t())
 
 
 def test_fwht_is_the_sylvester_matrix():
@@ -349,7 +364,6 @@ def test_export_reload_reproduces_the_training_forward(tokenizer, tmp_path, arch
 
 
 def make_trainer(tokenizer, cls=RoSTETrainer, config_cls=RoSTEConfig, model=None, steps=8, **kwargs):
-    from tempfile import mkdtemp
 
     args = config_cls(
         output_dir=kwargs.pop("output_dir", mkdtemp()),
@@ -391,6 +405,38 @@ def test_trainer_trains_w4a4kv4_and_caches_weights_per_optimizer_step(tokenizer,
     assert torch.equal(load_roste_model(tmp_path / "export")(ids).logits, expected)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_trainer_in_bf16_trains_and_export_reproduces_it(tokenizer, tmp_path, device):
+    """bf16 training (on the GPU where there is one): finite, falling losses, and the export's reload gives the
+    training-time bf16 forward. The MLP of 192 = 12 x 16 makes R4 a Kronecker transform."""
+    model = build_tiny_model(tokenizer, hidden_size=64, intermediate_size=192, dtype=torch.bfloat16)
+    trainer = make_trainer(tokenizer, model=model, steps=8, rotation_search_samples=8, bf16=True,
+                           use_cpu=device == "cpu")
+    losses = train_losses(trainer)
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-2:]) < sum(losses[:2])
+    assert {p.device.type for p in trainer.model.parameters()} == {device}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    trainer.model.eval()
+    ids = input_ids(3, vocab=len(tokenizer)).to(device)
+    # the Trainer's bf16 forward runs under autocast (accelerate's mixed precision): compare under the same autocast
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+        expected = trainer.model(input_ids=ids).logits.float()
+        trainer.export_quantized(tmp_path / "export")
+        reloaded = load_roste_model(tmp_path / "export", device=device)
+        assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+        torch.testing.assert_close(reloaded(ids).logits.float(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [128, 1536, 4864])
+def test_hadamard_transform_on_gpu_matches_its_float64_matrix(n):
+    transform = HadamardTransform(n)
+    x = torch.randn(5, n, dtype=F64)
+    expected = x @ hadamard_matrix(n)
+    torch.testing.assert_close(transform(x.cuda().float()).cpu().double(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(transform(x.cuda()).cpu(), expected)
+
+
 def test_sixteen_bits_without_rotations_equals_plain_sft(tokenizer):
     roste = make_trainer(tokenizer, steps=5, w_bits=16, a_bits=16, kv_bits=16, rotations="none")
     sft = make_trainer(tokenizer, cls=FusedSFTTrainer, config_cls=FusedSFTConfig, steps=5)
@@ -400,24 +446,45 @@ def test_sixteen_bits_without_rotations_equals_plain_sft(tokenizer):
     assert train_losses(quantised)[0] != pytest.approx(train_losses(make_trainer(tokenizer, cls=FusedSFTTrainer, config_cls=FusedSFTConfig, steps=2))[0], rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="The paper's direction (QAT with rotations beats SFT followed by RTN) is not reproduced on the 2-layer, "
-    "hidden-32 test model: RTN W4A4KV4 costs it almost nothing, while training in the R1 basis with Adam and frozen "
-    "norm scales is slower even at 16 bits (see docs/methods/roste.md for the numbers).",
-)
-def test_qat_beats_post_training_rtn_at_equal_steps(tokenizer):
-    steps = 30
-    roste = make_trainer(tokenizer, steps=steps, rotation_search_samples=16)
-    roste.train()
-    roste_eval = roste.evaluate()["eval_loss"]
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing_demo_packages()), reason=f"needs the demo's real model and data: {DEMO_INSTALL_HINT}")
+def test_roste_beats_sft_then_rtn_on_the_real_model_at_equal_steps():
+    """The paper's claimed direction, on a real pretrained model (SmolLM2-135M-Instruct) and real conversations: after
+    the same steps, RoSTE's W4A4KV4 eval loss is below that of SFT followed by round-to-nearest W4A4KV4, and training
+    lowers it. (The tiny test model cannot show this: it has no activation outliers, so RTN costs it almost nothing;
+    see docs/methods/roste.md.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    sft = make_trainer(tokenizer, cls=FusedSFTTrainer, config_cls=FusedSFTConfig, steps=steps)
+    from hf_plugins.demo import load_chatterbot, resolve_model
+
+    path = resolve_model(None)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = load_chatterbot()
+    train, test = data["train"].shuffle(seed=0).select(range(12)), data["test"].select(range(8))
+    steps = 3
+    common = dict(
+        max_steps=steps, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-5,
+        lr_scheduler_type="constant", max_length=48, **{**CPU_TRAINING_ARGS, "logging_steps": 1000},
+    )
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+
+    sft = FusedSFTTrainer(model=load(), args=FusedSFTConfig(output_dir=mkdtemp(), **common), train_dataset=train,
+                          eval_dataset=test, processing_class=tokenizer)
     sft.train()
     float_eval = sft.evaluate()["eval_loss"]
-    prepare_model_for_roste(sft.model, W4A4KV4, rotations="none")  # round-to-nearest W4A4KV4 after SFT
+    prepare_model_for_roste(sft.model, W4A4KV4, rotations="none")
     rtn_eval = sft.evaluate()["eval_loss"]
-    print(f"eval loss: SFT float {float_eval:.4f}, SFT -> RTN W4A4KV4 {rtn_eval:.4f}, RoSTE W4A4KV4 {roste_eval:.4f}")
+
+    roste = RoSTETrainer(model=load(), args=RoSTEConfig(output_dir=mkdtemp(), rotation_search_samples=4, **common),
+                         train_dataset=train, eval_dataset=test, processing_class=tokenizer)
+    before = roste.evaluate()["eval_loss"]
+    roste.train()
+    roste_eval = roste.evaluate()["eval_loss"]
+    print(f"eval loss: SFT float {float_eval:.3f}, SFT -> RTN W4A4KV4 {rtn_eval:.3f}, "
+          f"RoSTE W4A4KV4 {before:.3f} before training, {roste_eval:.3f} after")
+    assert roste_eval < before
     assert roste_eval < rtn_eval
 
 
