@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The one GPU check of this repository: the GPU tests, then the loss-head benchmark at N=16384, V=151936, D=4096, bf16.
+# The one GPU check of this repository: the GPU tests, the loss-head benchmark at N=16384, V=151936, D=4096, bf16,
+# and the RoSTE training-step benchmark at Qwen2.5-0.5B's block shapes.
 #
-#   bash benchmarks/gpu_check.sh            # results under $OUT (default: ./gpu_check_out)
+#   bash benchmarks/gpu_check.sh                              # results under $OUT (default: ./gpu_check_out)
+#   GPU_CHECK_PARTS="tests roste" bash benchmarks/gpu_check.sh  # a subset of: tests loss_head roste
 #
 # Packages the GPU image may lack (trl, liger-kernel, datasets and what they import) can be brought as wheels in
 # ./.whl: they are installed into /tmp/site and put on PYTHONPATH; with no ./.whl the installed packages are used.
@@ -24,14 +26,29 @@ for name in ('transformers', 'trl', 'liger_kernel'):
     except Exception as e: print(name, 'unavailable:', e)
 "; } 2>&1 | tee "$OUT/machine.txt"
 
-echo "== GPU tests"
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backends.py -x -rs 2>&1 | tee "$OUT/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
+PARTS=" ${GPU_CHECK_PARTS:-tests loss_head roste} "
+tests_rc=0 bench_rc=0 roste_rc=0
 
-echo "== loss-head benchmark"
-timeout 330 python3 benchmarks/loss_head_gpu.py ${BENCH_ARGS:-} --json "$OUT/loss_head_gpu.json" --markdown "$OUT/loss_head_gpu.md" \
-    2>&1 | tee "$OUT/benchmark.log"
-bench_rc=${PIPESTATUS[0]}
+if [[ "$PARTS" == *" tests "* ]]; then
+    echo "== GPU tests"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_backends.py tests/test_fake_quant_kernel.py tests/test_roste.py -rs \
+        2>&1 | tee "$OUT/gpu_tests.log"
+    tests_rc=${PIPESTATUS[0]}
+fi
 
-echo "gpu tests rc=$tests_rc, benchmark rc=$bench_rc"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+if [[ "$PARTS" == *" loss_head "* ]]; then
+    echo "== loss-head benchmark"
+    timeout 330 python3 benchmarks/loss_head_gpu.py ${BENCH_ARGS:-} --json "$OUT/loss_head_gpu.json" \
+        --markdown "$OUT/loss_head_gpu.md" 2>&1 | tee "$OUT/benchmark.log"
+    bench_rc=${PIPESTATUS[0]}
+fi
+
+if [[ "$PARTS" == *" roste "* ]]; then
+    echo "== RoSTE step benchmark"
+    timeout 240 python3 benchmarks/roste.py --device cuda --preset qwen2.5-0.5b --batch-size 8 --max-length 1024 \
+        --rounds 2 --steps-per-round 6 --output "$OUT/roste_gpu.json" 2>&1 | tee "$OUT/roste.log"
+    roste_rc=${PIPESTATUS[0]}
+fi
+
+echo "gpu tests rc=$tests_rc, loss-head benchmark rc=$bench_rc, roste benchmark rc=$roste_rc"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$roste_rc" = 0 ]

@@ -8,6 +8,11 @@ fresh `train()` whose first step is a warm-up.
 
     python benchmarks/roste.py                       # hidden 256, 4 layers, MLP 768 (= 12 x 64, a Kronecker R4)
     python benchmarks/roste.py --rounds 3 --steps-per-round 6
+    python benchmarks/roste.py --device cuda --preset qwen2.5-0.5b   # bf16, Qwen2.5-0.5B's block shapes
+
+The model is randomly initialised with the test tokenizer (vocabulary 384), so the step is all transformer blocks:
+RoSTE's overhead is relative to the blocks alone, without the cost of a real vocabulary's output head. Rows are long
+plain texts cut to `--max-length` tokens, so every sequence has the full length.
 """
 
 from __future__ import annotations
@@ -19,19 +24,25 @@ import tempfile
 import time
 
 
-def step_times(kind: str, args, dataset, tokenizer) -> list[float]:
+def step_times(kind: str, args, dataset, tokenizer) -> tuple[list[float], float | None]:
+    """Step times after the first (warm-up) step, and the peak GPU memory of the run in GiB (None on CPU)."""
     from transformers import TrainerCallback
 
     from hf_plugins import FusedSFTConfig, FusedSFTTrainer, RoSTEConfig, RoSTETrainer
+    import torch
+
     from hf_plugins.testing import CPU_TRAINING_ARGS, build_tiny_model
 
+    on_gpu = args.device == "cuda"
     model = build_tiny_model(
         tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        num_kv_heads=max(1, args.heads // 2), intermediate_size=args.intermediate,
+        num_kv_heads=args.kv_heads or max(1, args.heads // 2), intermediate_size=args.intermediate,
+        max_position_embeddings=max(512, args.max_length), dtype=torch.bfloat16 if on_gpu else torch.float32,
     )
+    device_args = dict(use_cpu=False, bf16=True) if on_gpu else {}
     common = dict(
         output_dir=tempfile.mkdtemp(), max_steps=args.steps_per_round, per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length, **{**CPU_TRAINING_ARGS, "logging_steps": 1000},
+        max_length=args.max_length, **{**CPU_TRAINING_ARGS, "logging_steps": 1000, **device_args},
     )
     if kind == "roste":
         trainer = RoSTETrainer(model=model, args=RoSTEConfig(rotations="all", **common), train_dataset=dataset,
@@ -46,45 +57,73 @@ def step_times(kind: str, args, dataset, tokenizer) -> list[float]:
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
 
     trainer.add_callback(Timer())
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    return times[1:]  # the first step is a warm-up
+    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    del trainer, model
+    return times[1:], peak
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=("qwen2.5-0.5b",), default=None,
+                        help="the block shapes of a real model (hidden 896, 24 layers, 14/2 heads, MLP 4864 = 76 x 64)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: half the heads")
     parser.add_argument("--intermediate", type=int, default=768)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=None, help="also write the JSON result here")
     args = parser.parse_args()
+    if args.preset == "qwen2.5-0.5b":
+        args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 896, 24, 14, 2, 4864
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from hf_plugins.testing import build_tokenizer, tiny_conversational_dataset
+    from datasets import Dataset
+
+    from hf_plugins.testing import build_tokenizer, tiny_language_modeling_dataset
 
     tokenizer = build_tokenizer()
-    dataset = tiny_conversational_dataset(args.batch_size * args.steps_per_round)
+    # one long text per row (several hundred short Q&A rows joined), so that no row is shorter than --max-length
+    pieces = tiny_language_modeling_dataset(64 * args.batch_size * args.steps_per_round)["text"]
+    per_row = max(1, len(pieces) // (args.batch_size * args.steps_per_round))
+    texts = ["\n".join(pieces[i:i + per_row]) for i in range(0, per_row * args.batch_size * args.steps_per_round, per_row)]
+    dataset = Dataset.from_dict({"text": texts})
     times = {"sft": [], "roste": []}
+    peaks: dict = {}
     for _ in range(args.rounds):
         for kind in ("sft", "roste"):
-            times[kind] += step_times(kind, args, dataset, tokenizer)
+            kind_times, peak = step_times(kind, args, dataset, tokenizer)
+            times[kind] += kind_times
+            peaks[kind] = peak
     medians = {kind: statistics.median(values) for kind, values in times.items()}
     result = {
         "config": vars(args),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "median_step_s": medians,
         "roste_over_sft": medians["roste"] / medians["sft"],
+        "peak_memory_gib": peaks,
     }
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":
