@@ -405,25 +405,28 @@ def test_trainer_trains_w4a4kv4_and_caches_weights_per_optimizer_step(tokenizer,
     assert torch.equal(load_roste_model(tmp_path / "export")(ids).logits, expected)
 
 
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32], ids=["bf16-weights", "fp32-weights-amp"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_trainer_in_bf16_trains_and_export_reproduces_it(tokenizer, tmp_path, device):
-    """bf16 training (on the GPU where there is one): finite, falling losses, and the export's reload gives the
-    training-time bf16 forward. The MLP of 192 = 12 x 16 makes R4 a Kronecker transform."""
-    model = build_tiny_model(tokenizer, hidden_size=64, intermediate_size=192, dtype=torch.bfloat16)
-    trainer = make_trainer(tokenizer, model=model, steps=8, rotation_search_samples=8, bf16=True,
-                           use_cpu=device == "cpu")
+def test_trainer_in_bf16_trains_and_export_reproduces_it(tokenizer, tmp_path, device, weights):
+    """bf16 training (on the GPU where there is one), with bf16 weights or with float32 weights under bf16 autocast:
+    finite, falling losses, and the export's reload gives the training-time forward (the rotated weights are
+    quantised in the weights' dtype whatever the autocast). The MLP of 192 = 12 x 16 makes R4 a Kronecker
+    transform."""
+    model = build_tiny_model(tokenizer, hidden_size=64, intermediate_size=192, dtype=weights)
+    trainer = make_trainer(tokenizer, model=model, steps=8, rotations="all", bf16=True, use_cpu=device == "cpu")
     losses = train_losses(trainer)
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-2:]) < sum(losses[:2])
     assert {p.device.type for p in trainer.model.parameters()} == {device}
-    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.model.parameters()} == {weights}
     trainer.model.eval()
     ids = input_ids(3, vocab=len(tokenizer)).to(device)
     # the Trainer's bf16 forward runs under autocast (accelerate's mixed precision): compare under the same autocast
     with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
         expected = trainer.model(input_ids=ids).logits.float()
-        trainer.export_quantized(tmp_path / "export")
-        reloaded = load_roste_model(tmp_path / "export", device=device)
-        assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    trainer.export_quantized(tmp_path / "export")  # outside autocast, as after `train()`
+    reloaded = load_roste_model(tmp_path / "export", device=device)
+    assert {p.dtype for p in reloaded.parameters()} == {weights}
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
         torch.testing.assert_close(reloaded(ids).logits.float(), expected, rtol=0, atol=0)
 
 

@@ -308,7 +308,13 @@ class HadamardTransform:
         return self._cast_cache[key]
 
     def _apply(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
-        """`x @ H` (or `x @ Hᵀ`) without autograd bookkeeping of its own."""
+        """`x @ H` (or `x @ Hᵀ`) in `x`'s dtype, without autograd bookkeeping of its own."""
+        # Autocast must not lower the matmuls: a rotated float32 weight would be quantised from bf16 values during
+        # mixed-precision training, and from float32 ones at export
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._apply_factors(x, inverse)
+
+    def _apply_factors(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
         lead = x.shape[:-1]
         factors = self._factors_as(x)
         # x viewed as [rows, f_1, ..., f_m]: x @ (H_1 ⊗ ... ⊗ H_m) contracts axis i with H_i, for every i
