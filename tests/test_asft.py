@@ -27,6 +27,7 @@ from hf_plugins.testing import (
     LargestTensor,
     build_tiny_model,
     build_tokenizer,
+    logged_values as logged,
     save_tiny_model,
     tiny_conversational_dataset,
 )
@@ -451,10 +452,6 @@ def make_trainer(
         peft_config=peft_config,
         **kwargs,
     )
-
-
-def logged(trainer, key="loss"):
-    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
 
 
 def lora(modules_to_save=None):

@@ -10,7 +10,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer, sft_loss
-from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset, tiny_prompt_completion_dataset
+from hf_plugins.testing import (
+    CPU_TRAINING_ARGS,
+    logged_values as logged,
+    tiny_conversational_dataset,
+    tiny_prompt_completion_dataset,
+    train_and_list_changed_parameters,
+)
 
 CPU_ARGS = dict(
     **CPU_TRAINING_ARGS,
@@ -31,10 +37,6 @@ def make_trainer(trainer_cls, config_cls, model_dir, tmp_path, dataset, eval_dat
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-
-
-def logged(trainer, key="loss"):
-    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
 
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
@@ -153,9 +155,7 @@ def test_lora_trains_only_adapter_weights(tiny_model_dir, tmp_path):
         assistant_only_loss=True,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"),
     )
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    trainer.train()
-    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    changed = train_and_list_changed_parameters(trainer)
     assert changed, "no parameter changed"
     assert all("lora_" in name for name in changed), sorted(changed)
     assert any("lora_B" in name for name in changed)

@@ -18,7 +18,13 @@ from hf_plugins.losses import METHODS, OTRMethod
 from hf_plugins.losses.otr import draw_uniforms, sample_tokens
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.method import Chunk, Rows
-from hf_plugins.testing import CPU_TRAINING_ARGS, LargestTensor, tiny_conversational_dataset
+from hf_plugins.testing import (
+    CPU_TRAINING_ARGS,
+    LargestTensor,
+    logged_values as logged,
+    tiny_conversational_dataset,
+    train_and_list_changed_parameters,
+)
 
 IGNORE = -100
 BACKENDS = ("chunked", "reference", "triton")
@@ -476,10 +482,6 @@ def make_trainer(model_dir, output_dir, eval_dataset=None, peft_config=None, **o
     )
 
 
-def logged(trainer, key="loss"):
-    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
-
-
 def test_trainer_trains_and_logs_otr_metrics(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=4)
     before = [p.detach().clone() for p in trainer.model.parameters()]
@@ -498,9 +500,7 @@ def test_trainer_with_lora_trains_only_adapters(tiny_model_dir, tmp_path):
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
     trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=lora, learning_rate=5e-2)
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    trainer.train()
-    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    changed = train_and_list_changed_parameters(trainer)
     assert changed and all("lora_" in name for name in changed), sorted(changed)
     assert all(math.isfinite(x) for x in logged(trainer))
 

@@ -33,8 +33,10 @@ from hf_plugins.testing import (
     LargestTensor,
     build_tiny_model,
     build_tokenizer,
+    logged_values as logged,
     tiny_conversational_dataset,
     tiny_prompt_completion_dataset,
+    train_and_list_changed_parameters,
 )
 
 IGNORE = -100
@@ -592,10 +594,6 @@ def make_trainer(model_dir, output_dir, dataset, peft_config=None, **overrides):
     )
 
 
-def logged(trainer, key="loss"):
-    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
-
-
 def manual_loss(trainer, batch, scope="completion"):
     with torch.no_grad():
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
@@ -657,9 +655,7 @@ def test_score_then_train_with_lora_and_accumulation(tiny_model_dir, tmp_path, a
         tiny_model_dir, tmp_path / "out", dataset, peft_config=lora, learning_rate=5e-2, max_steps=4,
         per_device_train_batch_size=2, gradient_accumulation_steps=2,
     )
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    trainer.train()
-    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    changed = train_and_list_changed_parameters(trainer)
     assert changed and all("lora_" in name for name in changed)
     losses = logged(trainer)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)

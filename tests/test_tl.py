@@ -27,8 +27,10 @@ from hf_plugins.testing import (
     CPU_TRAINING_ARGS,
     TOOL_CHAT_TEMPLATE,
     build_tokenizer,
+    logged_values as logged,
     tiny_conversational_dataset,
     tiny_tool_calling_dataset,
+    train_and_list_changed_parameters,
 )
 from hf_plugins.trainers.tl_trainer import per_sequence_normalized
 
@@ -411,10 +413,6 @@ def make_trainer(model_dir, output_dir, dataset=None, peft_config=None, **overri
     )
 
 
-def logged(trainer, key="loss"):
-    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
-
-
 def manual_loss(trainer, batch, normalization):
     """The loss of a collated batch from the model's materialised logits, reduced by hand."""
     with torch.no_grad():
@@ -483,9 +481,7 @@ def test_trainer_with_lora_trains_only_adapters(tiny_model_dir, tmp_path):
 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=lora, learning_rate=5e-2)
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    trainer.train()
-    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    changed = train_and_list_changed_parameters(trainer)
     assert changed and all("lora_" in name for name in changed), sorted(changed)
     assert all(math.isfinite(x) for x in logged(trainer))
 

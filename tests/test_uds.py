@@ -22,7 +22,7 @@ from hf_plugins.callbacks.uds import (
     scores_from_hidden_softcapped,
     sketches_from_logits,
 )
-from hf_plugins.testing import CPU_TRAINING_ARGS, build_tokenizer, tiny_conversational_dataset
+from hf_plugins.testing import CPU_TRAINING_ARGS, build_tokenizer, logged_values as logged, tiny_conversational_dataset
 
 F64 = torch.float64
 
@@ -313,10 +313,6 @@ def make_trainer(model_dir, output_dir, trainer_cls=FusedSFTTrainer, model=None,
         eval_dataset=eval_dataset,
         processing_class=tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir),
     )
-
-
-def logged(trainer, key="loss"):
-    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
 
 
 def record_selections(trainer):
