@@ -26,11 +26,10 @@ import time
 
 def step_times(kind: str, args, dataset, tokenizer) -> tuple[list[float], float | None]:
     """Step times after the first (warm-up) step, and the peak GPU memory of the run in GiB (None on CPU)."""
+    import torch
     from transformers import TrainerCallback
 
     from hf_plugins import FusedSFTConfig, FusedSFTTrainer, RoSTEConfig, RoSTETrainer
-    import torch
-
     from hf_plugins.testing import CPU_TRAINING_ARGS, build_tiny_model
 
     on_gpu = args.device == "cuda"
@@ -57,7 +56,7 @@ def step_times(kind: str, args, dataset, tokenizer) -> tuple[list[float], float 
             self.start = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            if torch.cuda.is_available():
+            if on_gpu:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
 

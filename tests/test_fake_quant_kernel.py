@@ -38,7 +38,7 @@ def make_rows(shape, dtype, seed=0, device="cpu"):
 
 
 def check(x, spec):
-    got = fake_quantize_rows(x, spec.bits, spec.symmetric, spec.clip_ratio)
+    got = fake_quantize_rows(x, spec)
     expected = fake_quantize_values_reference(x, spec)
     assert got.dtype == x.dtype and got.shape == x.shape
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -42,6 +42,7 @@ from hf_plugins.testing import (
     DEMO_INSTALL_HINT,
     build_tiny_model,
     build_tokenizer,
+    logged_values,
     missing_demo_packages,
     tiny_conversational_dataset,
 )
@@ -383,7 +384,7 @@ def make_trainer(tokenizer, cls=RoSTETrainer, config_cls=RoSTEConfig, model=None
 
 def train_losses(trainer):
     trainer.train()
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return logged_values(trainer)
 
 
 def test_trainer_trains_w4a4kv4_and_caches_weights_per_optimizer_step(tokenizer, tmp_path):

@@ -63,6 +63,13 @@ class QuantSpec:
     def enabled(self) -> bool:
         return self.bits < OFF_BITS
 
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """The lowest and highest integer code: `[-2^(b-1), 2^(b-1) - 1]` symmetric, `[0, 2^b - 1]` asymmetric."""
+        if self.symmetric:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -83,20 +90,19 @@ def quantize_to_grid(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, to
     if not spec.enabled:
         raise ValueError("quantize_to_grid needs bits < 16 (16 bits means no quantisation).")
     xf = x.to(_compute_dtype(x))
+    qmin, qmax = spec.code_range
     if spec.symmetric:
-        qmax = 2 ** (spec.bits - 1) - 1
         amax = xf.abs().amax(dim=-1, keepdim=True)
         scale = (spec.clip_ratio * amax) / torch.full_like(amax, qmax)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = torch.clamp(torch.round(xf / scale), -qmax - 1, qmax)
+        codes = torch.clamp(torch.round(xf / scale), qmin, qmax)
         return codes, scale, None
-    qmax = 2**spec.bits - 1
     lo = torch.clamp(xf.amin(dim=-1, keepdim=True), max=0.0)
     hi = torch.clamp(xf.amax(dim=-1, keepdim=True), min=0.0)
     scale = (spec.clip_ratio * (hi - lo)) / torch.full_like(hi, qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-spec.clip_ratio * lo / scale)
-    codes = torch.clamp(torch.round(xf / scale) + zero, 0, qmax)
+    codes = torch.clamp(torch.round(xf / scale) + zero, qmin, qmax)
     return codes, scale, zero
 
 
@@ -116,7 +122,7 @@ def fake_quantize_values(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if use_fake_quant_kernel(x):
         from ..ops.triton.fake_quant import fake_quantize_rows
 
-        return fake_quantize_rows(x, spec.bits, spec.symmetric, spec.clip_ratio)
+        return fake_quantize_rows(x, spec)
     return fake_quantize_values_reference(x, spec)
 
 
@@ -130,11 +136,13 @@ def fake_quantize_values_reference(x: torch.Tensor, spec: QuantSpec) -> torch.Te
 
 #: Set to False to run the torch reference on CUDA too
 USE_TRITON_KERNEL = True
+#: The dtypes the Triton kernel reads and writes
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def use_fake_quant_kernel(x: torch.Tensor) -> bool:
     """Whether `fake_quantize_values(x, ...)` takes the Triton kernel: a CUDA float32/bf16/fp16 tensor, with triton."""
-    if not (USE_TRITON_KERNEL and x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)):
+    if not (USE_TRITON_KERNEL and x.is_cuda and x.dtype in KERNEL_DTYPES):
         return False
     from ..ops.triton.head import triton_usable
 

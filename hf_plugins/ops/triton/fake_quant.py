@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quantization.quantizer import KERNEL_DTYPES, QuantSpec
 from .head import interpreter_enabled
 
 #: Rows up to this length are held in registers in one block (one read of the row); longer rows take two reads
 MAX_ONE_BLOCK = 8192
 LOOP_BLOCK = 4096
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def _quantize_block(x, scale, zero, BOUND: tl.constexpr, QMIN: tl.constexpr, QMA
     if SYMMETRIC:
         codes = tl.minimum(tl.maximum(_round_half_even(v), QMIN), QMAX)
         return scale * codes
-    codes = tl.minimum(tl.maximum(_round_half_even(v) + zero, 0.0), QMAX)
+    codes = tl.minimum(tl.maximum(_round_half_even(v) + zero, QMIN), QMAX)
     return scale * (codes - zero)
 
 
@@ -104,11 +104,11 @@ def _clip_tensor(clip_ratio: float, device: torch.device) -> torch.Tensor:
     return _clip_tensors[key]
 
 
-def fake_quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float) -> torch.Tensor:
+def fake_quantize_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """`Q(x)` with ranges over the last dimension, in `x`'s dtype (float32, bfloat16 or float16); the same values as
-    `fake_quantize_values(x, QuantSpec(bits, symmetric, clip_ratio))`."""
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"fake_quantize_rows supports {SUPPORTED_DTYPES}, got {x.dtype}")
+    `fake_quantize_values_reference(x, spec)`. `spec` must be enabled (bits < 16)."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"fake_quantize_rows supports {KERNEL_DTYPES}, got {x.dtype}")
     n_cols = x.shape[-1]
     rows = x.reshape(-1, n_cols)
     if rows.numel() and rows.stride(-1) != 1:
@@ -119,16 +119,13 @@ def fake_quantize_rows(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: 
     out = torch.empty((rows.shape[0], n_cols), dtype=out_dtype, device=x.device)
     if rows.shape[0] == 0 or n_cols == 0:
         return out.to(x.dtype).reshape(x.shape)
-    if symmetric:
-        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    else:
-        qmin, qmax = 0, 2**bits - 1
+    qmin, qmax = spec.code_range
     one_block = n_cols <= MAX_ONE_BLOCK
     block = triton.next_power_of_2(n_cols) if one_block else LOOP_BLOCK
-    params = _clip_tensor(clip_ratio, x.device)
+    params = _clip_tensor(spec.clip_ratio, x.device)
     fake_quantize_rows_kernel[(rows.shape[0],)](
         rows, out, params, n_cols, rows.stride(0), out.stride(0),
-        BOUND=float(2**bits), QMIN=float(qmin), QMAX=float(qmax), SYMMETRIC=bool(symmetric),
+        BOUND=float(2**spec.bits), QMIN=float(qmin), QMAX=float(qmax), SYMMETRIC=spec.symmetric,
         BLOCK=block, ONE_BLOCK=one_block, num_warps=8 if block >= 4096 else 4 if block >= 1024 else 2,
     )
     return out.to(x.dtype).reshape(x.shape)
