@@ -7,8 +7,8 @@ On CPU the kernel runs under `TRITON_INTERPRET=1` (set by conftest.py when there
 import pytest
 import torch
 
-from hf_plugins.ops.triton import fake_quant
-from hf_plugins.ops.triton.fake_quant import fake_quantize_rows
+from hf_plugins.quantization import fake_quant_kernel
+from hf_plugins.quantization.fake_quant_kernel import fake_quantize_rows
 from hf_plugins.quantization import QuantSpec, fake_quantize, fake_quantize_values
 from hf_plugins.quantization.quantizer import fake_quantize_values_reference, use_fake_quant_kernel
 
@@ -53,8 +53,8 @@ def test_kernel_matches_the_reference(spec, dtype, n):
 
 @pytest.mark.parametrize("spec", SPECS[:2], ids=spec_id)
 def test_rows_longer_than_one_block_take_the_two_pass_loop(monkeypatch, spec):
-    monkeypatch.setattr(fake_quant, "MAX_ONE_BLOCK", 32)
-    monkeypatch.setattr(fake_quant, "LOOP_BLOCK", 16)
+    monkeypatch.setattr(fake_quant_kernel, "MAX_ONE_BLOCK", 32)
+    monkeypatch.setattr(fake_quant_kernel, "LOOP_BLOCK", 16)
     for n in (33, 48, 70):  # a partial last block, an exact multiple, several blocks
         check(make_rows((5, n), torch.float32, seed=n), spec)
         check(make_rows((5, n), torch.bfloat16, seed=n), spec)

@@ -115,12 +115,12 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 
 def fake_quantize_values(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """`Q(x)` with no gradient rule; same dtype as `x`. The identity when `spec` is off. CUDA tensors in float32,
-    bf16 or fp16 go through the fused Triton kernel (`hf_plugins.ops.triton.fake_quant`, the same values bit for
+    bf16 or fp16 go through the fused Triton kernel (`hf_plugins.quantization.fake_quant_kernel`, the same values bit for
     bit); everything else through `fake_quantize_values_reference`."""
     if not spec.enabled:
         return x
     if use_fake_quant_kernel(x):
-        from ..ops.triton.fake_quant import fake_quantize_rows
+        from .fake_quant_kernel import fake_quantize_rows
 
         return fake_quantize_rows(x, spec)
     return fake_quantize_values_reference(x, spec)

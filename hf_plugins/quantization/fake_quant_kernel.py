@@ -1,6 +1,7 @@
 """Triton kernel of RoSTE's round-to-nearest fake quantiser, ranges along the last dimension (one program per row).
 
-The torch reference (`hf_plugins.quantization.quantizer`, `fake_quantize_values`) makes about ten passes over the
+Imported (with triton) only when `fake_quantize_values` gets a CUDA tensor. The torch reference
+(`hf_plugins.quantization.quantizer`, `fake_quantize_values_reference`) makes about ten passes over the
 tensor (upcast, abs, max, divide, round, clamp, multiply, downcast); this kernel reads each row once to find its
 range and once more to write `Q(x)`, or only once when the row fits one block. It returns the same values bit for
 bit: float32 arithmetic in the same order, IEEE division (`div_rn`), and round half to even.
@@ -16,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...quantization.quantizer import KERNEL_DTYPES, QuantSpec
-from .head import interpreter_enabled
+from ..ops.triton.head import interpreter_enabled
+from .quantizer import KERNEL_DTYPES, QuantSpec
 
 #: Rows up to this length are held in registers in one block (one read of the row); longer rows take two reads
 MAX_ONE_BLOCK = 8192
