@@ -49,10 +49,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """Folder holding a tiny Llama causal LM and its tokenizer, built offline once per test session."""
+    """Folder holding a tiny Llama causal LM and its tokenizer, built offline once per test session. Its weights are
+    float64, so models loaded from it train in float64: runs that reach the same numbers by different paths (another
+    backend, batch split, process count or thread count) then agree to ~1e-12, where float32 rounding amplified by a
+    few optimizer steps reaches 1e-5."""
     from hf_plugins.testing import save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", dtype=torch.float64)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +63,7 @@ def tiny_qwen2_model_dir(tmp_path_factory):
     """Folder holding a tiny Qwen2 causal LM and its tokenizer, built offline once per test session."""
     from hf_plugins.testing import save_tiny_model
 
-    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2")
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2", dtype=torch.float64)
 
 
 @pytest.fixture

@@ -278,9 +278,9 @@ def test_matches_stock_on_other_architectures(tmp_path, variant):
     from hf_plugins.testing import save_tiny_model
 
     if variant == "qwen2":
-        model_dir = save_tiny_model(tmp_path / "model", arch="qwen2")
+        model_dir = save_tiny_model(tmp_path / "model", arch="qwen2", dtype=torch.float64)
     else:
-        model_dir = save_tiny_model(tmp_path / "model", arch="llama", tie_word_embeddings=True)
+        model_dir = save_tiny_model(tmp_path / "model", arch="llama", tie_word_embeddings=True, dtype=torch.float64)
     dataset = tiny_conversational_dataset(16)
     stock = make_trainer(SFTTrainer, SFTConfig, model_dir, tmp_path, dataset, max_steps=3, assistant_only_loss=True)
     stock.train()

@@ -245,7 +245,9 @@ def test_save_and_reload_is_identical(request, tokenizer, fixture_name, arch):
         None,
     )
 
-    model = build_tiny_model(tokenizer, arch=arch)
+    # the session fixtures save their weights in float64 (tests/conftest.py)
+    assert reloaded_model.dtype == torch.float64
+    model = build_tiny_model(tokenizer, arch=arch, dtype=torch.float64)
     input_ids = torch.tensor([tokenizer(SENTENCE)["input_ids"]])
     with torch.no_grad():
         assert torch.equal(reloaded_model(input_ids).logits, model(input_ids).logits)
