@@ -1,0 +1,26 @@
+"""The README's quickstart is two command lines, and CI runs its test line exactly as a user types it."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quickstart_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_quickstart_has_a_demo_line_and_a_test_line():
+    demo, tests = quickstart_commands()
+    assert demo.startswith("python3.11 -m venv .venv") and demo.endswith("hf-plugins demo")
+    assert tests.startswith("python3.11 -m venv .venv") and tests.endswith("python -m pytest")
+
+
+def test_ci_runs_the_readme_test_line_as_typed():
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert quickstart_commands()[1] in ci_lines
+    # nothing in CI's own environment that a user would not have: the suite sets its defaults itself (conftest.py)
+    assert not any(line.startswith("export ") for line in ci_lines)
