@@ -19,6 +19,7 @@ from trl import SFTTrainer
 
 from ..data import DataCollatorWithExtraColumns
 from ..ops.method import LossMethod
+from ..utils import destroy_process_group_at_exit
 from .base import LossHead, add_loss_head_forward
 from .fused_sft_config import FusedSFTConfig
 
@@ -91,6 +92,7 @@ class FusedSFTTrainer(SFTTrainer):
             # TRL drops every column the model's forward does not name; ours must reach the collator
             args.remove_unused_columns = False
         super().__init__(model, args, *positional, **kwargs)
+        destroy_process_group_at_exit()
 
         if self.aux_loss_enabled:
             raise ValueError(
