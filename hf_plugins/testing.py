@@ -31,12 +31,16 @@ import torch
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "EOS_TOKEN",
     "IM_END",
     "IM_START",
+    "MOE_ARCHS",
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
     "SUPPORTED_ARCHS",
@@ -100,7 +105,9 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3_moe", "gpt_oss")
+#: The Mixture-of-Experts architectures of `SUPPORTED_ARCHS` (their configs enable the router load-balancing loss)
+MOE_ARCHS = ("qwen3_moe", "gpt_oss")
 
 # The same ChatML with tool calling, in the `messages` + `tools` format of transformers chat templates: when `tools`
 # is given, a system turn lists each tool as a compact signature `name(param: type, ...)` (after the conversation's
@@ -429,6 +436,8 @@ def build_tiny_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     max_position_embeddings: int = 512,
+    num_experts: int = 4,
+    num_experts_per_tok: int = 2,
 ) -> PreTrainedModel:
     """Build a randomly initialised tiny causal LM that matches `tokenizer`.
 
@@ -437,7 +446,9 @@ def build_tiny_model(
             Tokenizer the model is built for: the vocabulary size and the pad/eos/bos ids are taken from it.
         arch (`str`, *optional*, defaults to `"llama"`):
             `"llama"` for a [`~transformers.LlamaForCausalLM`], `"qwen2"` for a [`~transformers.Qwen2ForCausalLM`]
-            (which adds biases to the q/k/v projections).
+            (which adds biases to the q/k/v projections); the Mixture-of-Experts `"qwen3_moe"`
+            ([`~transformers.Qwen3MoeForCausalLM`]) and `"gpt_oss"` ([`~transformers.GptOssForCausalLM`]), whose
+            configs keep their architecture's router load-balancing coefficient (`router_aux_loss_coef`).
         hidden_size (`int`, *optional*, defaults to `32`):
             Width of the residual stream; must be a multiple of `num_heads`.
         num_layers (`int`, *optional*, defaults to `2`):
@@ -456,6 +467,10 @@ def build_tiny_model(
             Dtype of the parameters.
         max_position_embeddings (`int`, *optional*, defaults to `512`):
             Longest sequence the rotary embeddings are set up for.
+        num_experts (`int`, *optional*, defaults to `4`):
+            Experts per MoE layer (MoE architectures only; `intermediate_size` is each expert's width).
+        num_experts_per_tok (`int`, *optional*, defaults to `2`):
+            Experts each token is routed to (MoE architectures only).
 
     Returns:
         [`~transformers.PreTrainedModel`]: The model, in eval mode as `from_pretrained` would return it.
@@ -482,10 +497,25 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    if arch == "llama":
-        config_cls, model_cls = LlamaConfig, LlamaForCausalLM
-    else:
-        config_cls, model_cls = Qwen2Config, Qwen2ForCausalLM
+    # The MoE shapes of TRL's tiny test models: 4 experts, 2 per token, every layer sparse
+    head_dim = hidden_size // num_heads
+    if arch == "qwen3_moe":
+        config_kwargs.update(
+            num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, moe_intermediate_size=intermediate_size,
+            head_dim=head_dim,
+        )
+    elif arch == "gpt_oss":
+        # Plain rotary embeddings: GPT-OSS's YaRN scaling is set up for 131072 positions and warns at fewer
+        config_kwargs.update(
+            num_local_experts=num_experts, num_experts_per_tok=num_experts_per_tok, head_dim=head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
+        )
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
+        "gpt_oss": (GptOssConfig, GptOssForCausalLM),
+    }[arch]
     config = config_cls(**config_kwargs)
 
     # Seed a forked RNG rather than the global one, so building a model in the middle of a test does not change the

@@ -10,10 +10,12 @@ is used. Without `loss_head`, the forward is the previous one, so generation and
 from __future__ import annotations
 
 import functools
+import inspect
+import sys
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers.utils import ModelOutput
@@ -77,12 +79,40 @@ def next_token_aligned(tensor: torch.Tensor, pre_shifted: bool, is_hidden: bool 
     return tensor[:, :-1] if is_hidden else tensor[:, 1:]
 
 
+# The arguments the MoE causal LMs of transformers pass to their `load_balancing_loss_func`
+_LOAD_BALANCING_PARAMETERS = ("gate_logits", "num_experts", "top_k", "attention_mask")
+
+
+def router_load_balancing_loss(model, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The MoE router load-balancing loss of `model`, unweighted, as its own causal-LM forward computes it from the
+    backbone's router logits: with its family's `load_balancing_loss_func` (Switch Transformer's loss, which the MoE
+    families of transformers share), or Mixtral's, the one TRL uses, where the family has none with the usual
+    arguments. Padding is left out through `attention_mask`; padding-free batches have none, so every token counts,
+    as in the model's forward."""
+    loss_func = None
+    for cls in type(model).__mro__:  # the model's own module first, then its bases' (a user subclass)
+        candidate = getattr(sys.modules.get(cls.__module__), "load_balancing_loss_func", None)
+        if candidate is not None:
+            loss_func = candidate
+            break
+    if loss_func is None or list(inspect.signature(loss_func).parameters)[:4] != list(_LOAD_BALANCING_PARAMETERS):
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as loss_func
+    config = model.config.get_text_config()
+    # The causal LM keeps both counts as attributes; vision-language wrappers read them from the text config
+    num_experts = getattr(model, "num_experts", None) or config.num_experts
+    top_k = getattr(model, "num_experts_per_tok", None) or config.num_experts_per_tok
+    return loss_func(router_logits, num_experts, top_k, attention_mask)
+
+
 @dataclass
 class FusedHeadOutput(ModelOutput):
-    """What a forward with `loss_head=` returns: the loss and the head's metrics (per-token means)."""
+    """What a forward with `loss_head=` returns: the loss and the head's metrics (per-token means), and on an MoE
+    model asked for its router logits the unweighted router load-balancing loss (`aux_loss`), which the caller
+    weights and adds like TRL's SFTTrainer does (it is not in `loss`)."""
 
     loss: torch.Tensor | None = None
     metrics: dict[str, Any] | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,6 +128,8 @@ class LossHead:
         hidden_inputs: method inputs shaped like the backbone's hidden states ([B, T, D], e.g. a reference model's
             hidden states); they are shifted like the hidden states.
         other_inputs: the other method inputs (per-sequence tensors, scalars, reference weights), passed as they are.
+
+    Called with `aux_loss` (an MoE model's router load-balancing loss), it returns it as it is in its output.
     """
 
     method: str | LossMethod
@@ -108,7 +140,10 @@ class LossHead:
     hidden_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     other_inputs: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool) -> FusedHeadOutput:
+    #: The head returns the MoE load-balancing loss when the model computes one (see `add_loss_head_forward`)
+    uses_router_logits: ClassVar[bool] = True
+
+    def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool, aux_loss=None) -> FusedHeadOutput:
         weight, bias = lm_head_parameters(lm_head)
         hidden = next_token_aligned(hidden_states, pre_shifted, is_hidden=True).to(weight.device)
         labels = next_token_aligned(labels, pre_shifted).to(weight.device)
@@ -131,12 +166,16 @@ class LossHead:
                 **token_inputs,
                 **self.other_inputs,
             )
-        return FusedHeadOutput(loss=loss, metrics=metrics)
+        return FusedHeadOutput(loss=loss, metrics=metrics, aux_loss=aux_loss)
 
 
 def add_loss_head_forward(model, check_head: bool = True) -> None:
     """Patch `model.forward` so that `model(..., labels=..., loss_head=head)` returns `head`'s output computed from
     the backbone's last hidden state, without ever applying the lm_head to all positions. Idempotent.
+
+    On a Mixture-of-Experts model, router logits are recorded when the call or the config asks for them, as in the
+    model's own forward (`output_router_logits`), and the head gets the router load-balancing loss as `aux_loss`;
+    heads that compute no loss (`uses_router_logits = False`) never make the backbone record them.
 
     With `check_head=False` a model whose logits are transformed after the lm_head (soft-capping, scaling) is patched
     too: for heads that read only the hidden states and apply the transform themselves (UDS scoring). A later call
@@ -161,14 +200,27 @@ def add_loss_head_forward(model, check_head: bool = True) -> None:
             return previous_forward(*args, **kwargs)
         kwargs.pop("num_items_in_batch", None)  # the head carries it; the backbone does not take it
         kwargs["use_cache"] = False
+        text_config = self.config.get_text_config()
+        router_logits = False
+        if hasattr(text_config, "output_router_logits"):
+            router_logits = kwargs.get("output_router_logits")
+            router_logits = text_config.output_router_logits if router_logits is None else router_logits
+            router_logits = bool(router_logits) and getattr(loss_head, "uses_router_logits", False)
+            kwargs["output_router_logits"] = router_logits
         # Looked up on each call: PEFT, FSDP and DeepSpeed replace modules after the patch
         backbone_outputs = self.base_model(*args, **kwargs)
         pre_shifted = shift_labels is not None
+        head_kwargs = {}
+        if router_logits:
+            head_kwargs["aux_loss"] = router_load_balancing_loss(
+                self, backbone_outputs.router_logits, kwargs.get("attention_mask")
+            )
         return loss_head(
             backbone_outputs.last_hidden_state,
             shift_labels if pre_shifted else labels,
             self.get_output_embeddings(),
             pre_shifted,
+            **head_kwargs,
         )
 
     model.forward = types.MethodType(forward, model)
@@ -188,6 +240,9 @@ class HiddenStateOutput(ModelOutput):
 
 class HiddenStateHead:
     """A `loss_head` that computes no loss: it returns the hidden states and the lm_head parameters."""
+
+    #: No loss, so no MoE load-balancing loss: an MoE backbone records no router logits for it
+    uses_router_logits = False
 
     def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool) -> HiddenStateOutput:
         weight, bias = lm_head_parameters(lm_head)

@@ -94,11 +94,6 @@ class FusedSFTTrainer(SFTTrainer):
         super().__init__(model, args, *positional, **kwargs)
         destroy_process_group_at_exit()
 
-        if self.aux_loss_enabled:
-            raise ValueError(
-                f"{type(self).__name__} does not add the MoE router load-balancing loss yet: set "
-                "`router_aux_loss_coef=0.0` to train without it."
-            )
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         if parallelism is not None and getattr(parallelism, "sp_enabled", False):
             raise ValueError(
@@ -184,26 +179,25 @@ class FusedSFTTrainer(SFTTrainer):
         return super()._get_num_items_in_batch(stand_ins, device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        local_count = None
-        if num_items_in_batch is None:
+        # The trainer's count spans every rank and accumulation step; without it (evaluation, a direct call) the
+        # loss is this batch's own
+        global_count = num_items_in_batch is not None
+        if not global_count:
             trained = self.trained_sequences(inputs)
             if trained is not None:
-                # Called without the trainer's global count (evaluation, a direct call): this batch's sequences
-                local_count = int(trained.sum())
-                num_items_in_batch = local_count
-        result = self._compute_head_loss(model, inputs, return_outputs, num_items_in_batch)
-        if local_count is not None and self.args.average_tokens_across_devices:
-            # The head rescales a global count by the number of data-parallel ranks; a local one must not be
-            scale = self.accelerator.num_processes // self.get_tp_size()
-            result = (result[0] / scale, *result[1:]) if return_outputs else result / scale
-        return result
+                num_items_in_batch = int(trained.sum())  # this batch's sequences
+        return self._compute_head_loss(model, inputs, return_outputs, num_items_in_batch, global_count)
 
-    def _compute_head_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _compute_head_loss(self, model, inputs, return_outputs, num_items_in_batch, global_count: bool):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         self._extra_batch = {name: inputs.pop(name) for name in (*self.token_columns, *self.example_columns) if name in inputs}
         inputs["use_cache"] = False
         input_groups = self.loss_method_inputs(model, inputs)
+        if self.aux_loss_enabled:
+            # MoE models: the router logits for the load-balancing loss (TRL passes the flag, which vision-language
+            # wrappers honour only as a forward argument)
+            inputs["output_router_logits"] = True
         head = LossHead(
             method=self.loss_method(),
             backend=self.args.loss_backend,
@@ -215,8 +209,15 @@ class FusedSFTTrainer(SFTTrainer):
         loss = outputs.loss
         # Like `Trainer.compute_loss`: `num_items_in_batch` counts the tokens of every rank and DDP averages the
         # gradients across ranks, so the sum is scaled back up by the number of data-parallel ranks
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        if self.args.average_tokens_across_devices and global_count:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled:
+            # As SFTTrainer: the aux loss is a per-micro-batch mean that DDP averages across ranks; with the global
+            # count, gradient accumulation is left to the loss, so it is averaged over the accumulation steps
+            steps = self.current_gradient_accumulation_steps if global_count else 1
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
+            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
+            self._metrics[mode]["aux_loss"].append(aux_loss)
 
         self._log_head_metrics(mode, outputs.metrics, inputs)
 
