@@ -18,98 +18,35 @@ The model is the tiny offline test architecture scaled up (default: hidden 256, 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
-import time
 
-
-def build_model_dir(args) -> str:
-    from hf_plugins.testing import build_tiny_model, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(
-        tokenizer,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=max(1, args.heads // 2),
-        intermediate_size=args.intermediate,
-    )
-    if args.vocab and args.vocab != len(tokenizer):
-        # A larger lm_head (rows the tokenizer never emits) gives the loss head a realistic share of the step
-        model.resize_token_embeddings(args.vocab)
-    path = tempfile.mkdtemp()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def make_trainer(kind: str, mode: str, model_dir: str, dataset, args):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer
-    from hf_plugins.testing import CPU_TRAINING_ARGS
-
-    common = dict(
-        output_dir=tempfile.mkdtemp(),
-        max_steps=args.steps_per_round,
-        per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length,
-        learning_rate=1e-4,
-        disable_tqdm=True,
-        assistant_only_loss=True,
-        **CPU_TRAINING_ARGS,
-    )
-    if kind == "asft":
-        trainer_cls, config = ASFTTrainer, ASFTConfig(**common, kl_coef=0.05)
-    else:
-        trainer_cls, config = FusedSFTTrainer, FusedSFTConfig(**common, loss_type="dft")
-    peft_config = None
-    if mode == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
-    torch.manual_seed(0)
-    return trainer_cls(
-        model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        args=config,
-        train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        peft_config=peft_config,
-    )
+import _harness as bench
 
 
 def time_mode(mode: str, model_dir: str, args) -> dict:
-    from transformers import PrinterCallback, TrainerCallback
-
+    from hf_plugins import ASFTTrainer, FusedSFTTrainer
     from hf_plugins.testing import tiny_conversational_dataset
 
     dataset = tiny_conversational_dataset(256)
-    trainers = {kind: make_trainer(kind, mode, model_dir, dataset, args) for kind in ("dft", "asft")}
-    times = {kind: [] for kind in trainers}
+    setups = {"dft": (FusedSFTTrainer, {"loss_type": "dft"}), "asft": (ASFTTrainer, {"kl_coef": 0.05})}
+    trainers, timers = {}, {}
+    for kind, (trainer_cls, method_args) in setups.items():
+        trainers[kind] = bench.make_trainer(
+            trainer_cls, model_dir, dataset, seed=0, peft_config=bench.lora_config() if mode == "lora" else None,
+            max_steps=args.steps_per_round, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+            assistant_only_loss=True, **method_args,
+        )
+        timers[kind] = bench.step_timer()
+        trainers[kind].add_callback(timers[kind])
 
-    class Timer(TrainerCallback):
-        def __init__(self, sink):
-            self.sink = sink
+    def train_round(kind, _):
+        start = len(timers[kind].times)
+        trainers[kind].train()
+        return timers[kind].times[start + 1 :]  # the first step of each round is a warm-up
 
-        def on_step_begin(self, *_, **__):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *_, **__):
-            self.sink.append(time.perf_counter() - self.start)
-
-    for kind, trainer in trainers.items():
-        trainer.add_callback(Timer(times[kind]))
-        trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
-    per_round = {kind: [] for kind in trainers}
-    for _ in range(args.rounds):
-        for kind, trainer in trainers.items():
-            start = len(times[kind])
-            trainer.train()
-            per_round[kind].extend(times[kind][start + 1 :])  # the first step of each round is a warm-up
+    # rounds in a fixed order: DFT, ASFT, DFT, ASFT, ...
+    rounds = bench.interleaved(trainers, train_round, args.rounds, rotate=False)
+    per_round = {kind: [seconds for values in runs for seconds in values] for kind, runs in rounds.items()}
     asft = trainers["asft"]
     kl = [entry["kl"] for entry in asft.state.log_history if "kl" in entry]
     return {
@@ -137,15 +74,14 @@ def main() -> None:
     parser.add_argument("--json", help="write every number here")
     args = parser.parse_args()
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    model_dir = build_model_dir(args)
+    bench.setup(args.threads, quiet=False)
+    model_dir, _, vocab = bench.tiny_model_folder(
+        args.hidden, args.layers, args.heads, max(1, args.heads // 2), args.intermediate, args.vocab or 0
+    )
     results = [time_mode(mode, model_dir, args) for mode in args.modes]
 
     print(
-        f"model: hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, V={args.vocab or 384}; "
+        f"model: hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, V={vocab}; "
         f"batch {args.batch_size} "
         f"x <= {args.max_length} tokens; {args.threads} thread(s); median over {args.rounds} rounds x "
         f"{args.steps_per_round - 1} timed steps"
@@ -160,9 +96,7 @@ def main() -> None:
         fastest = min(row["all_step_seconds"]["dft"]) / min(row["all_step_seconds"]["asft"])
         row["throughput_ratio"], row["fastest_step_ratio"] = dft / asft, fastest
         print(f"{row['mode']:<6}{row['reference']:<24}{dft:>12.4f}{asft:>13.4f}{dft / asft:>20.2f}x{fastest:>16.2f}x")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "results": results}, handle, indent=2)
+    bench.write_json(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

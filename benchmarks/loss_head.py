@@ -29,12 +29,12 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-MIB = 1024 * 1024
+import _harness as bench
+
 DEFAULT_CHUNK = "default"
 #: Methods with a counterpart in TRL's SFTTrainer (`loss_type="nll"` / `"dft"`): loss from TRL's per-token log-probs.
 TRL_METHODS = ("sft", "dft")
@@ -46,12 +46,6 @@ SEQUENCE_METHODS = ("poft",)
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[name]
-
-
 def method_inputs(name: str, cfg: dict, generator) -> dict:
     """Inputs a method needs besides hidden/weight/labels; unknown methods get none (skipped if they need some).
 
@@ -62,7 +56,7 @@ def method_inputs(name: str, cfg: dict, generator) -> dict:
     import torch
 
     n, v, d, b = cfg["rows"], cfg["vocab"], cfg["hidden"], cfg["batch"]
-    dtype = torch_dtype(cfg["dtype"])
+    dtype = bench.torch_dtype(cfg["dtype"])
     shape = (b, n // b) if name in SEQUENCE_METHODS else (n,)
     if name == "weighted":
         return {"token_weights": torch.rand(shape, generator=generator).to(dtype)}
@@ -84,24 +78,16 @@ def make_inputs(cfg: dict, method: str | None = None, with_floor: bool = False) 
 
     Scaled so the logits are ~N(0, 1). Built in place to keep the transient peak of the setup low.
     """
-    import torch
-
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    dtype = torch_dtype(cfg["dtype"])
-    n, v, d = cfg["rows"], cfg["vocab"], cfg["hidden"]
-    out = {
-        "hidden": torch.randn(n, d, generator=gen).to(dtype).requires_grad_(),
-        "weight": torch.randn(v, d, generator=gen).mul_(d**-0.5).to(dtype).requires_grad_(),
-        "labels": torch.randint(0, v, (n,), generator=gen),
-    }
+    out, gen = bench.head_inputs(cfg["rows"], cfg["vocab"], cfg["hidden"], cfg["dtype"], cfg["seed"])
     if method is not None:
         out["method_inputs"] = method_inputs(method, cfg, gen)
     if with_floor:
+        import torch
+
+        dtype = bench.torch_dtype(cfg["dtype"])
         # G stands for the logits gradient; random values so no zero/denormal fast paths
-        out["floor_G"] = torch.randn(n, v, generator=gen).mul_(1e-4).to(dtype)
-        out["floor_logits"] = torch.empty(n, v, dtype=dtype)
-        out["floor_grad_hidden"] = torch.empty(n, d, dtype=dtype)
-        out["floor_grad_weight"] = torch.empty(v, d, dtype=dtype)
+        out["floor_G"] = torch.randn(cfg["rows"], cfg["vocab"], generator=gen).mul_(1e-4).to(dtype)
+        out["floor"] = bench.head_buffers(cfg["rows"], cfg["vocab"], cfg["hidden"], dtype)
     return out
 
 
@@ -119,11 +105,10 @@ def run_variant(variant: str, method: str, inputs: dict, cfg: dict, chunk_size=N
     h, w, y = inputs["hidden"], inputs["weight"], inputs["labels"]
     if variant == "floor":
         r = cfg["rows"] if rows is None else rows
+        buffers = inputs["floor"]
         with torch.no_grad():
-            g, hr = inputs["floor_G"][:r], h[:r]
-            torch.mm(hr, w.t(), out=inputs["floor_logits"][:r])
-            torch.mm(g, w, out=inputs["floor_grad_hidden"][:r])
-            torch.mm(g.t(), hr, out=inputs["floor_grad_weight"])
+            bench.head_matmuls(h[:r], w, inputs["floor_G"][:r], buffers["logits"][:r], buffers["grad_hidden"][:r],
+                               buffers["grad_weight"])
         return float("nan")
 
     extra = dict(inputs.get("method_inputs", {}))
@@ -168,43 +153,6 @@ def run_variant(variant: str, method: str, inputs: dict, cfg: dict, chunk_size=N
 
 
 # ------------------------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return -1
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (Linux >= 4.0) so the next peak measures only what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> bool:
-    """Give freed heap memory back to the kernel (glibc), so that the run cannot reuse pages the setup left resident
-    and the peak counts everything the run itself touches."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
-def _rss_snapshot() -> dict:
-    return {
-        "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,  # KiB on Linux
-        "hwm_kib": _status_kib("VmHWM"),
-        "rss_kib": _status_kib("VmRSS"),
-    }
-
-
 def worker(spec: dict) -> dict:
     """Runs in a fresh process: set up, warm up on a few rows, reset the peak, run once, report the peak extra."""
     import torch
@@ -225,26 +173,22 @@ def worker(spec: dict) -> dict:
         run_variant(spec["variant"], method, inputs, cfg, spec.get("chunk_size"), rows=8)  # load code paths
         inputs["hidden"].grad = None
         inputs["weight"].grad = None
-    gc.collect()
-    trimmed = _malloc_trim()
-    reset = _reset_peak()
-    before = _rss_snapshot()
-    t0 = time.perf_counter()
     keep = None
-    if kind == "calibrate":  # a known allocation, touched
-        keep = torch.ones(spec["calibration_bytes"] // 4, dtype=torch.float32)
-    elif kind == "variant":
-        run_variant(spec["variant"], method, inputs, cfg, spec.get("chunk_size"))
-    seconds = time.perf_counter() - t0
-    after = _rss_snapshot()
+    with bench.PeakMemory("cpu", fresh=True) as memory:
+        t0 = time.perf_counter()
+        if kind == "calibrate":  # a known allocation, touched
+            keep = torch.ones(spec["calibration_bytes"] // 4, dtype=torch.float32)
+        elif kind == "variant":
+            run_variant(spec["variant"], method, inputs, cfg, spec.get("chunk_size"))
+        seconds = time.perf_counter() - t0
     del keep
     return {
-        "peak_reset": reset,
-        "malloc_trimmed": trimmed,
-        "before": before,
-        "after": after,
-        "peak_extra_mib": (after["ru_maxrss_kib"] - before["ru_maxrss_kib"]) / 1024,
-        "peak_extra_hwm_mib": (after["hwm_kib"] - before["rss_kib"]) / 1024,
+        "peak_reset": memory.peak_reset,
+        "malloc_trimmed": memory.malloc_trimmed,
+        "before": memory.before,
+        "after": memory.after,
+        "peak_extra_mib": memory.extra_bytes / bench.MIB,
+        "peak_extra_hwm_mib": (memory.after["hwm_kib"] - memory.before["rss_kib"]) / 1024,
         "seconds": seconds,
     }
 
@@ -267,15 +211,8 @@ def probe_methods(cfg: dict) -> dict:
 
 def spawn(spec: dict) -> dict:
     """Run `worker(spec)` in a fresh interpreter and return its result."""
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"worker {spec.get('kind')} {spec.get('variant')} failed:\n{proc.stderr[-3000:]}")
+    label = f"worker {spec.get('kind')} {spec.get('variant')}"
+    return bench.run_worker([os.path.abspath(__file__), "--worker", json.dumps(spec)], label)
 
 
 # ------------------------------------------------------------------------------------------------------- timing
@@ -286,23 +223,29 @@ def time_cases(cases, inputs_for, cfg, reps: int, warmup_rows: int | None, log) 
     import torch
 
     results = {key: {"wall": [], "cpu": []} for key, *_ in cases}
-    for key, variant, method, chunk in cases:
+    by_key = {key: case for key, *case in cases}
+    for key, (variant, method, chunk) in by_key.items():
         t0 = time.perf_counter()
         results[key]["warmup_loss"] = run_variant(variant, method, inputs_for(method), cfg, chunk, rows=warmup_rows)
         results[key]["warmup_s"] = time.perf_counter() - t0
         log(f"  warm-up {key}: {results[key]['warmup_s']:.2f} s")
-    for rep in range(reps):
-        order = cases[rep % len(cases):] + cases[: rep % len(cases)]
-        for key, variant, method, chunk in order:
-            gc.collect()
-            c0, t0 = time.process_time(), time.perf_counter()
-            run_variant(variant, method, inputs_for(method), cfg, chunk)
-            t1, c1 = time.perf_counter(), time.process_time()
-            results[key]["wall"].append(t1 - t0)
-            results[key]["cpu"].append(c1 - c0)
+
+    def run(key, _):
+        variant, method, chunk = by_key[key]
+        gc.collect()
+        c0, t0 = time.process_time(), time.perf_counter()
+        run_variant(variant, method, inputs_for(method), cfg, chunk)
+        t1, c1 = time.perf_counter(), time.process_time()
+        return t1 - t0, c1 - c0
+
+    def progress(rep):
         log(f"  round {rep + 1}/{reps} done (load average {os.getloadavg()[0]:.2f})")
+
+    runs = bench.interleaved(by_key, run, reps, after_round=progress)
     threads = torch.get_num_threads()
-    for res in results.values():
+    for key, res in results.items():
+        res["wall"] += [wall for wall, _ in runs[key]]
+        res["cpu"] += [cpu for _, cpu in runs[key]]
         res["median_s"] = statistics.median(res["wall"])
         res["min_s"] = min(res["wall"])
         res["median_cpu_s"] = statistics.median(res["cpu"])
@@ -458,14 +401,7 @@ def render(res: dict, markdown: bool) -> str:
     cfg = res["config"]
 
     def table(header, rows):
-        if markdown:
-            lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-            lines += ["| " + " | ".join(r) + " |" for r in rows]
-        else:
-            widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-            lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-            lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
-        return "\n".join(lines)
+        return bench.table(header, rows, markdown)
 
     chunk = cfg["default_chunk_size"]
     out = [
@@ -617,11 +553,11 @@ def main(argv=None):
         return gpu_main(argv[2:])
     args = parse_args(argv)
     if args.worker is not None:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        bench.report_result(worker(json.loads(args.worker)))
         return None
 
     start = time.perf_counter()
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = (lambda msg: None) if args.quiet else bench.log
     load_start = [round(x, 2) for x in os.getloadavg()]
     cfg = {
         "rows": args.rows, "vocab": args.vocab, "hidden": args.hidden, "batch": args.batch, "dtype": args.dtype,
@@ -662,11 +598,11 @@ def main(argv=None):
         t_phase = time.perf_counter()
         cal, noop = calibration_runs
         calibration = {
-            "expected_mib": expected / MIB, "measured_mib": cal["peak_extra_mib"],
+            "expected_mib": expected / bench.MIB, "measured_mib": cal["peak_extra_mib"],
             "measured_hwm_mib": cal["peak_extra_hwm_mib"],
             "noop_mib": noop["peak_extra_mib"], "peak_reset": cal["peak_reset"],
         }
-        log(f"calibration: {expected / MIB:.1f} MiB tensor -> {cal['peak_extra_mib']:.1f} MiB; "
+        log(f"calibration: {expected / bench.MIB:.1f} MiB tensor -> {cal['peak_extra_mib']:.1f} MiB; "
             f"empty run {noop['peak_extra_mib']:.1f} MiB")
         jobs = [(f"{m}/{v}", m, v, None) for m in methods for v in variants_of(m)]
         jobs += [(f"{m}/chunked@{c}", m, "chunked", c) for m, c in sweep]
@@ -741,11 +677,8 @@ def main(argv=None):
     res["summary"] = {"time": time_rows, "memory": mem_rows, "sweep": sweep_rows}
     print(render(res, markdown=args.markdown == "-"))
     if args.markdown not in (None, "-"):
-        with open(args.markdown, "w") as f:
-            f.write(render(res, markdown=True) + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        bench.write_text(args.markdown, render(res, markdown=True) + "\n")
+    bench.write_json(args.json, res, indent=1)
     return res
 
 

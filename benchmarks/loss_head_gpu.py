@@ -32,9 +32,10 @@ import sys
 import time
 import traceback
 
+import _harness as bench
 import torch
 
-GIB = 1024**3
+GIB = bench.GIB
 TRL_METHODS = ("sft", "dft")
 LIGER_METHODS = ("sft", "dft", "weighted")
 #: Matmuls a method adds to the three of the head (ASFT: the reference logits; PoFT: its no-grad scoring pass).
@@ -43,20 +44,15 @@ EXTRA_MATMULS = {"asft": 1, "poft": 1}
 SEQUENCES = 8
 
 
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
+log = bench.log
 
 
 def make_inputs(n, v, d, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
     scale = 2.0 / math.sqrt(d)  # logits of std ~2: a non-trivial softmax
-    hidden = torch.randn(n, d, device="cuda", generator=g).to(dtype).requires_grad_(True)
-    weight = (torch.randn(v, d, device="cuda", generator=g) * scale).to(dtype).requires_grad_(True)
-    labels = torch.randint(0, v, (n,), device="cuda", generator=g)
+    inputs, g = bench.head_inputs(n, v, d, dtype, seed, scale=scale, device="cuda")
+    hidden, weight = inputs["hidden"], inputs["weight"]
     return {
-        "hidden": hidden,
-        "weight": weight,
-        "labels": labels,
+        **inputs,
         "token_weights": 2 * torch.rand(n, device="cuda", generator=g),
         "ref_hidden": (hidden.detach() + 0.1 * torch.randn(n, d, device="cuda", generator=g).to(dtype)),
         "ref_weight": (weight.detach() + 0.1 * scale * torch.randn(v, d, device="cuda", generator=g).to(dtype)),
@@ -109,57 +105,38 @@ def clear(leaves):
         leaf.grad = None
 
 
+def forward_backward(fn):
+    loss = fn()
+    loss.backward()
+    return loss
+
+
 def measure(fn, leaves, reps):
     """(median seconds of forward+backward, peak bytes above the inputs, loss) after one warm-up."""
     clear(leaves)
-    loss = fn()
-    loss.backward()
+    forward_backward(fn)
     clear(leaves)
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        clear(leaves)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = fn()
-        loss.backward()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    peak = torch.cuda.max_memory_allocated() - base
+    with bench.PeakMemory("cuda") as memory:
+        times, loss = bench.cuda_times(lambda: forward_backward(fn), reps, before=lambda: clear(leaves))
     value = float(loss.detach())
     del loss
-    return statistics.median(times), peak, value
+    return statistics.median(times), memory.extra_bytes, value
 
 
 def measure_floor(inputs, reps):
     h, w = inputs["hidden"].detach(), inputs["weight"].detach()
     n, d = h.shape
     v = w.shape[0]
-    logits = torch.empty(n, v, device="cuda", dtype=h.dtype)
-    grad_h = torch.empty(n, d, device="cuda", dtype=h.dtype)
-    grad_w = torch.empty(v, d, device="cuda", dtype=h.dtype)
+    buffers = bench.head_buffers(n, v, d, h.dtype, device="cuda")
 
-    def once():
-        torch.mm(h, w.t(), out=logits)
-        torch.mm(logits, w, out=grad_h)
-        torch.mm(logits.t(), h, out=grad_w)
+    def once():  # the logits stand for their own gradient
+        bench.head_matmuls(h, w, buffers["logits"], **buffers)
 
     once()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        once()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    del logits, grad_h, grad_w
+    times, _ = bench.cuda_times(once, reps)
+    del buffers
     torch.cuda.empty_cache()
     return statistics.median(times)
 
@@ -169,7 +146,8 @@ def gradient_errors(fn, ref_grads, leaves):
     clear(leaves)
     loss = fn()
     loss.backward()
-    errors = [float((leaf.grad.float() - ref).norm() / ref.norm().clamp_min(1e-30)) for leaf, ref in zip(leaves, ref_grads)]
+    errors = [float((leaf.grad.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+              for leaf, ref in zip(leaves, ref_grads)]
     clear(leaves)
     return float(loss), errors
 
@@ -308,37 +286,38 @@ def render(res) -> str:
         f"three-matmul floor {res['floor_s'] * 1e3:.1f} ms ({res['floor_tflops']:.0f} TFLOP/s); "
         f"triton default tile {res['default_tile_rows']} rows.",
         "",
-        "| method | backend | time (ms) | x floor | x method floor | peak memory (GiB) | grad rel. error (h, W) |",
-        "|---|---|---:|---:|---:|---:|---|",
     ]
+    rows = []
     for c in res["cases"]:
         if "error" in c:
-            lines.append(f"| {c['method']} | {c['variant']} | failed: {c['error'][:80]} | | | | |")
+            rows.append([c["method"], c["variant"], f"failed: {c['error'][:80]}", "", "", "", ""])
             continue
         errors = ", ".join(f"{e:.1e}" for e in c.get("grad_rel_err", [])) or "-"
-        lines.append(
-            f"| {c['method']} | {c['variant']} | {c['seconds'] * 1e3:.1f} | {c['vs_floor']:.2f} | "
-            f"{c['vs_method_floor']:.2f} | {c['peak_gib']:.2f} | {errors} |"
-        )
+        rows.append([c["method"], c["variant"], f"{c['seconds'] * 1e3:.1f}", f"{c['vs_floor']:.2f}",
+                     f"{c['vs_method_floor']:.2f}", f"{c['peak_gib']:.2f}", errors])
+    header = ["method", "backend", "time (ms)", "x floor", "x method floor", "peak memory (GiB)",
+              "grad rel. error (h, W)"]
+    lines.append(bench.table(header, rows, align="llrrrrl"))
     if res.get("kernel_sweep"):
-        lines += ["", f"Kernel launch sweep (default tile; kept: {res['kernel_settings']}):", "",
-                  "| method | block | warps | time (ms) | x floor |", "|---|---:|---:|---:|---:|"]
+        rows = []
         for c in res["kernel_sweep"]:
+            cells = [c["method"], str(c["block_v"]), str(c["num_warps"])]
             if "error" in c:
-                lines.append(f"| {c['method']} | {c['block_v']} | {c['num_warps']} | failed: {c['error'][:60]} | |")
+                rows.append([*cells, f"failed: {c['error'][:60]}", ""])
             else:
-                lines.append(f"| {c['method']} | {c['block_v']} | {c['num_warps']} | {c['seconds'] * 1e3:.1f} | "
-                             f"{c['vs_floor']:.2f} |")
+                rows.append([*cells, f"{c['seconds'] * 1e3:.1f}", f"{c['vs_floor']:.2f}"])
+        lines += ["", f"Kernel launch sweep (default tile; kept: {res['kernel_settings']}):", "",
+                  bench.table(["method", "block", "warps", "time (ms)", "x floor"], rows, align="lrrrr")]
     if res["sweep"]:
-        lines += ["", "Triton tile sweep (sft):", "", "| tile rows | time (ms) | x floor | peak memory (GiB) |",
-                  "|---:|---:|---:|---:|"]
+        rows = []
         for c in res["sweep"]:
             if "error" in c:
-                lines.append(f"| {c['tile_rows']} | failed: {c['error'][:80]} | | |")
+                rows.append([str(c["tile_rows"]), f"failed: {c['error'][:80]}", "", ""])
             else:
-                lines.append(
-                    f"| {c['tile_rows']} | {c['seconds'] * 1e3:.1f} | {c['vs_floor']:.2f} | {c['peak_gib']:.2f} |"
-                )
+                rows.append([str(c["tile_rows"]), f"{c['seconds'] * 1e3:.1f}", f"{c['vs_floor']:.2f}",
+                             f"{c['peak_gib']:.2f}"])
+        lines += ["", "Triton tile sweep (sft):", "",
+                  bench.table(["tile rows", "time (ms)", "x floor", "peak memory (GiB)"], rows, align="rrrr")]
     return "\n".join(lines) + "\n"
 
 
@@ -369,12 +348,8 @@ def main(argv=None):
     res = run(args)
     text = render(res)
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+    bench.write_json(args.json, res, indent=1)
+    bench.write_text(args.markdown, text)
 
 
 if __name__ == "__main__":

@@ -18,19 +18,17 @@ plain texts cut to `--max-length` tokens, so every sequence has the full length.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
-import time
+
+import _harness as bench
 
 
 def step_times(kind: str, args, dataset, tokenizer) -> tuple[list[float], float | None]:
     """Step times after the first (warm-up) step, and the peak GPU memory of the run in GiB (None on CPU)."""
     import torch
-    from transformers import TrainerCallback
 
-    from hf_plugins import FusedSFTConfig, FusedSFTTrainer, RoSTEConfig, RoSTETrainer
-    from hf_plugins.testing import CPU_TRAINING_ARGS, build_tiny_model
+    from hf_plugins import FusedSFTTrainer, RoSTETrainer
+    from hf_plugins.testing import build_tiny_model
 
     on_gpu = args.device == "cuda"
     model = build_tiny_model(
@@ -39,41 +37,26 @@ def step_times(kind: str, args, dataset, tokenizer) -> tuple[list[float], float 
         max_position_embeddings=max(512, args.max_length), dtype=torch.bfloat16 if on_gpu else torch.float32,
     )
     device_args = dict(use_cpu=False, bf16=True) if on_gpu else {}
-    common = dict(
-        output_dir=tempfile.mkdtemp(), max_steps=args.steps_per_round, per_device_train_batch_size=args.batch_size,
-        max_length=args.max_length, **{**CPU_TRAINING_ARGS, "logging_steps": 1000, **device_args},
+    method_args = dict(rotations="all") if kind == "roste" else {}
+    trainer = bench.make_trainer(
+        RoSTETrainer if kind == "roste" else FusedSFTTrainer, model, dataset, tokenizer,
+        max_steps=args.steps_per_round, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+        logging_steps=1000, **device_args, **method_args,
     )
-    if kind == "roste":
-        trainer = RoSTETrainer(model=model, args=RoSTEConfig(rotations="all", **common), train_dataset=dataset,
-                               processing_class=tokenizer)
-    else:
-        trainer = FusedSFTTrainer(model=model, args=FusedSFTConfig(**common), train_dataset=dataset,
-                                  processing_class=tokenizer)
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            if on_gpu:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.start)
-
-    trainer.add_callback(Timer())
-    if on_gpu:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None
+    timer = bench.step_timer(sync_gpu=on_gpu)
+    trainer.add_callback(timer)
+    with bench.PeakMemory("cuda" if on_gpu else "cpu") as memory:
+        trainer.train()
     del trainer, model
-    return times[1:], peak
+    return timer.times[1:], memory.peak_bytes / bench.GIB if on_gpu else None
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("qwen2.5-0.5b",), default=None,
-                        help="the block shapes of a real model (hidden 896, 24 layers, 14/2 heads, MLP 4864 = 76 x 64)")
+    parser.add_argument(
+        "--preset", choices=("qwen2.5-0.5b",), default=None,
+        help="the block shapes of a real model (hidden 896, 24 layers, 14/2 heads, MLP 4864 = 76 x 64)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -90,26 +73,24 @@ def main():
     if args.preset == "qwen2.5-0.5b":
         args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 896, 24, 14, 2, 4864
 
-    import torch
-
-    torch.set_num_threads(args.threads)
+    torch = bench.setup(args.threads, quiet=False)
     from datasets import Dataset
 
     from hf_plugins.testing import build_tokenizer, tiny_language_modeling_dataset
 
     tokenizer = build_tokenizer()
     # one long text per row (several hundred short Q&A rows joined), so that no row is shorter than --max-length
-    pieces = tiny_language_modeling_dataset(64 * args.batch_size * args.steps_per_round)["text"]
-    per_row = max(1, len(pieces) // (args.batch_size * args.steps_per_round))
-    texts = ["\n".join(pieces[i:i + per_row]) for i in range(0, per_row * args.batch_size * args.steps_per_round, per_row)]
+    rows = args.batch_size * args.steps_per_round
+    pieces = tiny_language_modeling_dataset(64 * rows)["text"]
+    per_row = max(1, len(pieces) // rows)
+    texts = ["\n".join(pieces[i : i + per_row]) for i in range(0, per_row * rows, per_row)]
     dataset = Dataset.from_dict({"text": texts})
-    times = {"sft": [], "roste": []}
-    peaks: dict = {}
-    for _ in range(args.rounds):
-        for kind in ("sft", "roste"):
-            kind_times, peak = step_times(kind, args, dataset, tokenizer)
-            times[kind] += kind_times
-            peaks[kind] = peak
+    # rounds in a fixed order: SFT, RoSTE, SFT, RoSTE, ...
+    runs = bench.interleaved(("sft", "roste"), lambda kind, _: step_times(kind, args, dataset, tokenizer), args.rounds,
+                             rotate=False)
+    times = {kind: [seconds for step_seconds, _ in kind_runs for seconds in step_seconds]
+             for kind, kind_runs in runs.items()}
+    peaks = {kind: kind_runs[-1][1] if kind_runs else None for kind, kind_runs in runs.items()}
     medians = {kind: statistics.median(values) for kind, values in times.items()}
     result = {
         "config": vars(args),
@@ -118,11 +99,7 @@ def main():
         "roste_over_sft": medians["roste"] / medians["sft"],
         "peak_memory_gib": peaks,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    print(bench.write_json(args.output, result))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import tempfile
 import time
+
+import _harness as bench
 
 
 def load_inputs(args):
@@ -68,9 +69,7 @@ def run_all(args) -> dict:
         return [round(entry["loss"], 4) for entry in trainer.state.log_history if "loss" in entry]
 
     def timed_train(trainer):
-        start = time.perf_counter()
-        trainer.train()
-        return time.perf_counter() - start
+        return bench.timed(trainer.train, clock=time.perf_counter)[0]
 
     # SFT in float, then post-training quantisation of the same trained weights, with and without rotations
     sft = FusedSFTTrainer(model=fresh_model(), args=FusedSFTConfig(output_dir=tempfile.mkdtemp(), **common),
@@ -126,17 +125,11 @@ def main():
     parser.add_argument("--output", default=None, help="also write the JSON result here")
     args = parser.parse_args()
 
-    import torch
-
-    torch.set_num_threads(args.threads)
+    torch = bench.setup(args.threads, quiet=False)
     results = run_all(args)
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
     report = {"config": vars(args), "device": device, "eval_loss": results}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    print(bench.write_json(args.output, report))
     sft, ste, roste = results["sft"], results["ste"], results["roste"]
     print(f"\neval loss after {args.steps} steps, W{args.w_bits}A{args.a_bits}KV{args.kv_bits} (lower is better)")
     print(f"  pretrained model, float         {results['base_float']:.3f}")
@@ -144,7 +137,8 @@ def main():
     print(f"  SFT, then RTN                   {sft['rtn']:.3f}")
     print(f"  SFT, then rotations + RTN       {sft['rotated_rtn']:.3f}")
     print(f"  STE QAT, no rotation            {ste['quantized']:.3f}   (before training {ste['before_training']:.3f})")
-    print(f"  RoSTE (adaptive rotations)      {roste['quantized']:.3f}   (before training {roste['before_training']:.3f})")
+    print(f"  RoSTE (adaptive rotations)      {roste['quantized']:.3f}   "
+          f"(before training {roste['before_training']:.3f})")
 
 
 if __name__ == "__main__":

@@ -22,101 +22,65 @@ time; on a GPU, wall time with synchronisation.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
-import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from otr_step import build, clock, timed_step  # noqa: E402
-
-
-def make_trainer(uds: bool, args, folder, tokenizer, dataset):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from hf_plugins import FusedSFTConfig, FusedSFTTrainer, with_uds
-
-    common = dict(
-        output_dir=tempfile.mkdtemp(prefix="uds-bench-"), per_device_train_batch_size=args.candidates,
-        max_length=args.max_length, learning_rate=1e-4, bf16=False, use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=False, report_to="none", save_strategy="no", seed=0, dataloader_num_workers=0,
-        disable_tqdm=True, assistant_only_loss=True,
-    )
-    if uds:
-        cls = with_uds(FusedSFTTrainer)
-        config = cls.config_class(**common, uds_keep=args.keep)
-    else:
-        cls, config = FusedSFTTrainer, FusedSFTConfig(**common)
-    return cls(
-        model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), args=config,
-        train_dataset=dataset, processing_class=tokenizer,
-    )
-
-
-def sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+import _harness as bench
 
 
 def uds_step(trainer, batch) -> float:
     """Seconds of one UDS micro-step: selection (scoring forward, scores, memory) + forward + backward on the kept."""
-    sync()
-    start = clock()
-    (selected,) = trainer._uds_select([batch])
-    num_items = int((selected["labels"][:, 1:] != -100).sum())
-    trainer.training_step(trainer.model, selected, num_items)
-    sync()
-    elapsed = clock() - start
+
+    def select_and_train():
+        (selected,) = trainer._uds_select([batch])
+        trainer.training_step(trainer.model, selected, bench.supervised_tokens(selected))
+
+    elapsed, _ = bench.timed(select_and_train)
     trainer.model.zero_grad(set_to_none=True)
     return elapsed
 
 
-def step_benchmark(args, torch) -> None:
-    folder, tokenizer, dataset = build(argparse.Namespace(**{**vars(args), "batch_size": args.candidates}))
-    full = make_trainer(False, args, folder, tokenizer, dataset)
-    uds = make_trainer(True, args, folder, tokenizer, dataset)
-    loader = iter(uds.get_train_dataloader())
-    batches = [uds._prepare_inputs(next(loader)) for _ in range(args.batches)]
-    counts = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]
-    timed_step(full, batches[0], counts[0])  # warm-up
-    uds_step(uds, batches[0])
-    times = {"full": [], "uds": []}
-    for round_index in range(args.rounds):
-        for index, batch in enumerate(batches):
-            order = ("full", "uds") if (round_index + index) % 2 == 0 else ("uds", "full")
-            for name in order:
-                times[name].append(
-                    timed_step(full, batch, counts[index]) if name == "full" else uds_step(uds, batch)
-                )
-    vocab = args.vocab if args.vocab > len(tokenizer) else len(tokenizer)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
+def step_benchmark(args) -> None:
+    from hf_plugins import FusedSFTTrainer, with_uds
+
+    folder, tokenizer, vocab, dataset = bench.step_data(args, args.candidates)
+    full = bench.step_trainer(FusedSFTTrainer, args, folder, tokenizer, dataset, args.candidates)
+    uds = bench.step_trainer(with_uds(FusedSFTTrainer), args, folder, tokenizer, dataset, args.candidates,
+                             uds_keep=args.keep)
+    batches = bench.first_batches(uds, args.batches, prepare=True)
+    counts = [bench.supervised_tokens(batch) for batch in batches]
+    steps = {
+        "full": lambda i: bench.timed_step(full, batches[i], counts[i]),
+        "uds": lambda i: uds_step(uds, batches[i]),
+    }
+    times = bench.interleaved(steps, lambda name, i: steps[name](i), args.rounds, batches=args.batches, warmup=True)
+
     print(f"step: hidden {args.hidden}, {args.layers} layers, V = {vocab}, full fine-tuning; {args.candidates} "
-          f"candidates, keep {args.keep}; {device}; {args.rounds} rounds x {args.batches} batches, interleaved")
+          f"candidates, keep {args.keep}; {bench.device_label(args.threads)}; {args.rounds} rounds x {args.batches} "
+          "batches, interleaved")
     full_median, uds_median = statistics.median(times["full"]), statistics.median(times["uds"])
-    paired = statistics.median(u / f for u, f in zip(times["uds"], times["full"]))
     print(f"  full batch (forward + backward on {args.candidates}): {full_median:.4f} s")
     print(f"  UDS (score {args.candidates}, forward + backward on {args.keep}): {uds_median:.4f} s")
+    paired = bench.paired_ratio(times, "uds", "full")
     print(f"  UDS / full: {uds_median / full_median:.3f} (paired median {paired:.3f}); theory "
           f"{(args.candidates + 3 * args.keep) / (3 * args.candidates):.3f} without the head")
     # The lm_head factors are recomputed once per optimizer step while the head trains (above: once, as no optimizer
     # step is taken); their cost per micro-step shrinks with gradient accumulation
     callback = uds.uds_callback
     weight = uds.model.get_output_embeddings().weight
-    sync()
-    start = clock()
-    callback._factors = None
-    callback.head_factors(weight, None, step=-1)
-    sync()
-    factors = clock() - start
+
+    def recompute_factors():
+        callback._factors = None
+        callback.head_factors(weight, None, step=-1)
+
+    factors, _ = bench.timed(recompute_factors)
     for accumulation in (1, 8, 32):
         print(f"  with the lm_head factors ({factors:.4f} s per optimizer step) at {accumulation} micro-batches per "
               f"step: UDS / full = {(uds_median + factors / accumulation) / full_median:.3f}")
 
 
-def scoring_benchmark(args, torch) -> None:
+def scoring_benchmark(args) -> None:
+    import torch
+
     from hf_plugins.callbacks.uds import (
         SketchConstants,
         head_factors,
@@ -131,11 +95,6 @@ def scoring_benchmark(args, torch) -> None:
     weight = torch.randn(vocab, args.hidden, generator=g) / args.hidden**0.5
     constants = SketchConstants.draw(args.sketch_length, vocab, 8, 128, g)
 
-    cosines_time, cosines = None, None
-
-    def ours_factors():
-        return head_factors(weight, None, constants, torch.float32, cosines)
-
     def reference():
         utility, sketches = [], []
         for example in hidden:  # the reference projects one example at a time
@@ -145,17 +104,11 @@ def scoring_benchmark(args, torch) -> None:
         return torch.cat(utility), torch.cat(sketches)
 
     def best_of(fn, repeats):
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = clock()
-            out = fn()
-            sync()
-            times.append(clock() - start)
-        return min(times), out
+        runs = [bench.timed(fn) for _ in range(repeats)]
+        return min(seconds for seconds, _ in runs), runs[-1][1]
 
     cosines_time, cosines = best_of(lambda: constants.vocab_transform(0, vocab, torch.float32), 1)
-    factor_time, factors = best_of(ours_factors, 2)
+    factor_time, factors = best_of(lambda: head_factors(weight, None, constants, torch.float32, cosines), 2)
     ours_time, (u_ours, s_ours) = best_of(lambda: scores_from_hidden(hidden, factors, constants), args.score_repeats)
     ref_time, (u_ref, s_ref) = best_of(reference, max(1, args.score_repeats // 2))
     err_u = ((u_ours - u_ref).abs() / u_ref.abs()).max().item()
@@ -172,15 +125,9 @@ def scoring_benchmark(args, torch) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000, help="pad the lm_head to rows (0: the tokenizer's)")
+    bench.add_step_arguments(parser, vocab=32000, batch_size=False)
     parser.add_argument("--candidates", type=int, default=4, help="B, candidates per micro-batch")
     parser.add_argument("--keep", type=int, default=1, help="K, examples kept")
-    parser.add_argument("--max_length", type=int, default=256)
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--score_vocab", type=int, default=32000)
     parser.add_argument("--score_tokens", type=int, default=128, help="N, padded tokens per candidate")
     parser.add_argument("--sketch_length", type=int, default=512, help="T")
@@ -188,15 +135,10 @@ def main() -> None:
     parser.add_argument("--skip_step", action="store_true")
     args = parser.parse_args()
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import torch
-    from transformers.utils import logging
-
-    torch.set_num_threads(args.threads)
-    logging.set_verbosity_error()
+    bench.setup(args.threads)
     if not args.skip_step:
-        step_benchmark(args, torch)
-    scoring_benchmark(args, torch)
+        step_benchmark(args)
+    scoring_benchmark(args)
 
 
 if __name__ == "__main__":
