@@ -589,6 +589,58 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
         torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "batching, peft", [("packing", False), ("padding_free", False), ("packing", True)],
+    ids=["packing", "padding_free", "packing-lora"],
+)
+def test_packed_and_padding_free_training_equal_padded_training(tiny_model_dir, tmp_path, batching, peft):
+    """One full batch a step, so both runs train on the same tokens: packed (`bfd`, several sequences a row, all
+    flattened into one padding-free row) or padding-free, the reference (a frozen copy, or the adapters-off policy)
+    must see the policy's sequence boundaries (`position_ids`, no attention mask)."""
+    settings = dict(
+        per_device_train_batch_size=16, optim="sgd", learning_rate=50.0, kl_coef=1.0, max_steps=3,
+        peft_config=lora() if peft else None,
+    )
+    padded = make_trainer(tiny_model_dir, tmp_path / "padded", **settings)
+    flat = dict(packing=True, max_length=256) if batching == "packing" else dict(padding_free=True, max_length=None)
+    packed = make_trainer(tiny_model_dir, tmp_path / batching, **settings, **flat)
+    rows = packed.train_dataset
+    assert sum(map(len, rows["input_ids"])) == sum(map(len, padded.train_dataset["input_ids"]))  # nothing truncated
+    if batching == "packing":
+        assert len(rows) < 16 and max(len(lengths) for lengths in rows["seq_lengths"]) > 1
+    batch = next(iter(packed.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch and "cu_seq_lens_q" in batch
+    before = [p.detach().clone() for p in padded.model.parameters()]
+    for trainer in (padded, packed):
+        trainer.train()
+    assert logged(packed, "kl")[0] == pytest.approx(0.0, abs=1e-7) and logged(packed, "kl")[-1] > 0
+    for key in ("loss", "kl", "dft_weight"):
+        assert logged(packed, key) == pytest.approx(logged(padded, key), rel=1e-4, abs=1e-7), key
+    assert max((p - q).abs().max() for p, q in zip(padded.model.parameters(), before)) > 1e-3
+    for p_a, p_b in zip(padded.model.parameters(), packed.model.parameters()):
+        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+
+
+def test_wrapped_packing_at_kl_zero_trains_like_stock_dft(tiny_model_dir, tmp_path):
+    """`wrapped` rows mix sequences (they attend to each other, as in stock TRL): no padded run is the same, but
+    stock `SFTTrainer` with `loss_type="dft"` on the same packing is; and the anchor starts at 0 there too."""
+    from trl import SFTConfig, SFTTrainer
+
+    settings = dict(packing=True, packing_strategy="wrapped", max_length=64, optim="sgd", learning_rate=50.0,
+                    max_steps=3)
+    asft = make_trainer(tiny_model_dir, tmp_path / "asft", kl_coef=0.0, **settings)
+    asft.train()
+    stock = make_trainer(tiny_model_dir, tmp_path / "stock", cls=SFTTrainer, config_cls=SFTConfig, loss_type="dft",
+                         **settings)
+    stock.train()
+    assert logged(asft) == pytest.approx(logged(stock), rel=1e-5)
+    for p_a, p_b in zip(stock.model.parameters(), asft.model.parameters()):
+        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    anchored = make_trainer(tiny_model_dir, tmp_path / "anchored", kl_coef=1.0, **settings)
+    anchored.train()
+    assert logged(anchored, "kl")[0] == pytest.approx(0.0, abs=1e-7) and logged(anchored, "kl")[-1] > 1e-4
+
+
 def test_bad_references_raise_before_training(tiny_model_dir, tmp_path):
     # a checkpoint whose tokenizer has the policy's size but other ids
     other_ids = save_tiny_model(tmp_path / "other-ids", tokenizer_seed=1)

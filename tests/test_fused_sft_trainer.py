@@ -201,15 +201,32 @@ def test_gradient_checkpointing_gives_same_losses(tiny_model_dir, tmp_path):
     assert logged(checkpointed) == pytest.approx(logged(plain), abs=1e-6)
 
 
-def test_packing_matches_stock(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+@pytest.mark.parametrize(
+    "batching",
+    [
+        dict(packing=True, max_length=128),
+        dict(packing=True, packing_strategy="wrapped", max_length=64),
+        dict(padding_free=True, max_length=None),
+    ],
+    ids=["bfd", "wrapped", "padding_free"],
+)
+def test_packing_matches_stock(tiny_model_dir, tmp_path, loss_type, batching):
     dataset = tiny_conversational_dataset(32)
-    stock = make_trainer(SFTTrainer, SFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=3, packing=True, max_length=128)
-    stock.train()
-    fused = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=3, packing=True, max_length=128
+    settings = dict(
+        max_steps=3, per_device_train_batch_size=4, loss_type=loss_type, optim="sgd",
+        learning_rate=0.5 if loss_type == "nll" else 50.0, **batching,
     )
+    stock = make_trainer(SFTTrainer, SFTConfig, tiny_model_dir, tmp_path, dataset, **settings)
+    stock.train()
+    fused = make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, **settings)
     fused.train()
-    assert logged(fused) == pytest.approx(logged(stock), abs=1e-5)
+    assert fused.train_dataset["input_ids"] == stock.train_dataset["input_ids"]
+    assert logged(fused) == pytest.approx(logged(stock), rel=1e-5)
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert logged(fused, key) == pytest.approx(logged(stock, key), abs=1e-4), key
+    for (name, p_stock), p_fused in zip(stock.model.named_parameters(), fused.model.parameters()):
+        torch.testing.assert_close(p_fused, p_stock, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_chunked_and_reference_backends_agree(tiny_model_dir, tmp_path):

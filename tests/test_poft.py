@@ -722,8 +722,59 @@ def test_trainer_bad_datasets_raise(tiny_model_dir, tmp_path, scored_dataset):
                                               with_indices=True)
     with pytest.raises(ValueError, match="holds 1 NaN or infinite.*dataset.filter"):
         make_trainer(tiny_model_dir, tmp_path, bad)
-    with pytest.raises(ValueError, match="needs the dataset columns ref_score, which TRL's packing drops"):
-        make_trainer(tiny_model_dir, tmp_path, scored_dataset, packing=True)
+
+
+@pytest.mark.parametrize("scope", ["completion", "full"])
+@pytest.mark.parametrize("batching", ["packing", "padding_free"])
+def test_packed_and_padding_free_training_equal_padded_training(
+    tiny_model_dir, tmp_path, scored_dataset, scope, batching
+):
+    """One full batch a step, so both runs train on the same sequences: packed (`bfd`, several sequences a row, all
+    flattened into one padding-free row) or padding-free, each sequence must get its own score, and the mean must be
+    over sequences, not rows."""
+    settings = dict(
+        per_device_train_batch_size=16, per_device_eval_batch_size=16, optim="sgd", learning_rate=2.0, beta=1.5,
+        poft_target_scope=scope,
+    )
+    padded = make_trainer(tiny_model_dir, tmp_path / "padded", scored_dataset, **settings)
+    flat = dict(packing=True, max_length=256) if batching == "packing" else dict(padding_free=True, max_length=None)
+    packed = make_trainer(tiny_model_dir, tmp_path / batching, scored_dataset, **settings, **flat)
+    rows = packed.train_dataset
+    assert sum(map(len, rows["input_ids"])) == sum(map(len, padded.train_dataset["input_ids"]))  # nothing truncated
+    if batching == "packing":
+        assert len(rows) < 16 and max(len(lengths) for lengths in rows["seq_lengths"]) > 1
+    batch = next(iter(packed.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert batch["ref_score"].shape == batch["input_ids"].shape
+    device = torch.device("cpu")
+    assert int(packed._get_num_items_in_batch([batch], device)) == 16  # sequences, not rows
+    before = [p.detach().clone() for p in padded.model.parameters()]
+    for trainer in (padded, packed):
+        trainer.train()
+    for key in ("loss", "reward_margin", "poft_weight", "policy_score"):
+        assert logged(packed, key) == pytest.approx(logged(padded, key), rel=1e-5, abs=1e-6), key
+    assert max((p - q).abs().max() for p, q in zip(padded.model.parameters(), before)) > 1e-2
+    for p_a, p_b in zip(padded.model.parameters(), packed.model.parameters()):
+        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    # evaluation packs the same way (`eval_packing` follows `packing`) and gives the same mean over sequences
+    assert packed.evaluate(scored_dataset)["eval_loss"] == pytest.approx(
+        padded.evaluate(scored_dataset)["eval_loss"], rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(packing=True, packing_strategy="wrapped"), "packing_strategy='wrapped'` cuts sequences"),
+        (dict(packing=True, packing_strategy="bfd_split"), "packing_strategy='bfd_split'` cuts sequences"),
+        (dict(eval_packing=True, packing_strategy="wrapped"), "packing_strategy='wrapped'` cuts sequences"),
+        (dict(eval_packing=True), "`eval_packing=True` with `packing=False`.*lose their sequence boundaries"),
+    ],
+    ids=["wrapped", "bfd_split", "eval-wrapped", "eval-only"],
+)
+def test_packing_that_cuts_sequences_is_refused(tiny_model_dir, tmp_path, scored_dataset, overrides, match):
+    with pytest.raises(ValueError, match=f"{match}.*PoFTTrainer needs each sequence whole"):
+        make_trainer(tiny_model_dir, tmp_path, scored_dataset, max_length=128, **overrides)
 
 
 @pytest.mark.parametrize(

@@ -564,6 +564,69 @@ def test_pretokenized_rows_are_truncated_with_their_weights(tiny_model_dir, tmp_
     assert all(math.isfinite(x) for x in logged(trainer))
 
 
+@pytest.mark.parametrize("normalization", ["sample", "token"])
+@pytest.mark.parametrize("batching", ["packing", "padding_free"])
+def test_packed_and_padding_free_training_equal_padded_training(tiny_model_dir, tmp_path, normalization, batching):
+    """One full batch a step, so both runs train on the same tokens: packed (`bfd`, several sequences a row, all
+    flattened into one padding-free row) or padding-free, the weights must stay with their tokens and "sample" must
+    normalise and count each packed sequence, not each row."""
+    dataset = tiny_tool_calling_dataset(12)
+    settings = dict(
+        per_device_train_batch_size=12, optim="sgd", learning_rate=2.0, weight_normalization=normalization,
+        max_steps=3,
+    )
+    padded = make_trainer(tiny_model_dir, tmp_path / "padded", dataset, **settings)
+    flat = {"packing": True} if batching == "packing" else {"padding_free": True, "max_length": None}
+    packed = make_trainer(tiny_model_dir, tmp_path / batching, dataset, **settings, **flat)
+    rows = packed.train_dataset
+    assert sum(map(len, rows["input_ids"])) == sum(map(len, padded.train_dataset["input_ids"]))  # nothing truncated
+    if batching == "packing":
+        assert len(rows) < 12 and max(len(lengths) for lengths in rows["seq_lengths"]) > 1
+    batch = next(iter(packed.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and batch["token_weights"].shape == batch["input_ids"].shape
+    count = int(packed._get_num_items_in_batch([batch], torch.device("cpu")))
+    assert count == (12 if normalization == "sample" else int((batch["labels"] != IGNORE).sum()))
+    before = [p.detach().clone() for p in padded.model.parameters()]
+    for trainer in (padded, packed):
+        trainer.train()
+    for key in ("loss", "token_weight"):
+        assert logged(packed, key) == pytest.approx(logged(padded, key), rel=1e-5), key
+    assert max((p - q).abs().max() for p, q in zip(padded.model.parameters(), before)) > 1e-2
+    for p_a, p_b in zip(padded.model.parameters(), packed.model.parameters()):
+        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+
+
+def test_wrapped_packing_keeps_the_weights_with_their_tokens(tiny_model_dir, tmp_path):
+    """`wrapped` cuts the token stream every `max_length` tokens, sequences included: the weights are cut with it, and
+    "token" normalisation (a sum over tokens) gives the weighted NLL of the packed rows."""
+    dataset = tiny_tool_calling_dataset(8)
+    unpacked = make_trainer(tiny_model_dir, tmp_path / "unpacked", dataset, weight_normalization="token")
+    wrapped = make_trainer(
+        tiny_model_dir, tmp_path / "wrapped", dataset, weight_normalization="token", packing=True,
+        packing_strategy="wrapped", max_length=128,
+    )
+    rows = wrapped.train_dataset
+    assert all(len(r["token_weights"]) == len(r["input_ids"]) for r in rows) and len(rows) > len(dataset)
+    for column in ("input_ids", "labels", "token_weights"):
+        assert sum(rows[column], []) == sum(unpacked.train_dataset[column], []), column
+    batch = next(iter(wrapped.get_train_dataloader()))
+    assert batch["input_ids"].shape[1] == 128 and (batch["token_weights"] > 1).any()
+    wrapped.model.train()
+    loss = wrapped.compute_loss(wrapped.model, dict(batch))
+    torch.testing.assert_close(loss.double(), manual_loss(wrapped, batch, "token"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["wrapped", "bfd_split"])
+def test_sample_normalisation_refuses_packing_that_cuts_sequences(tiny_model_dir, tmp_path, strategy):
+    with pytest.raises(ValueError, match=f"packing_strategy='{strategy}'` cuts sequences.*TLTrainer needs each "
+                                         "sequence whole.*weight_normalization='sample'"):
+        make_trainer(tiny_model_dir, tmp_path, packing=True, packing_strategy=strategy)
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, packing=True, packing_strategy=strategy, weight_normalization="token", max_length=128
+    )
+    assert all(len(r["token_weights"]) == len(r["input_ids"]) <= 128 for r in trainer.train_dataset)
+
+
 # ------------------------------------------------------------------------------------------- the reward (IRM)
 
 REWARD_TOOLS = [schema("get_weather", "city", "unit"), schema("get_time", "city"), schema("search", "query")]

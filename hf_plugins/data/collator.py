@@ -4,6 +4,10 @@ TRL's `DataCollatorForLanguageModeling` emits only `input_ids`, `labels` and `at
 keys). Methods that need more per batch (token weights, per-example scores, sample ids) declare their columns; this
 wrapper takes them out of each example, lets TRL's collator do everything else, then pads the per-token columns
 exactly like `input_ids` (right padding, or one flattened row when padding-free) and stacks the per-example ones.
+
+When a row can hold several examples (padding-free batches, packed rows) a per-example column is emitted per token,
+each token holding its example's value, padded and flattened like `input_ids`; `hf_plugins.data.packing.
+sequence_values` turns it into one value per sequence (see that module for why this form).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ class DataCollatorWithExtraColumns:
         base_collator (`Callable`): the collator that builds the model inputs (TRL's language-modeling collator).
         token_columns (`dict[str, float]`): per-token columns (one value per `input_ids` entry) and the value their
             padding takes (e.g. `{"token_weights": 0.0}`).
-        example_columns (`tuple[str, ...]`): per-example columns (one number per example), stacked into `[B]`.
+        example_columns (`tuple[str, ...]`): per-example columns (one number per example), stacked into `[B]`; when
+            rows hold several examples (`padding_free`, or packed rows whose values are already one per token), one
+            value per token instead, shaped like `input_ids` (padding holds 0).
         padding_free (`bool`): whether `base_collator` flattens the batch into one row.
     """
 
@@ -45,20 +51,34 @@ class DataCollatorWithExtraColumns:
         length = batch["input_ids"].shape[1]
         for name, pad_value in self.token_columns.items():
             values = [torch.as_tensor(extra[name], dtype=torch.float32) for extra in extras]
-            for value, example in zip(values, examples):
-                if value.shape[0] != len(example["input_ids"]):
-                    raise ValueError(
-                        f"Column `{name}` has {value.shape[0]} entries for an example of {len(example['input_ids'])} "
-                        "tokens: per-token columns need one entry per token (truncate them with `input_ids`)."
-                    )
-            if self.padding_free:
-                values = [torch.cat(values)]
-            padded = torch.full((len(values), length), float(pad_value), dtype=torch.float32)
-            for row, value in enumerate(values):
-                padded[row, : value.shape[0]] = value
-            batch[name] = padded
+            batch[name] = self._pad_like_input_ids(name, values, examples, float(pad_value), length)
         for name in self.example_columns:
-            values = torch.as_tensor([extra[name] for extra in extras])
+            values = [torch.as_tensor(extra[name]) for extra in extras]
             # Scores become float32 like the model's loss inputs; ids (sample indices) stay integers
-            batch[name] = values.float() if values.is_floating_point() else values
+            values = [value.float() if value.is_floating_point() else value.long() for value in values]
+            if self.padding_free or any(value.dim() > 0 for value in values):
+                # Rows holding several examples: one value per token (packed rows bring them spread already)
+                values = [
+                    value.expand(len(example["input_ids"])) if value.dim() == 0 else value
+                    for value, example in zip(values, examples)
+                ]
+                batch[name] = self._pad_like_input_ids(name, values, examples, 0, length)
+            else:
+                batch[name] = torch.stack(values)
         return batch
+
+    def _pad_like_input_ids(self, name, values, examples, pad_value, length) -> torch.Tensor:
+        """Per-token `values` right-padded with `pad_value` to the batch's length, or flattened into one row."""
+        for value, example in zip(values, examples):
+            if value.dim() != 1 or value.shape[0] != len(example["input_ids"]):
+                raise ValueError(
+                    f"Column `{name}` has {value.shape[0] if value.dim() else 'one'} entries for an example of "
+                    f"{len(example['input_ids'])} tokens: per-token columns need one entry per token (truncate them "
+                    "with `input_ids`)."
+                )
+        if self.padding_free:
+            values = [torch.cat(values)]
+        padded = torch.full((len(values), length), pad_value, dtype=values[0].dtype)
+        for row, value in enumerate(values):
+            padded[row, : value.shape[0]] = value
+        return padded

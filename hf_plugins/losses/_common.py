@@ -1,4 +1,4 @@
-"""Helpers shared by the functional losses: the reduction convention and label checks."""
+"""Helpers shared by the functional losses: the reduction convention, label checks and the sequences of packed rows."""
 
 from __future__ import annotations
 
@@ -43,3 +43,32 @@ def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     log_probs = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
     picked = log_probs.gather(-1, labels.masked_fill(~mask, 0).unsqueeze(-1)).squeeze(-1)
     return picked.masked_fill(~mask, 0.0), mask
+
+
+def sequence_ids(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """The sequence of every position (shaped like `labels`) and the number of sequences.
+
+    Without `position_ids`, each row of `[B, T]` labels is one sequence (a flat `[N]` input is one sequence). With
+    `position_ids` (shaped like `labels` and aligned with them: the position, within its own sequence, of the token
+    each label is), a packed row holds several sequences: a new one starts at the start of each row and wherever the
+    position does not follow the previous one (`position_ids[t] != position_ids[t - 1] + 1`, e.g. back to 0).
+    Sequences are numbered in row-major order.
+    """
+    if position_ids is None:
+        if labels.dim() == 2:
+            ids = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
+            return ids, labels.shape[0]
+        return torch.zeros_like(labels, dtype=torch.long), 1
+    if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != tuple(labels.shape):
+        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise ValueError(
+            f"`position_ids` has shape {shape} but `labels` has shape {tuple(labels.shape)}: pass the position of "
+            "every label's token in its own sequence, aligned with `labels` (shifted like them)."
+        )
+    if labels.numel() == 0:
+        return torch.zeros_like(labels, dtype=torch.long), 0
+    positions = position_ids.to(labels.device).long().reshape(-1, labels.shape[-1])
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    ids = starts.reshape(-1).cumsum(0).reshape(labels.shape) - 1
+    return ids, int(starts.sum())

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets, label_targets
-from ._common import label_log_probs, reduce_sum
+from ._common import label_log_probs, reduce_sum, sequence_ids
 
 #: Where the aligned models' scores come from, named in every error about missing or invalid scores
 SCORER = "hf_plugins.score_with_aligned_models"
@@ -54,35 +54,6 @@ def check_beta_gamma(beta, gamma) -> tuple[float, float]:
             f"got {values[0]}."
         )
     return values[0], values[1]
-
-
-def sequence_ids(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """The sequence of every position (shaped like `labels`) and the number of sequences.
-
-    Without `position_ids`, each row of `[B, T]` labels is one sequence (a flat `[N]` input is one sequence). With
-    `position_ids` (shaped like `labels` and aligned with them: the position, within its own sequence, of the token
-    each label is), a packed row holds several sequences: a new one starts at the start of each row and wherever the
-    position does not follow the previous one (`position_ids[t] != position_ids[t - 1] + 1`, e.g. back to 0).
-    Sequences are numbered in row-major order.
-    """
-    if position_ids is None:
-        if labels.dim() == 2:
-            ids = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)
-            return ids, labels.shape[0]
-        return torch.zeros_like(labels, dtype=torch.long), 1
-    if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != tuple(labels.shape):
-        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
-        raise ValueError(
-            f"`position_ids` has shape {shape} but `labels` has shape {tuple(labels.shape)}: pass the position of "
-            "every label's token in its own sequence, aligned with `labels` (shifted like them)."
-        )
-    if labels.numel() == 0:
-        return torch.zeros_like(labels, dtype=torch.long), 0
-    positions = position_ids.to(labels.device).long().reshape(-1, labels.shape[-1])
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
-    ids = starts.reshape(-1).cumsum(0).reshape(labels.shape) - 1
-    return ids, int(starts.sum())
 
 
 def check_ref_scores(ref_scores, num_sequences: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

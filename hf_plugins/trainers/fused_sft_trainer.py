@@ -9,6 +9,7 @@ override only `loss_method` / `loss_method_inputs` (and declare their extra colu
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 from typing import Any
@@ -18,6 +19,7 @@ from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from ..data import DataCollatorWithExtraColumns
+from ..data.packing import pack_with_columns
 from ..ops.method import LossMethod
 from ..utils import destroy_process_group_at_exit
 from .base import LossHead, add_loss_head_forward
@@ -39,8 +41,10 @@ class FusedSFTTrainer(SFTTrainer):
 
     Subclasses that need more than the labels set:
         token_columns (`dict[str, float]`): per-token dataset columns the collator keeps, with their padding value;
-        example_columns (`tuple[str, ...]`): per-example dataset columns the collator keeps;
-    and override `loss_method` and `loss_method_inputs`.
+            packing moves them with their tokens;
+        example_columns (`tuple[str, ...]`): per-example dataset columns the collator keeps; packed or padding-free
+            batches bring them per token (`hf_plugins.data.packing.sequence_values` reads one per sequence);
+    and override `loss_method` and `loss_method_inputs` (and `whole_sequence_loss` for a per-sequence loss).
     """
 
     _tag_names = ["trl", "sft", "hf-plugins"]
@@ -82,12 +86,7 @@ class FusedSFTTrainer(SFTTrainer):
                 f"`label_smoothing_factor={args.label_smoothing_factor}` is not supported by {type(self).__name__}: "
                 "label smoothing needs the full logits. Set it to 0."
             )
-        if (self.token_columns or self.example_columns) and (args.packing or args.padding_free):
-            raise ValueError(
-                f"{type(self).__name__} needs the dataset columns "
-                f"{', '.join([*self.token_columns, *self.example_columns])}, which TRL's packing drops: set "
-                "`packing=False` and `padding_free=False`."
-            )
+        self._check_packing_strategy(args)
         if self.token_columns or self.example_columns:
             # TRL drops every column the model's forward does not name; ours must reach the collator
             args.remove_unused_columns = False
@@ -109,7 +108,8 @@ class FusedSFTTrainer(SFTTrainer):
                 self.data_collator,
                 token_columns=dict(self.token_columns),
                 example_columns=tuple(self.example_columns),
-                padding_free=bool(self.args.padding_free),
+                # TRL's own choice: `padding_free`, or packing with a strategy that keeps sequence boundaries
+                padding_free=bool(self.padding_free),
             )
 
     # ------------------------------------------------------------------ hooks for method trainers
@@ -124,6 +124,31 @@ class FusedSFTTrainer(SFTTrainer):
         states) and `"other_inputs"` (per-sequence tensors, scalars, weights: passed as they are). The extra columns
         are already popped from `inputs` and can be read from `self._extra_batch`."""
         return {}
+
+    def whole_sequence_loss(self, args) -> str | None:
+        """For trainers whose loss needs each sequence whole (a per-sequence mean or weight): why, as a phrase
+        naming any setting that lifts it; packing strategies that cut sequences into pieces are then refused.
+        None (here): the loss is a sum over tokens, so any packing gives the loss of the packed tokens."""
+        return None
+
+    def _check_packing_strategy(self, args) -> None:
+        eval_packing = args.packing if args.eval_packing is None else args.eval_packing
+        reason = self.whole_sequence_loss(args) if (args.packing or eval_packing) else None
+        if reason is None:
+            return
+        if args.packing_strategy != "bfd":
+            raise ValueError(
+                f"`packing_strategy={args.packing_strategy!r}` cuts sequences into pieces, but "
+                f"{type(self).__name__} needs each sequence whole ({reason}): set `packing_strategy='bfd'` (whole "
+                "sequences, truncated to `max_length`) or `packing=False`."
+            )
+        if eval_packing and not args.packing:
+            # TRL's collator keeps packed sequences apart (padding-free, position ids) only when training packs too
+            raise ValueError(
+                f"`eval_packing=True` with `packing=False` collates the packed evaluation rows as padded rows, which "
+                f"lose their sequence boundaries, but {type(self).__name__} needs each sequence whole ({reason}): "
+                "set `eval_packing=False`, or pack the training data too (`packing=True`)."
+            )
 
     def _check_loss_backend(self, base_model) -> None:
         """Refuse a GPU backend the machine or the method cannot run, before training starts; with `"liger"`, apply
@@ -154,6 +179,17 @@ class FusedSFTTrainer(SFTTrainer):
                 apply_liger_model_patches(base_model)
 
     # ------------------------------------------------------------------ TRL/transformers plumbing
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        columns = [*self.token_columns, *self.example_columns]
+        if not (packing and columns):
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        # TRL packs `input_ids` and `labels` alone: prepare the rows as TRL does, unpacked and not truncated (packing
+        # truncates), then pack them with the method's columns
+        unpacked = copy.copy(args)
+        unpacked.max_length, unpacked.shuffle_dataset = None, False
+        dataset = super()._prepare_dataset(dataset, processing_class, unpacked, False, formatting_func, dataset_name)
+        return pack_with_columns(dataset, args, list(self.token_columns), list(self.example_columns), dataset_name)
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = [name for name in (*self.token_columns, *self.example_columns) if name not in self._signature_columns]

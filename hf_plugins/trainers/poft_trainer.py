@@ -7,7 +7,7 @@ then one pass computes the loss and the gradients together. No logits are ever b
 
 Normalisation: the loss is a mean over sequences. `num_items_in_batch` is made the number of sequences with a trained
 token in the whole accumulated batch, across processes, so gradient accumulation 4 x 1 equals 1 x 4 and DDP equals
-one process, as the token count does for SFT.
+one process, as the token count does for SFT. Packed rows (`bfd`) count their sequences, each with its own score.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from datasets import Dataset
 from transformers.utils import logging
 from trl.data_utils import get_dataset_column_names
 
+from ..data.packing import any_per_sequence, batch_sequences, packed_position_ids, sequence_values
 from ..losses.poft import SCORER, PoFTMethod
 from ..ops.method import IGNORE_INDEX
 from .fused_sft_trainer import FusedSFTTrainer
@@ -38,18 +39,25 @@ def scoped_labels(batch: dict[str, Any], scope: str) -> torch.Tensor:
     if scope == "completion":
         return labels
     attention_mask = batch.get("attention_mask")
-    if attention_mask is None:
+    if attention_mask is not None:
+        tokens = attention_mask.to(labels.device).bool()
+    elif batch.get("position_ids") is not None:
+        # Padding-free: every position is a token but the padding to `pad_to_multiple_of`, which sits at position 0
+        # like each sequence's first token (whose label nothing before it in the sequence predicts): TRL's own mask
+        tokens = batch["position_ids"].to(labels.device) != 0
+    else:
         raise ValueError(
-            "poft_target_scope='full' needs the batch's `attention_mask` to tell padding from tokens; padding-free "
-            "batches are not supported with it: use poft_target_scope='completion' there."
+            "poft_target_scope='full' needs the batch's `attention_mask` (or, padding-free, its `position_ids`) to "
+            "tell padding from tokens: use TRL's collator, or poft_target_scope='completion'."
         )
     input_ids = batch["input_ids"].to(labels.device)
-    return torch.where(attention_mask.to(labels.device).bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return torch.where(tokens, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
 
 
-def trained_sequences(labels: torch.Tensor) -> torch.Tensor:
-    """`[B]` bool: the sequences with at least one label after the next-token shift."""
-    return (labels[:, 1:] != IGNORE_INDEX).any(dim=1)
+def trained_sequences(labels: torch.Tensor, sequences: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """`[S]` bool: the sequences with at least one label after the next-token shift; `sequences` as
+    `hf_plugins.data.packing.batch_sequences` gives them (default: one per row)."""
+    return any_per_sequence(labels[:, 1:] != IGNORE_INDEX, sequences or batch_sequences({"labels": labels}))
 
 
 class PoFTTrainer(FusedSFTTrainer):
@@ -137,7 +145,8 @@ class PoFTTrainer(FusedSFTTrainer):
                     f"(examples `{SCORER}` found no response token to score, e.g. emptied by its `max_length`). Drop "
                     f"them first: `dataset = dataset.filter(lambda row: math.isfinite(row['{REF_SCORE_COLUMN}']))`."
                 )
-        before = len(dataset) if isinstance(dataset, Dataset) else None
+        # (packed rows are fewer than the examples: the count of skipped examples is for unpacked data only)
+        before = len(dataset) if isinstance(dataset, Dataset) and not packing else None
         dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if before is not None and len(dataset) < before:
             # TRL drops the examples that truncation to `max_length` left without a supervised token
@@ -160,14 +169,27 @@ class PoFTTrainer(FusedSFTTrainer):
             )
         # `inputs` is this call's own copy (compute_loss): the scope changes the labels the head sees only
         inputs["labels"] = scoped_labels(inputs, self.args.poft_target_scope)
-        ref_scores = self._extra_batch[REF_SCORE_COLUMN].to(inputs["labels"].device)
-        return {"other_inputs": {"ref_scores": ref_scores, "beta": self.args.beta, "gamma": self.args.gamma}}
+        # One score per sequence: per row, or per packed sequence (the collator's per-token form, read back at the
+        # sequences the head finds from the position ids it is given)
+        ref_scores = sequence_values(self._extra_batch[REF_SCORE_COLUMN], inputs, REF_SCORE_COLUMN)
+        groups = {
+            "other_inputs": {
+                "ref_scores": ref_scores.to(inputs["labels"].device), "beta": self.args.beta, "gamma": self.args.gamma
+            }
+        }
+        position_ids = packed_position_ids(inputs)
+        if position_ids is not None:
+            groups["token_inputs"] = {"position_ids": position_ids}
+        return groups
 
     def trained_sequences(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        # PoFT's loss is a mean over sequences: the global count of sequences with a scored token
+        # PoFT's loss is a mean over sequences: the global count of sequences (packed ones too) with a scored token
         if "labels" not in batch:
             return None
-        return trained_sequences(scoped_labels(batch, self.args.poft_target_scope))
+        return trained_sequences(scoped_labels(batch, self.args.poft_target_scope), batch_sequences(batch))
+
+    def whole_sequence_loss(self, args) -> str | None:
+        return "its loss compares each sequence's mean log-prob with the aligned models' score of the whole response"
 
     def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
         """The per-sequence metrics as means over every process's sequences; the rest as the parent logs them."""

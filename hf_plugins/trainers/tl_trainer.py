@@ -10,7 +10,8 @@ loss is their mean. The `"weighted"` method computes `sum_t c_t l_t / num_items_
 `c_t = w_t / sum_{t' in its sequence} w_t'` and makes `num_items_in_batch` the number of sequences (with a trained
 token) in the whole accumulated batch, across processes. Each micro-batch then adds exactly its sequences' share of
 the global mean, so gradient accumulation 4 x 1 equals 1 x 4 and DDP equals one process, like the token count does for
-SFT. ("token" normalisation keeps TRL's token count: `sum_t w_t l_t / number of trained tokens`.)
+SFT. Packed rows count and normalise their sequences, not the rows. ("token" normalisation keeps TRL's token count:
+`sum_t w_t l_t / number of trained tokens`.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from datasets import Dataset
 from trl.data_utils import get_dataset_column_names
 from trl.trainer.utils import global_then_local_main_first
 
+from ..data.packing import any_per_sequence, batch_sequences, sum_per_sequence
 from ..data.tool_calls import IGNORE_INDEX, example_messages, tokenize_tool_conversation, truncate_columns
 from .fused_sft_trainer import FusedSFTTrainer
 from .tl_config import TLConfig
@@ -29,18 +31,29 @@ from .tl_config import TLConfig
 _TOKEN_COLUMNS = ("input_ids", "labels", "token_weights")
 
 
-def trained_sequences(labels: torch.Tensor, token_weights: torch.Tensor) -> torch.Tensor:
-    """`[B]` bool: the sequences with at least one trained position (a label that is not -100, predicted from the
-    position before it, with a positive weight)."""
-    return ((labels[:, 1:] != IGNORE_INDEX) & (token_weights[:, 1:] > 0)).any(dim=1)
+def trained_sequences(
+    labels: torch.Tensor, token_weights: torch.Tensor, sequences: tuple[torch.Tensor, int] | None = None
+) -> torch.Tensor:
+    """`[S]` bool: the sequences with at least one trained position (a label that is not -100, predicted from the
+    position before it, with a positive weight); `sequences` as `hf_plugins.data.packing.batch_sequences` gives them
+    (default: one per row)."""
+    trained = (labels[:, 1:] != IGNORE_INDEX) & (token_weights[:, 1:].to(labels.device) > 0)
+    return any_per_sequence(trained, sequences or batch_sequences({"labels": labels}))
 
 
-def per_sequence_normalized(token_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_sequence_normalized(
+    token_weights: torch.Tensor, labels: torch.Tensor, sequences: tuple[torch.Tensor, int] | None = None
+) -> torch.Tensor:
     """`w / sum_seq(w)`, the sum over each sequence's supervised positions (those with a label after the shift);
-    sequences without weight keep zeros."""
-    supervised = labels[:, 1:] != IGNORE_INDEX
-    totals = (token_weights[:, 1:] * supervised).sum(dim=1, keepdim=True)
-    return token_weights / torch.where(totals > 0, totals, torch.ones_like(totals))
+    sequences without weight keep zeros. `sequences` as `hf_plugins.data.packing.batch_sequences` gives them (packed
+    rows hold several); default: one per row. The first position, which the head's shift drops, is left as it is."""
+    ids, count = sequences or batch_sequences({"labels": labels})
+    shifted = token_weights[:, 1:]
+    supervised = labels[:, 1:].to(shifted.device) != IGNORE_INDEX
+    totals = sum_per_sequence(shifted * supervised, (ids, count))[ids.to(shifted.device)]
+    normalized = token_weights.clone()
+    normalized[:, 1:] = shifted / torch.where(totals > 0, totals, torch.ones_like(totals))
+    return normalized
 
 
 class TLTrainer(FusedSFTTrainer):
@@ -118,7 +131,8 @@ class TLTrainer(FusedSFTTrainer):
                     "columns, which TLTrainer needs. Pass the conversations (`messages` and `tools`) instead, or add "
                     "them with `hf_plugins.data.tokenize_tool_conversation`."
                 )
-            # TRL truncates `input_ids` and `labels` only: cut the weights with them, first
+            # TRL truncates `input_ids` and `labels` only: cut the weights with them, first (packing cuts every
+            # packed column itself, the weights included)
             if args.max_length is not None and not packing:
                 dataset = dataset.map(
                     truncate_columns,
@@ -142,14 +156,20 @@ class TLTrainer(FusedSFTTrainer):
         supervised = labels[:, 1:] != IGNORE_INDEX
         self._raw_weight_mean = (weights[:, 1:] * supervised).sum().item() / max(int(supervised.sum()), 1)
         if self.args.weight_normalization == "sample":
-            weights = per_sequence_normalized(weights, labels)
+            weights = per_sequence_normalized(weights, labels, batch_sequences(inputs))
         return {"token_inputs": {"token_weights": weights}}
 
     def trained_sequences(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        # "sample": the official per-sample normalisation, a mean over the sequences with a weighted token
+        # "sample": the official per-sample normalisation, a mean over the sequences (packed ones too) with a
+        # weighted token
         if self.args.weight_normalization != "sample" or "labels" not in batch or "token_weights" not in batch:
             return None
-        return trained_sequences(batch["labels"], batch["token_weights"])
+        return trained_sequences(batch["labels"], batch["token_weights"], batch_sequences(batch))
+
+    def whole_sequence_loss(self, args) -> str | None:
+        if args.weight_normalization != "sample":
+            return None
+        return "weight_normalization='sample' divides each sequence's weights by their sum; 'token' packs any way"
 
     def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
         if "token_weight" in metrics:
