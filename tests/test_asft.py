@@ -211,6 +211,44 @@ def test_kl_coef_zero_is_dft(backend):
     torch.testing.assert_close(asft_loss(logits, ref_logits, labels, kl_coef=0.0), dft_loss(logits, labels))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ref_mask_leaves_dft_alone_where_the_reference_has_no_prediction(backend):
+    """`ref_mask` False (the first token under prompt tuning, which only the policy's virtual tokens predict): DFT's
+    term alone there. Every backend equals `asft_loss` with the mask in value, gradients and the `kl` metric, and
+    `asft_loss` with the mask is ASFT on the anchored tokens plus DFT on the others."""
+    policy, reference, labels = make_inputs((3, 7), seed=21, ignore_frac=0.2)
+    ref_mask = torch.ones(labels.shape, dtype=torch.bool)
+    ref_mask[:, 0] = False
+    ref_mask[1, 4] = False
+    labels[:, 0] = 5  # the masked positions are supervised
+    labels[1, 4] = 7
+    kl_coef = 0.7
+    loss, metrics = fused(policy, reference, labels, kl_coef, backend, chunk_size=4, ref_mask=ref_mask,
+                          return_metrics=True)
+    grads = torch.autograd.grad(loss, policy_leaves(policy))
+
+    h, w, b = (t.detach().requires_grad_(True) for t in policy.values())
+    logits, ref_logits = logits_of(h, w, b), logits_of(*(t.detach() for t in reference.values()))
+    exp_loss = asft_loss(logits, ref_logits, labels, kl_coef=kl_coef, ref_mask=ref_mask)
+    exp_grads = torch.autograd.grad(exp_loss, [h, w, b])
+    torch.testing.assert_close(loss, exp_loss, rtol=1e-9, atol=1e-9)
+    for grad, exp in zip(grads, exp_grads):
+        torch.testing.assert_close(grad, exp, rtol=1e-9, atol=1e-9)
+
+    count = int((labels != IGNORE).sum())
+    logits = logits.detach()
+    split = asft_loss(logits, ref_logits, labels.masked_fill(~ref_mask, IGNORE), kl_coef=kl_coef,
+                      num_items_in_batch=count) + dft_loss(logits, labels.masked_fill(ref_mask, IGNORE), count)
+    torch.testing.assert_close(exp_loss.detach(), split, rtol=1e-12, atol=1e-12)
+    unmasked = asft_loss(logits, ref_logits, labels, kl_coef=kl_coef)
+    assert abs(float(unmasked - exp_loss)) > 1e-3  # the mask really drops KL terms
+
+    supervised = labels != IGNORE
+    log_p, log_q = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    assert metrics["kl"] == pytest.approx(float(kl[supervised & ref_mask].sum()) / count, rel=1e-9)
+
+
 def test_asft_loss_is_dft_plus_kl_div_as_the_official_code_writes_it():
     """The functional definition against an independent one: `kl_div(log_softmax(policy), softmax(ref))` summed over
     the vocabulary (the official code's direction, KL(ref || policy)), plus DFT, averaged over supervised tokens."""

@@ -147,9 +147,10 @@ def score_batch(model, batch_ids: Sequence[Sequence[int]], batch_scored: Sequenc
     """Mean log-prob of the scored tokens of each example (NaN for an example without one), from the model's last
     hidden state and the chunked head: never more than a `[chunk, V]` tile of logits."""
     from ..ops.chunked import chunked_label_log_probs, default_chunk_size
-    from ..trainers.base import check_plain_lm_head, lm_head_parameters
+    from ..trainers.base import add_loss_head_forward, forward_hidden_states
 
-    check_plain_lm_head(model)
+    # A PEFT model scores through its own forward (adapters, virtual tokens): the patch goes on its base model
+    add_loss_head_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
     device = next(model.parameters()).device
     length = max(len(ids) for ids in batch_ids)
     input_ids = torch.full((len(batch_ids), length), pad_token_id, dtype=torch.long)
@@ -160,8 +161,10 @@ def score_batch(model, batch_ids: Sequence[Sequence[int]], batch_scored: Sequenc
         attention_mask[row, : len(ids)] = 1
         scored[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
     input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    weight, bias = lm_head_parameters(model.get_output_embeddings())
+    # The last hidden state at the example's own positions (PEFT's virtual tokens left out), without logits
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    outputs = forward_hidden_states(model, inputs)
+    hidden, weight, bias = outputs.hidden_states, outputs.weight, outputs.bias
     # Position t predicts token t + 1
     rows = scored[:, 1:]
     labels = input_ids[:, 1:][rows]

@@ -7,6 +7,10 @@ Per supervised token, with `p = softmax(z)` the policy, `q = softmax(z_ref)` the
 As a target-weight rule this is `w * one_hot(y) + kl_coef * q`: the cross-entropy against that target equals the loss
 up to `kl_coef * sum_v q_v log q_v` per token (the reference's negative entropy, constant in the policy), so the fused
 head adds that constant back (`Targets.constant`) and reports the exact value, not only the exact gradient.
+
+Where the reference has no next-token distribution (`ref_mask` False: the first token, which a prompt-tuned policy
+predicts from its virtual tokens while a reference without them predicts nothing there), the token's loss is DFT's
+term alone.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def asft_loss(
     labels: torch.Tensor,
     kl_coef: float = 0.05,
     num_items_in_batch=None,
+    ref_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DFT's probability-weighted NLL plus `kl_coef * KL(softmax(ref_logits) || softmax(logits))` at every supervised
     token, reduced like `sft_loss`. Computed in float32 at least.
@@ -53,6 +58,8 @@ def asft_loss(
         kl_coef (`float`): weight of the KL anchor, >= 0; 0 gives exactly `dft_loss`.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default: the
             mean over supervised tokens.
+        ref_mask (`torch.BoolTensor` of shape `[B, T]`, *optional*): False where the reference has no prediction
+            (its `ref_logits` there are ignored): those tokens get no KL term. Default: every position has one.
     """
     kl_coef = check_kl_coef(kl_coef)
     if not isinstance(ref_logits, torch.Tensor) or tuple(ref_logits.shape) != tuple(logits.shape):
@@ -68,8 +75,19 @@ def asft_loss(
         log_p = torch.log_softmax(logits.to(dtype), dim=-1)
         log_q = torch.log_softmax(ref_logits.detach().to(dtype), dim=-1)
         kl = (log_q.exp() * (log_q - log_p)).sum(-1)
-        per_token = per_token + kl_coef * kl.masked_fill(~mask, 0.0)
+        anchored = mask if ref_mask is None else mask & _checked_ref_mask(ref_mask, labels).to(mask.device)
+        per_token = per_token + kl_coef * kl.masked_fill(~anchored, 0.0)
     return reduce_sum(per_token.sum(), mask.sum(), num_items_in_batch)
+
+
+def _checked_ref_mask(ref_mask, labels: torch.Tensor) -> torch.Tensor:
+    if not isinstance(ref_mask, torch.Tensor) or tuple(ref_mask.shape) != tuple(labels.shape):
+        shape = tuple(ref_mask.shape) if isinstance(ref_mask, torch.Tensor) else type(ref_mask).__name__
+        raise ValueError(
+            f"`ref_mask` has shape {shape}; it must be shaped like `labels` {tuple(labels.shape)}: whether the "
+            "reference has a prediction at each label position."
+        )
+    return ref_mask.bool()
 
 
 @dataclass
@@ -83,8 +101,10 @@ class ASFTMethod(LossMethod):
     """Target rule of ASFT for the fused head.
 
     Inputs: `ref_hidden` (`[B, T, D_ref]` shaped like the hidden states, or `[N, D_ref]`), `ref_weight` (`[V, D_ref]`,
-    the reference lm_head), `ref_bias` (`[V]`, *optional*) and `kl_coef`. The reference logits are computed one chunk
-    of rows at a time, in the head's compute dtype, and never get a gradient.
+    the reference lm_head), `ref_bias` (`[V]`, *optional*), `kl_coef` and `ref_mask` (*optional*, shaped like the
+    labels: False where the reference has no prediction, which gets no KL term; the fused head passes it when the
+    policy's forward prepends virtual tokens). The reference logits are computed one chunk of rows at a time, in the
+    head's compute dtype, and never get a gradient.
     """
 
     name = "asft"
@@ -96,6 +116,7 @@ class ASFTMethod(LossMethod):
         ref_weight: torch.Tensor | None = None,
         ref_bias: torch.Tensor | None = None,
         kl_coef: float = 0.05,
+        ref_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         self.kl_coef = check_kl_coef(kl_coef)
         if not isinstance(ref_hidden, torch.Tensor) or not isinstance(ref_weight, torch.Tensor):
@@ -124,7 +145,12 @@ class ASFTMethod(LossMethod):
         self._ref_weight = ref_weight.detach().to(device)
         self._ref_bias = ref_bias.detach().to(device) if ref_bias is not None else None
         self._cast = None
-        return {"ref_hidden": ref_hidden.detach().to(device)[rows.mask.to(device)]}
+        row_inputs = {"ref_hidden": ref_hidden.detach().to(device)[rows.mask.to(device)]}
+        if ref_mask is not None:
+            anchored = rows.gather("ref_mask", _checked_ref_mask(ref_mask, rows.mask))
+            # A per-row factor of kl_coef: 1 where the reference predicts, 0 where it has nothing to anchor to
+            row_inputs["kl_weight"] = anchored.float()
+        return row_inputs
 
     def _reference_head(self, dtype: torch.dtype):
         """The reference lm_head in the compute dtype, cast once per call rather than once per chunk."""
@@ -146,12 +172,20 @@ class ASFTMethod(LossMethod):
         # the reference, and no cancellation when it is small. The log-ratio reuses the reference log-probs tile.
         kl = torch.linalg.vecdot(ref_probs, ref_log_probs.sub_(chunk.log_probs))
         del ref_log_probs
+        kl_weight = chunk.inputs.get("kl_weight")
+        if kl_weight is not None:
+            kl_weight = kl_weight.to(dtype)
+            kl = kl * kl_weight
         targets = ASFTTargets(
             index=chunk.labels.unsqueeze(-1), value=chunk.label_log_probs.exp().unsqueeze(-1), kl=kl
         )
-        if self.kl_coef:  # kl_coef = 0 is exactly DFT: no dense target, no constant
+        if self.kl_coef and kl_weight is None:  # kl_coef = 0 is exactly DFT: no dense target, no constant
             targets.dense = ref_probs.mul_(self.kl_coef)
             targets.constant = self.kl_coef * neg_entropy
+        elif self.kl_coef:
+            coef = self.kl_coef * kl_weight
+            targets.dense = ref_probs.mul_(coef.unsqueeze(-1))
+            targets.constant = coef * neg_entropy
         return targets
 
     def metrics(self, chunk: Chunk, targets: ASFTTargets) -> dict[str, torch.Tensor]:
@@ -160,7 +194,9 @@ class ASFTMethod(LossMethod):
     def kernel_spec(self, row_inputs) -> KernelSpec:
         # The reference tile is computed also at kl_coef = 0: the KL is reported either way
         reference = (row_inputs["ref_hidden"], self._ref_weight, self._ref_bias)
-        return KernelSpec(dft=True, reference=reference, kl_coef=self.kl_coef)
+        weights = row_inputs.get("kl_weight")
+        return KernelSpec(dft=True, reference=reference, kl_coef=self.kl_coef, reference_weight=weights)
 
     def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
-        return {"kl": stats.aux, "dft_weight": stats.label_log_probs.exp()}
+        kl = stats.aux if "kl_weight" not in row_inputs else stats.aux * row_inputs["kl_weight"].to(stats.aux.dtype)
+        return {"kl": kl, "dft_weight": stats.label_log_probs.exp()}

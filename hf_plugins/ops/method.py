@@ -148,6 +148,8 @@ class KernelSpec:
         tempered_dense (`bool`): exact-expectation OTR, `w = (1 - beta) p_tau(y) one_hot(y) + beta p_tau`.
         reference (`tuple`, *optional*): `(ref_hidden [N, D_ref], ref_weight [V, D_ref], ref_bias [V] or None)`;
             adds `kl_coef * softmax(ref_hidden @ ref_weight.T + ref_bias)` and the reference's negative entropy.
+        reference_weight (`torch.Tensor` of shape `[N]`, *optional*): a per-row factor of `kl_coef` (0 where the
+            reference has no prediction); default 1.
         constant (`torch.Tensor` of shape `[N]`, *optional*): detached per-row values added to the loss (as
             `Targets.constant`): the loss gets its exact value, no gradient changes.
     """
@@ -162,6 +164,7 @@ class KernelSpec:
     tempered_dense: bool = False
     reference: tuple | None = None
     kl_coef: float = 0.0
+    reference_weight: torch.Tensor | None = None
     constant: torch.Tensor | None = None
 
 

@@ -5,6 +5,13 @@
 with the lm_head to `head`, all *inside* the model's forward. Running the head inside the forward is what keeps DDP,
 FSDP and DeepSpeed ZeRO-3 correct: their hooks fire around the forward, and the lm_head weight is gathered while it
 is used. Without `loss_head`, the forward is the previous one, so generation and TRL's own paths are unchanged.
+
+Prompt-learning PEFT: `PeftModelForCausalLM.forward` runs before the patched forward. Prompt tuning and p-tuning
+prepend `num_virtual_tokens` virtual-token embeddings (and -100 labels) to the caller's sequence; prefix tuning passes
+its prefix as `past_key_values` and changes no position. The heads are told the caller's sequence length
+(`forward_with_head`), so every head sees positions aligned with the caller's `input_ids`: a second model's hidden
+states line up with the policy's whatever adapters either has. The one prediction the virtual tokens add, the
+caller's first token from the last virtual token, is kept, as the model's own loss keeps it.
 """
 
 from __future__ import annotations
@@ -104,6 +111,39 @@ def router_load_balancing_loss(model, router_logits, attention_mask: torch.Tenso
     return loss_func(router_logits, num_experts, top_k, attention_mask)
 
 
+#: PEFT types whose forward prepends `num_virtual_tokens` positions to the caller's sequence (prefix tuning and
+#: cartridges pass theirs as a KV cache instead, CPT computes its own loss)
+PREPENDING_PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING")
+
+
+def caller_sequence_length(inputs: dict[str, Any]) -> int | None:
+    """The length of the sequences the caller passes (`input_ids` or `inputs_embeds`), before any PEFT prefix."""
+    for key in ("input_ids", "inputs_embeds"):
+        value = inputs.get(key)
+        if value is not None:
+            return value.shape[1]
+    return None
+
+
+def virtual_prefix_length(hidden_states: torch.Tensor, sequence_length: int | None) -> int:
+    """How many leading positions of the backbone's `hidden_states` the caller did not pass: the virtual tokens that
+    PEFT's prompt tuning and p-tuning prepend (0 otherwise, and when the caller's length is unknown)."""
+    if sequence_length is None:
+        return 0
+    extra = hidden_states.shape[1] - sequence_length
+    if extra < 0:
+        raise ValueError(
+            f"The backbone returned {hidden_states.shape[1]} positions for inputs of length {sequence_length}: the "
+            "model's forward drops positions, which the fused head cannot align with the labels."
+        )
+    return extra
+
+
+def _mask_name(hidden_input: str) -> str:
+    """The name of the coverage mask of a hidden input: `ref_hidden` -> `ref_mask`."""
+    return hidden_input.removesuffix("_hidden") + "_mask"
+
+
 @dataclass
 class FusedHeadOutput(ModelOutput):
     """What a forward with `loss_head=` returns: the loss and the head's metrics (per-token means), and on an MoE
@@ -126,8 +166,13 @@ class LossHead:
         token_inputs: method inputs with one entry per input position ([B, T], aligned with `input_ids`); they are
             shifted like the labels.
         hidden_inputs: method inputs shaped like the backbone's hidden states ([B, T, D], e.g. a reference model's
-            hidden states); they are shifted like the hidden states.
+            hidden states, aligned with `input_ids`); they are shifted like the hidden states. When the policy's
+            forward prepends virtual tokens (prompt tuning, p-tuning), the policy predicts the caller's first token
+            from its last virtual token, which a hidden input has no state for: the method then also gets a `[B, T]`
+            bool mask, named after the input (`ref_hidden` -> `ref_mask`), False where the input has no state.
         other_inputs: the other method inputs (per-sequence tensors, scalars, reference weights), passed as they are.
+        sequence_length: the caller's sequence length (set by `forward_with_head`); the leading positions beyond it
+            are virtual tokens.
 
     Called with `aux_loss` (an MoE model's router load-balancing loss), it returns it as it is in its output.
     """
@@ -139,19 +184,24 @@ class LossHead:
     token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     other_inputs: dict[str, Any] = field(default_factory=dict)
+    sequence_length: int | None = None
 
     #: The head returns the MoE load-balancing loss when the model computes one (see `add_loss_head_forward`)
     uses_router_logits: ClassVar[bool] = True
 
     def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool, aux_loss=None) -> FusedHeadOutput:
         weight, bias = lm_head_parameters(lm_head)
-        hidden = next_token_aligned(hidden_states, pre_shifted, is_hidden=True).to(weight.device)
-        labels = next_token_aligned(labels, pre_shifted).to(weight.device)
-        token_inputs = {
-            name: next_token_aligned(value, pre_shifted).to(weight.device) for name, value in self.token_inputs.items()
-        }
-        for name, value in self.hidden_inputs.items():
-            token_inputs[name] = next_token_aligned(value, pre_shifted, is_hidden=True).to(weight.device)
+        virtual = virtual_prefix_length(hidden_states, self.sequence_length)
+        if virtual:
+            hidden, labels, token_inputs = self._past_virtual_tokens(hidden_states, labels, virtual, pre_shifted)
+        else:
+            hidden = next_token_aligned(hidden_states, pre_shifted, is_hidden=True)
+            labels = next_token_aligned(labels, pre_shifted)
+            token_inputs = {name: next_token_aligned(value, pre_shifted) for name, value in self.token_inputs.items()}
+            for name, value in self.hidden_inputs.items():
+                token_inputs[name] = next_token_aligned(value, pre_shifted, is_hidden=True)
+        hidden, labels = hidden.to(weight.device), labels.to(weight.device)
+        token_inputs = {name: value.to(weight.device) for name, value in token_inputs.items()}
         with gather_lm_head(weight, bias):
             loss, metrics = fused_linear_loss(
                 hidden,
@@ -167,6 +217,35 @@ class LossHead:
                 **self.other_inputs,
             )
         return FusedHeadOutput(loss=loss, metrics=metrics, aux_loss=aux_loss)
+
+    def _past_virtual_tokens(self, hidden_states, labels, virtual: int, pre_shifted: bool):
+        """Hidden states, labels and method inputs, one row per caller position t, for a forward that prepended
+        `virtual` virtual tokens: the state at position `virtual - 1 + t` predicts the caller's token t (the last
+        virtual token predicts the first one). The virtual positions themselves carry label -100 and are dropped."""
+        if pre_shifted:
+            raise ValueError(
+                "Pre-shifted labels (`shift_labels`, as context parallelism passes them) cannot be aligned with the "
+                "virtual tokens of prompt-learning PEFT (prompt tuning, p-tuning): train without context parallelism, "
+                "or use prefix tuning or LoRA."
+            )
+        length = hidden_states.shape[1] - virtual
+        # PEFT prepends -100 labels for the virtual tokens; labels of the caller's length are used as they are
+        if labels.shape[1] == hidden_states.shape[1]:
+            labels = labels[:, virtual:]
+        if labels.shape[1] != length:
+            raise ValueError(
+                f"The labels have {labels.shape[1]} positions for {length} input positions (and {virtual} virtual "
+                "tokens): pass one label per input token."
+            )
+        hidden = hidden_states[:, virtual - 1 : -1]
+        token_inputs = dict(self.token_inputs)  # one entry per caller position: already aligned with these labels
+        for name, value in self.hidden_inputs.items():
+            # Position t of a second model's states predicts token t + 1: token 0 has no state there
+            token_inputs[name] = torch.cat([torch.zeros_like(value[:, :1]), value[:, :-1]], dim=1)
+            mask = torch.ones(value.shape[:2], dtype=torch.bool, device=value.device)
+            mask[:, 0] = False
+            token_inputs[_mask_name(name)] = mask
+        return hidden, labels, token_inputs
 
 
 def add_loss_head_forward(model, check_head: bool = True) -> None:
@@ -238,19 +317,33 @@ class HiddenStateOutput(ModelOutput):
     bias: torch.Tensor | None = None
 
 
+@dataclass
 class HiddenStateHead:
-    """A `loss_head` that computes no loss: it returns the hidden states and the lm_head parameters."""
+    """A `loss_head` that computes no loss: it returns the hidden states at the caller's positions (the virtual
+    tokens of prompt tuning and p-tuning removed) and the lm_head parameters."""
+
+    sequence_length: int | None = None
 
     #: No loss, so no MoE load-balancing loss: an MoE backbone records no router logits for it
     uses_router_logits = False
 
     def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool) -> HiddenStateOutput:
         weight, bias = lm_head_parameters(lm_head)
-        return HiddenStateOutput(hidden_states=hidden_states, weight=weight, bias=bias)
+        virtual = virtual_prefix_length(hidden_states, self.sequence_length)
+        return HiddenStateOutput(hidden_states=hidden_states[:, virtual:], weight=weight, bias=bias)
+
+
+def forward_with_head(model, inputs: dict[str, Any], head):
+    """`model(**inputs, loss_head=head)` for a model patched with `add_loss_head_forward` (possibly wrapped by PEFT,
+    DDP, FSDP or DeepSpeed), with the head told the caller's sequence length so that it aligns its outputs with the
+    caller's positions when PEFT prepends virtual tokens."""
+    head.sequence_length = caller_sequence_length(inputs)
+    return model(**inputs, loss_head=head)
 
 
 def forward_hidden_states(model, inputs: dict[str, Any]) -> HiddenStateOutput:
     """Run a model patched with `add_loss_head_forward` to its last hidden state (`[B, T, D]`, aligned with
-    `input_ids`) without building logits; returns it with the lm_head weight and bias. Call under `torch.no_grad()`
-    for a frozen reference (with PEFT, inside `model.disable_adapter()` to get the base model)."""
-    return model(**inputs, loss_head=HiddenStateHead())
+    `input_ids`, also under prompt tuning and p-tuning) without building logits; returns it with the lm_head weight
+    and bias. Call under `torch.no_grad()` for a frozen reference (with PEFT, inside `model.disable_adapter()` to get
+    the base model)."""
+    return forward_with_head(model, inputs, HiddenStateHead())

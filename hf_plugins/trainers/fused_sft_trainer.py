@@ -22,7 +22,7 @@ from ..data import DataCollatorWithExtraColumns
 from ..data.packing import pack_with_columns
 from ..ops.method import LossMethod
 from ..utils import destroy_process_group_at_exit
-from .base import LossHead, add_loss_head_forward
+from .base import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
 from .fused_sft_config import FusedSFTConfig
 
 # TRL's `loss_type` names mapped to the fused head's method names
@@ -99,6 +99,7 @@ class FusedSFTTrainer(SFTTrainer):
                 f"{type(self).__name__} does not support sequence parallelism (`sp_size > 1`) yet: its loss is not "
                 "the model's own NLL that the sequence-parallel engine reduces."
             )
+        self._check_prompt_learning(parallelism)
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self._check_loss_backend(base)
@@ -148,6 +149,25 @@ class FusedSFTTrainer(SFTTrainer):
                 f"`eval_packing=True` with `packing=False` collates the packed evaluation rows as padded rows, which "
                 f"lose their sequence boundaries, but {type(self).__name__} needs each sequence whole ({reason}): "
                 "set `eval_packing=False`, or pack the training data too (`packing=True`)."
+            )
+
+    def _check_prompt_learning(self, parallelism) -> None:
+        """Prompt-learning PEFT works as in TRL (the head aligns the virtual tokens, see `trainers.base`), except where
+        the positions cannot be aligned or PEFT computes the loss itself."""
+        peft_type = getattr(getattr(self.model, "active_peft_config", None), "peft_type", None)
+        peft_type = getattr(peft_type, "value", peft_type)  # PEFT's `PeftType` enum: its value is the name
+        if peft_type == "CPT":
+            raise ValueError(
+                f"{type(self).__name__} does not support CPT (`CPTConfig`): PEFT computes CPT's loss itself from the "
+                "full logits, which the fused head never builds (stock SFTTrainer fails on it too). Use prompt "
+                "tuning, p-tuning, prefix tuning or LoRA."
+            )
+        context_parallel = parallelism is not None and getattr(parallelism, "cp_enabled", False)
+        if peft_type in PREPENDING_PEFT_TYPES and context_parallel:
+            raise ValueError(
+                f"{type(self).__name__} cannot train {peft_type} with context parallelism (`cp_size > 1`): the "
+                "virtual tokens PEFT prepends to each shard cannot be aligned with the pre-shifted labels. Use prefix "
+                "tuning or LoRA, or train without context parallelism."
             )
 
     def _check_loss_backend(self, base_model) -> None:
@@ -241,7 +261,7 @@ class FusedSFTTrainer(SFTTrainer):
             num_items_in_batch=num_items_in_batch,
             **input_groups,
         )
-        outputs = model(**inputs, loss_head=head)
+        outputs = forward_with_head(model, inputs, head)
         loss = outputs.loss
         # Like `Trainer.compute_loss`: `num_items_in_batch` counts the tokens of every rank and DDP averages the
         # gradients across ranks, so the sum is scaled back up by the number of data-parallel ranks

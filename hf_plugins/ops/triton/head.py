@@ -118,6 +118,9 @@ def run_tiles(
     values = [grad_scale if want_grad else 0.0, 1.0 / spec.temperature, spec.miss_reward, spec.kl_coef]
     params = torch.tensor(values + [0.0] * (NUM_PARAMS - len(values)), dtype=acc_dtype, device=device)
     label_weight = spec.label_weight.to(device=device, dtype=acc_dtype) if spec.label_weight is not None else None
+    reference_weight = spec.reference_weight
+    if reference_weight is not None:
+        reference_weight = reference_weight.to(device=device, dtype=acc_dtype)
     uniforms = spec.uniforms.to(device=device, dtype=acc_dtype).contiguous() if spec.num_samples else None
     k_pad = 1 << max(0, (max(spec.num_samples, 1) - 1).bit_length())
     block_v = SAMPLING_BLOCK_V if spec.num_samples else DEFAULT_BLOCK_V
@@ -148,6 +151,7 @@ def run_tiles(
             ref_tile.stride(0),
             row_labels,
             label_weight[rows] if label_weight is not None else stats,
+            reference_weight[rows] if reference_weight is not None else stats,
             row_uniforms,
             row_uniforms.stride(0),
             stats[rows],
@@ -161,6 +165,7 @@ def run_tiles(
             NUM_SAMPLES=spec.num_samples,
             K_PAD=k_pad,
             REFERENCE=reference is not None,
+            HAS_REFERENCE_WEIGHT=reference_weight is not None,
             WRITE_GRAD=want_grad,
             LAST_PASS=want_grad or spec.tempered_dense or reference is not None,
             ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,

@@ -52,6 +52,7 @@ def weighted_target_ce_kernel(
     ref_stride,
     labels_ptr,
     label_weight_ptr,
+    reference_weight_ptr,
     uniforms_ptr,
     uniforms_stride,
     stats_ptr,
@@ -65,6 +66,7 @@ def weighted_target_ce_kernel(
     NUM_SAMPLES: tl.constexpr,  # sampled OTR: K tokens from p_tau, weight R(a, y) / K each
     K_PAD: tl.constexpr,
     REFERENCE: tl.constexpr,  # ASFT: dense target kl_coef * softmax(z_ref)
+    HAS_REFERENCE_WEIGHT: tl.constexpr,  # the reference's coefficient is scaled per row (0: no reference there)
     WRITE_GRAD: tl.constexpr,
     LAST_PASS: tl.constexpr,  # WRITE_GRAD or a dense target (whose loss needs the pass even without gradients)
     ACC: tl.constexpr,
@@ -77,6 +79,8 @@ def weighted_target_ce_kernel(
     inv_t = tl.load(params_ptr + PARAM_INV_TEMPERATURE)
     miss_reward = tl.load(params_ptr + PARAM_MISS_REWARD)
     dense_coef = tl.load(params_ptr + PARAM_DENSE_COEF)
+    if HAS_REFERENCE_WEIGHT:
+        dense_coef = dense_coef * tl.load(reference_weight_ptr + row).to(ACC)
 
     label = tl.load(labels_ptr + row)
     z_label = tl.load(z_row + label).to(ACC)
