@@ -127,7 +127,9 @@ class UDSMixin:
         vocab_size = int(getattr(weight, "ds_shape", weight.shape)[0])
         length = settings.sketch_length or getattr(self.args, "max_length", None) or DEFAULT_SKETCH_LENGTH
         seed = settings.seed if settings.seed is not None else self.args.seed
-        callback.setup(vocab_size, length, self.accelerator.device, self.args.process_index, seed)
+        # The devices the model's dropout draws from when it scores (more than the trainer's under a device map)
+        model_devices = {p.device for p in self.model.parameters()}
+        callback.setup(vocab_size, length, self.accelerator.device, self.args.process_index, seed, model_devices)
 
     # ------------------------------------------------------------------ the hook
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -192,15 +194,17 @@ class UDSMixin:
     @torch.no_grad()
     def _uds_hidden_states(self, batch: dict[str, Any]):
         """The candidates' final hidden states [B, N, D] and the lm_head, from one no-grad forward in training mode
-        (as the reference scores). Under FSDP / ZeRO-3 through the wrapped model, so parameters are gathered; else
-        through the unwrapped one (no DDP hooks for a pass without backward)."""
+        (as the reference scores), its dropout drawn from UDS's own random stream (saved in checkpoints; the global
+        one, which the training forward draws from, is left untouched, so resuming is exact). Under FSDP / ZeRO-3
+        through the wrapped model, so parameters are gathered; else through the unwrapped one (no DDP hooks for a
+        pass without backward)."""
         extra = (*getattr(self, "token_columns", {}), *getattr(self, "example_columns", ()))
         inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS and k not in extra}
         inputs["use_cache"] = False
         sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
         model = self.model_wrapped if sharded else self.model
         model.train()
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), self.uds_callback.scoring_stream.active():
             outputs = forward_hidden_states(model, inputs)
         return outputs.hidden_states, outputs.weight, outputs.bias
 
