@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
-from trl import SFTConfig, SFTTrainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from hf_plugins import ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, UDSCallback, UDSConfig, UDSMixin, with_uds
 from hf_plugins.callbacks.uds import (
@@ -305,6 +305,15 @@ def test_with_uds_classes():
     assert issubclass(trainer_cls.config_class, UDSConfig)
     with pytest.raises(ValueError, match="trainer class or a config class"):
         with_uds(int)
+
+
+@pytest.mark.parametrize("cls", [GRPOTrainer, Trainer, GRPOConfig, TrainingArguments])
+def test_with_uds_refuses_non_sft_classes(cls):
+    """A GRPO (or plain Trainer) UDS class would fail in its constructor (GRPOTrainer takes `reward_funcs` second)
+    or train without the selection: refused when the class is made."""
+    kind = "trainer" if issubclass(cls, Trainer) else "config"
+    with pytest.raises(ValueError, match=rf"SFT {kind} class .*{cls.__name__} is not one"):
+        with_uds(cls)
 
 
 # -------------------------------------------------------------------------------------------------- the trainers

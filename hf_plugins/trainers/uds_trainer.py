@@ -268,11 +268,21 @@ def with_uds(cls: type) -> type:
     """The UDS version of a trainer class (`with_uds(ASFTTrainer)`: a subclass with [`UDSMixin`]) or of a config
     class (`with_uds(ASFTConfig)`: a dataclass with the [`UDSConfig`] fields added). A trainer's UDS version takes
     the UDS version of its config as `config_class`. Classes that already have UDS are returned as they are; the
-    same class is returned for the same argument."""
+    same class is returned for the same argument. Only SFT classes (`SFTTrainer`, `SFTConfig` and their subclasses)
+    are accepted: a `ValueError` for any other (e.g. `GRPOTrainer`)."""
     if not isinstance(cls, type):
         raise ValueError(f"`with_uds` takes a trainer or config class, got {cls!r}.")
     if issubclass(cls, (UDSMixin, UDSConfig)):
         return cls
+    for base, kind in ((Trainer, SFTTrainer), (TrainingArguments, SFTConfig)):
+        # UDS selects examples of supervised batches before the loss; other trainers (GRPO's generated groups
+        # among them) have no such step yet, and a mixed class would fail in its constructor or train wrongly
+        if issubclass(cls, base) and not issubclass(cls, kind):
+            raise ValueError(
+                f"`with_uds` takes an SFT {'trainer' if base is Trainer else 'config'} class (`trl.{kind.__name__}` "
+                f"or a subclass, e.g. `FusedSFT{kind.__name__[3:]}`); {cls.__name__} is not one: UDS online batch "
+                "selection has no form for other trainers yet."
+            )
     if cls in _UDS_CLASSES:
         return _UDS_CLASSES[cls]
     name = f"UDS{cls.__name__}"
