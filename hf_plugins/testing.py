@@ -276,9 +276,9 @@ def train_and_list_changed_parameters(trainer) -> set[str]:
     return {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
 
 
-#: LoRA dropout of TRL's CLI (`lora_dropout=0.05`). Resume tests train with it (or with the model's own dropout) as well
-#: as without: with dropout on, a resumed run gives the uninterrupted run's losses only if every random draw of a step
-#: (the dropout masks of every forward included) continues from the checkpoint's state.
+#: LoRA dropout of TRL's CLI (`lora_dropout=0.05`). Resume tests train with it (or with the model's own dropout) as
+#: well as without: with dropout on, a resumed run gives the uninterrupted run's losses only if every random draw of a
+#: step (the dropout masks of every forward included) continues from the checkpoint's state.
 CLI_LORA_DROPOUT = 0.05
 
 
