@@ -30,6 +30,7 @@ from hf_plugins.testing import (
     logged_values as logged,
     tiny_conversational_dataset,
     tiny_lora_config,
+    train_and_list_changed_parameters,
     train_and_resume,
 )
 
@@ -427,6 +428,42 @@ def test_scoring_dropout_draws_from_its_own_saved_stream(tiny_model_dir, tmp_pat
     torch.testing.assert_close(trainer._uds_hidden_states(batch)[0], first, rtol=0, atol=0)
     # a checkpoint written before the stream was saved (version 1) still loads; the stream continues
     callback.load_state_dict({k: v for k, v in saved.items() if k != "scoring_stream"} | {"version": 1})
+
+
+PROMPT_LEARNING = {
+    "prompt-tuning": ("PromptTuningConfig", {}),
+    "p-tuning": ("PromptEncoderConfig", {"encoder_hidden_size": 16}),
+    "prefix-tuning": ("PrefixTuningConfig", {}),
+}
+
+
+@pytest.mark.parametrize("kind", PROMPT_LEARNING)
+def test_prompt_learning_peft_scores_the_examples_own_positions(tiny_model_dir, tmp_path, kind):
+    """Prompt tuning and p-tuning run 4 virtual tokens in front of each example, so the scoring forward returns 4
+    more positions than the batch has: scored are the example's own (float64, against svdvals and the FFT sketch of
+    the PEFT model's materialised logits there); prefix tuning changes no positions. Then UDS trains with each."""
+    import peft
+
+    name, extra = PROMPT_LEARNING[kind]
+    peft_config = getattr(peft, name)(task_type="CAUSAL_LM", num_virtual_tokens=4, **extra)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=F64)
+    trainer = make_trainer(tiny_model_dir, tmp_path, model=model, peft_config=peft_config, uds_mask_padding=False)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    length = batch["input_ids"].shape[1]
+    hidden, weight, bias = trainer._uds_hidden_states(batch)
+    assert hidden.shape[:2] == batch["input_ids"].shape and hidden.dtype == F64
+    utility, _, sketch = trainer.uds_callback.score(hidden, weight, bias, batch["attention_mask"], 0)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape[1] == length + (0 if kind == "prefix-tuning" else 4)
+    own = logits[:, -length:]
+    torch.testing.assert_close(utility, nuclear_norms_from_logits(own), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sketch, sketches_from_logits(own, trainer.uds_callback.constants), rtol=1e-9, atol=1e-7)
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=peft_config, max_steps=2)
+    changed = train_and_list_changed_parameters(trainer)
+    assert changed and all("prompt_encoder" in n or "prefix_encoder" in n for n in changed), changed
+    assert all(math.isfinite(x) for x in logged(trainer) + logged(trainer, "uds/utility"))
 
 
 def selected_example_indices(trainer, selections):
