@@ -379,14 +379,15 @@ class ScoringRandomStream:
     """
 
     def __init__(self, seed: int, devices=()):
-        devices = sorted({torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta")}, key=str)
-        types = {d.type for d in devices}
+        devices = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta")]
+        types = sorted({d.type for d in devices})
         if len(types) > 1:
-            raise ValueError(f"The model runs on devices of several types ({sorted(types)}); UDS scores on one.")
-        self.device_module = torch.get_device_module(devices[0].type) if devices else None
-        self.devices = [
-            d if d.index is not None else torch.device(d.type, self.device_module.current_device()) for d in devices
-        ]
+            raise ValueError(f"The model runs on devices of several types ({types}); UDS scores on one type.")
+        self.device_module = torch.get_device_module(types[0]) if types else None
+        if hasattr(self.device_module, "current_device"):  # "cuda" and "cuda:0" are one generator
+            devices = [d if d.index is not None else torch.device(d.type, self.device_module.current_device())
+                       for d in devices]  # fmt: skip
+        self.devices = sorted(set(devices), key=str)
         self.states = {"cpu": torch.Generator().manual_seed(seed).get_state()}
         for device in self.devices:
             self.states[str(device)] = torch.Generator(device=device).manual_seed(seed).get_state()
