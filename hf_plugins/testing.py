@@ -46,6 +46,7 @@ from transformers import (
 __all__ = [
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
+    "CLI_LORA_DROPOUT",
     "CPU_TRAINING_ARGS",
     "DEMO_INSTALL_HINT",
     "DEMO_PACKAGES",
@@ -64,9 +65,11 @@ __all__ = [
     "save_tiny_model",
     "tiny_conversational_dataset",
     "tiny_language_modeling_dataset",
+    "tiny_lora_config",
     "tiny_prompt_completion_dataset",
     "tiny_tool_calling_dataset",
     "train_and_list_changed_parameters",
+    "train_and_resume",
 ]
 
 IM_START = "<|im_start|>"
@@ -280,6 +283,33 @@ def train_and_list_changed_parameters(trainer) -> set[str]:
     return {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
 
 
+#: LoRA dropout of TRL's CLI (`lora_dropout=0.05`). Resume tests train with it (or with the model's own dropout) as
+#: well as without: with dropout on, a resumed run gives the uninterrupted run's losses only if every random draw of a
+#: step (the dropout masks of every forward included) continues from the checkpoint's state.
+CLI_LORA_DROPOUT = 0.05
+
+
+def tiny_lora_config(lora_dropout: float = 0.0, **overrides):
+    """The LoRA adapter the tests put on the tiny model: rank 4, alpha 8, on `q_proj` and `v_proj`."""
+    from peft import LoraConfig
+
+    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return LoraConfig(**{**settings, "lora_dropout": lora_dropout, **overrides})
+
+
+def train_and_resume(make_trainer, output_dir, save_steps: int = 2):
+    """Train `make_trainer(output_dir, save_strategy="steps", save_steps=save_steps)` to its end, then a fresh trainer
+    made the same way from its checkpoint at step `save_steps`. Returns the resumed trainer and the checkpoint's
+    path; compare the resumed trainer's steps after `save_steps` with an uninterrupted run's."""
+    saving = dict(save_strategy="steps", save_steps=save_steps)
+    first = make_trainer(output_dir, **saving)
+    first.train()
+    checkpoint = os.path.join(first.args.output_dir, f"checkpoint-{save_steps}")
+    resumed = make_trainer(output_dir, **saving)
+    resumed.train(resume_from_checkpoint=checkpoint)
+    return resumed, checkpoint
+
+
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
     """One arithmetic question and its answer; single-digit operands keep the numbers to one or two tokens."""
     a, b = rng.randint(0, 9), rng.randint(0, 9)
@@ -438,6 +468,7 @@ def build_tiny_model(
     max_position_embeddings: int = 512,
     num_experts: int = 4,
     num_experts_per_tok: int = 2,
+    attention_dropout: float = 0.0,
 ) -> PreTrainedModel:
     """Build a randomly initialised tiny causal LM that matches `tokenizer`.
 
@@ -471,6 +502,8 @@ def build_tiny_model(
             Experts per MoE layer (MoE architectures only; `intermediate_size` is each expert's width).
         num_experts_per_tok (`int`, *optional*, defaults to `2`):
             Experts each token is routed to (MoE architectures only).
+        attention_dropout (`float`, *optional*, defaults to `0.0`):
+            Dropout on the attention probabilities in training mode.
 
     Returns:
         [`~transformers.PreTrainedModel`]: The model, in eval mode as `from_pretrained` would return it.
@@ -492,7 +525,7 @@ def build_tiny_model(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
-        attention_dropout=0.0,
+        attention_dropout=attention_dropout,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,

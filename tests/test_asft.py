@@ -23,6 +23,7 @@ from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer,
 from hf_plugins.losses import METHODS, ASFTMethod, dft_loss
 from hf_plugins.ops import LossMethod, Targets, fused_linear_loss
 from hf_plugins.testing import (
+    CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
     LargestTensor,
     build_tiny_model,
@@ -30,6 +31,8 @@ from hf_plugins.testing import (
     logged_values as logged,
     save_tiny_model,
     tiny_conversational_dataset,
+    tiny_lora_config,
+    train_and_resume,
 )
 
 IGNORE = -100
@@ -580,6 +583,24 @@ def test_gradient_checkpointing_with_the_adapters_off_reference(tiny_model_dir, 
         runs.append(logged(trainer) + logged(trainer, "kl"))
     assert runs[0][-1] > 0
     assert runs[1] == pytest.approx(runs[0], abs=1e-7)
+
+
+@pytest.mark.parametrize("lora_dropout", [None, CLI_LORA_DROPOUT], ids=["full", "lora-dropout"])
+def test_resume_from_checkpoint_continues_the_run(tiny_model_dir, tmp_path, lora_dropout):
+    """Full fine-tuning (a frozen copy as reference) or LoRA with dropout (the adapters-off reference): the resumed
+    run's losses and KL are the uninterrupted run's."""
+
+    def make(output_dir, **overrides):
+        peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
+        return make_trainer(tiny_model_dir, output_dir, peft_config=peft_config, learning_rate=2e-2, **overrides)
+
+    full = make(tmp_path / "full")
+    full.train()
+    resumed, _ = train_and_resume(make, tmp_path / "run")
+    assert len(logged(resumed)) == 4
+    for key in ("loss", "kl"):
+        assert logged(resumed, key)[2:] == pytest.approx(logged(full, key)[2:], abs=1e-6), key
+    assert logged(full, "kl")[-1] > 0
 
 
 def test_every_reference_source_gives_the_same_run(tiny_model_dir, tmp_path):

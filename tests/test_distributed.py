@@ -78,8 +78,9 @@ def _train_uds(model_dir, out, checkpoint=None):
 
 @pytest.mark.slow
 def test_uds_ddp_each_rank_selects_from_its_own_batch_and_resumes(tiny_model_dir, tmp_path):
-    """UDS under DDP (2 CPU processes, gloo): each rank keeps 1 of its 4 candidates into its own memory; each rank's
-    state is saved in its own file and restored, so a resumed run selects what the uninterrupted one did."""
+    """UDS under DDP (2 CPU processes, gloo), with the model's attention dropout on: each rank keeps 1 of its 4
+    candidates into its own memory; each rank's state (the scoring forward's random stream included) is saved in its
+    own file and restored, so a resumed run selects what the uninterrupted one did, with the same losses."""
     import torch
 
     logs, ranks = _train_uds(tiny_model_dir, tmp_path)
@@ -99,4 +100,5 @@ def test_uds_ddp_each_rank_selects_from_its_own_batch_and_resumes(tiny_model_dir
     for rank in (0, 1):
         assert resumed[rank]["selections"] == ranks[rank]["selections"][2:]
     assert resumed_logs["losses"][2:] == pytest.approx(logs["losses"][2:], abs=1e-6)
-    assert resumed_logs["diversity"][2:] == pytest.approx(logs["diversity"][2:], rel=1e-9)
+    for key in ("diversity", "utility"):
+        assert resumed_logs[key][2:] == pytest.approx(logs[key][2:], rel=1e-9), key

@@ -11,11 +11,14 @@ from trl import SFTConfig, SFTTrainer
 
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer, sft_loss
 from hf_plugins.testing import (
+    CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
     logged_values as logged,
     tiny_conversational_dataset,
+    tiny_lora_config,
     tiny_prompt_completion_dataset,
     train_and_list_changed_parameters,
+    train_and_resume,
 )
 
 CPU_ARGS = dict(
@@ -242,22 +245,23 @@ def test_chunked_and_reference_backends_agree(tiny_model_dir, tmp_path):
     assert runs[0] == pytest.approx(runs[1], abs=1e-6)
 
 
-def test_resume_from_checkpoint_continues_identically(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora_dropout", [None, CLI_LORA_DROPOUT], ids=["full", "lora-dropout"])
+def test_resume_from_checkpoint_continues_identically(tiny_model_dir, tmp_path, lora_dropout):
     dataset = tiny_conversational_dataset(32)
-    full = make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "full", dataset, max_steps=4)
+
+    def make(output_dir, **overrides):
+        # the same 4-step run (same learning-rate schedule) every time; the interrupted one saves after step 2
+        peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
+        return make_trainer(
+            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, output_dir, dataset, peft_config=peft_config,
+            max_steps=4, **overrides,
+        )
+
+    full = make(tmp_path / "full")
     full.train()
-    # the same 4-step run (same learning-rate schedule) leaves a checkpoint after step 2 to resume from
-    first = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "resumed", dataset, max_steps=4,
-        save_strategy="steps", save_steps=2,
-    )
-    first.train()
-    resumed = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "resumed", dataset, max_steps=4,
-        save_strategy="steps", save_steps=2,
-    )
-    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "FusedSFTTrainer" / "checkpoint-2"))
-    assert logged(resumed)[-2:] == pytest.approx(logged(full)[-2:], abs=1e-6)
+    resumed, _ = train_and_resume(make, tmp_path / "resumed")
+    assert len(logged(resumed)) == 4
+    assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ shrinks like 1/sqrt(#draws); and the trainer must train, and resume on the same 
 """
 
 import math
+import os
 import shutil
 
 import pytest
@@ -19,11 +20,14 @@ from hf_plugins.losses.otr import draw_uniforms, sample_tokens
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.method import Chunk, Rows
 from hf_plugins.testing import (
+    CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
     LargestTensor,
     logged_values as logged,
     tiny_conversational_dataset,
+    tiny_lora_config,
     train_and_list_changed_parameters,
+    train_and_resume,
 )
 
 IGNORE = -100
@@ -527,19 +531,20 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
     assert logged(runs[2]) != pytest.approx(logged(runs[0]), abs=1e-5)
 
 
-def test_resume_from_checkpoint_continues_the_sample_stream(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora_dropout", [None, CLI_LORA_DROPOUT], ids=["full", "lora-dropout"])
+def test_resume_from_checkpoint_continues_the_sample_stream(tiny_model_dir, tmp_path, lora_dropout):
     # the losses must depend on the samples for the comparison to mean anything: with few samples (K = 2) and a large
     # negative reward, another sample stream gives clearly different losses (checked at the end)
     otr = dict(max_steps=4, num_samples=2, negative_reward=-0.5, learning_rate=2e-2)
-    full = make_trainer(tiny_model_dir, tmp_path / "full", **otr)
-    full.train()
-    saving = dict(save_strategy="steps", save_steps=2)
-    make_trainer(tiny_model_dir, tmp_path / "run", **otr, **saving).train()
-    checkpoint = tmp_path / "run" / "checkpoint-2"
-    assert (checkpoint / "otr_rng_state.pth").is_file()
 
-    resumed = make_trainer(tiny_model_dir, tmp_path / "run", **otr, **saving)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    def make(output_dir, **overrides):
+        peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
+        return make_trainer(tiny_model_dir, output_dir, peft_config=peft_config, **otr, **overrides)
+
+    full = make(tmp_path / "full")
+    full.train()
+    resumed, checkpoint = train_and_resume(make, tmp_path / "run")
+    assert os.path.isfile(os.path.join(checkpoint, "otr_rng_state.pth"))
     # the resumed trainer's history starts with the checkpoint's two steps; steps 3 and 4 are its own
     assert len(logged(resumed)) == 4
     assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
@@ -549,7 +554,7 @@ def test_resume_from_checkpoint_continues_the_sample_stream(tiny_model_dir, tmp_
     stateless = tmp_path / "stateless" / "checkpoint-2"
     shutil.copytree(checkpoint, stateless)
     (stateless / "otr_rng_state.pth").unlink()
-    other = make_trainer(tiny_model_dir, tmp_path / "stateless", **otr, **saving)
+    other = make(tmp_path / "stateless", save_strategy="steps", save_steps=2)
     other.train(resume_from_checkpoint=str(stateless))
     assert logged(other)[2:] != pytest.approx(logged(full)[2:], abs=1e-6)
 

@@ -29,14 +29,17 @@ from hf_plugins.losses import METHODS, PoFTMethod
 from hf_plugins.losses.poft import sequence_ids
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.testing import (
+    CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
-    LargestTensor,
     build_tiny_model,
     build_tokenizer,
+    LargestTensor,
     logged_values as logged,
     tiny_conversational_dataset,
+    tiny_lora_config,
     tiny_prompt_completion_dataset,
     train_and_list_changed_parameters,
+    train_and_resume,
 )
 
 IGNORE = -100
@@ -685,14 +688,17 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path, scored_d
         torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
 
 
-def test_resume_from_checkpoint_continues_the_run(tiny_model_dir, tmp_path, scored_dataset):
+@pytest.mark.parametrize("lora_dropout", [None, CLI_LORA_DROPOUT], ids=["full", "lora-dropout"])
+def test_resume_from_checkpoint_continues_the_run(tiny_model_dir, tmp_path, scored_dataset, lora_dropout):
     settings = dict(max_steps=4, learning_rate=2e-2)
-    full = make_trainer(tiny_model_dir, tmp_path / "full", scored_dataset, **settings)
+
+    def make(output_dir, **overrides):
+        peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
+        return make_trainer(tiny_model_dir, output_dir, scored_dataset, peft_config=peft_config, **settings, **overrides)
+
+    full = make(tmp_path / "full")
     full.train()
-    saving = dict(save_strategy="steps", save_steps=2)
-    make_trainer(tiny_model_dir, tmp_path / "run", scored_dataset, **settings, **saving).train()
-    resumed = make_trainer(tiny_model_dir, tmp_path / "run", scored_dataset, **settings, **saving)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    resumed, _ = train_and_resume(make, tmp_path / "run")
     assert len(logged(resumed)) == 4
     assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
     assert logged(resumed, "reward_margin")[2:] == pytest.approx(logged(full, "reward_margin")[2:], abs=1e-6)

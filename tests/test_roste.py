@@ -45,6 +45,7 @@ from hf_plugins.testing import (
     logged_values,
     missing_demo_packages,
     tiny_conversational_dataset,
+    train_and_resume,
 )
 
 F64 = torch.float64
@@ -492,18 +493,25 @@ def test_roste_beats_sft_then_rtn_on_the_real_model_at_equal_steps():
     assert roste_eval < rtn_eval
 
 
-def test_resume_from_checkpoint_matches_an_uninterrupted_run(tokenizer, tmp_path):
-    common = dict(steps=4, rotation_search_samples=8, save_strategy="steps", save_steps=2)
-    full = make_trainer(tokenizer, output_dir=str(tmp_path / "a"), **common)
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.1], ids=["no-dropout", "attention-dropout"])
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tokenizer, tmp_path, attention_dropout):
+    """RoSTE trains every weight (no LoRA): the dropout case is the model's own attention dropout."""
+    common = dict(steps=4, rotation_search_samples=8)
+
+    def make(output_dir, **overrides):
+        model = build_tiny_model(tokenizer, attention_dropout=attention_dropout)
+        trainer = make_trainer(tokenizer, model=model, output_dir=str(output_dir), **common, **overrides)
+        if (output_dir / "checkpoint-2").is_dir():
+            # the trainer to resume: a different search outcome in it must be overridden by the checkpoint's config
+            set_rotations(trainer.model, {})
+            trainer.model.config.rotation_config = {**trainer.model.config.rotation_config, "in_block_rotation": {}}
+        return trainer
+
+    full = make(tmp_path / "a")
     full.train()
-    first = make_trainer(tokenizer, output_dir=str(tmp_path / "b"), **common)
-    first.train()
-    resumed = make_trainer(tokenizer, output_dir=str(tmp_path / "b"), **common)
-    # a different search outcome in the new trainer must be overridden by the checkpoint's config
-    set_rotations(resumed.model, {})
-    resumed.model.config.rotation_config = {**resumed.model.config.rotation_config, "in_block_rotation": {}}
-    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    resumed, _ = train_and_resume(make, tmp_path / "b")
     assert resumed.model.config.rotation_config == full.model.config.rotation_config
+    assert logged_values(resumed)[2:] == pytest.approx(logged_values(full)[2:], abs=1e-6)
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(q, p, msg=name)
 

@@ -24,13 +24,16 @@ from hf_plugins.data.tool_calls import pkt_weight, tokenize_tool_conversation
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.rewards import TOOL_CALL_CATEGORIES, make_tool_call_reward, parse_tool_call
 from hf_plugins.testing import (
+    CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
     TOOL_CHAT_TEMPLATE,
     build_tokenizer,
     logged_values as logged,
     tiny_conversational_dataset,
+    tiny_lora_config,
     tiny_tool_calling_dataset,
     train_and_list_changed_parameters,
+    train_and_resume,
 )
 from hf_plugins.trainers.tl_trainer import per_sequence_normalized
 
@@ -503,14 +506,17 @@ def test_gradient_accumulation_4x1_equals_1x4_with_sample_normalisation(tiny_mod
     assert logged(runs[2]) != pytest.approx(logged(runs[0]), abs=1e-4)  # token normalisation is another loss
 
 
-def test_resume_from_checkpoint(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora_dropout", [None, CLI_LORA_DROPOUT], ids=["full", "lora-dropout"])
+def test_resume_from_checkpoint(tiny_model_dir, tmp_path, lora_dropout):
     settings = dict(max_steps=4, per_device_train_batch_size=2)
-    full = make_trainer(tiny_model_dir, tmp_path / "full", **settings)
+
+    def make(output_dir, **overrides):
+        peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
+        return make_trainer(tiny_model_dir, output_dir, peft_config=peft_config, **settings, **overrides)
+
+    full = make(tmp_path / "full")
     full.train()
-    saving = dict(save_strategy="steps", save_steps=2)
-    make_trainer(tiny_model_dir, tmp_path / "run", **settings, **saving).train()
-    resumed = make_trainer(tiny_model_dir, tmp_path / "run", **settings, **saving)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    resumed, _ = train_and_resume(make, tmp_path / "run")
     assert len(logged(resumed)) == 4
     assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
     for p_a, p_b in zip(full.model.parameters(), resumed.model.parameters()):

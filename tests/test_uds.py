@@ -3,13 +3,14 @@ selection and its FIFO memory, loss normalisation of the selected subset, checkp
 """
 
 import math
+import os
 import shutil
 
 import pytest
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
-from trl import SFTConfig, SFTTrainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from hf_plugins import ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, UDSCallback, UDSConfig, UDSMixin, with_uds
 from hf_plugins.callbacks.uds import (
@@ -22,7 +23,16 @@ from hf_plugins.callbacks.uds import (
     scores_from_hidden_softcapped,
     sketches_from_logits,
 )
-from hf_plugins.testing import CPU_TRAINING_ARGS, build_tokenizer, logged_values as logged, tiny_conversational_dataset
+from hf_plugins.testing import (
+    CLI_LORA_DROPOUT,
+    CPU_TRAINING_ARGS,
+    build_tokenizer,
+    logged_values as logged,
+    tiny_conversational_dataset,
+    tiny_lora_config,
+    train_and_list_changed_parameters,
+    train_and_resume,
+)
 
 F64 = torch.float64
 
@@ -298,11 +308,20 @@ def test_with_uds_classes():
         with_uds(int)
 
 
+@pytest.mark.parametrize("cls", [GRPOTrainer, Trainer, GRPOConfig, TrainingArguments])
+def test_with_uds_refuses_non_sft_classes(cls):
+    """A GRPO (or plain Trainer) UDS class would fail in its constructor (GRPOTrainer takes `reward_funcs` second)
+    or train without the selection: refused when the class is made."""
+    kind = "trainer" if issubclass(cls, Trainer) else "config"
+    with pytest.raises(ValueError, match=rf"SFT {kind} class .*{cls.__name__} is not one"):
+        with_uds(cls)
+
+
 # -------------------------------------------------------------------------------------------------- the trainers
 
 
 def make_trainer(model_dir, output_dir, trainer_cls=FusedSFTTrainer, model=None, dataset=None, eval_dataset=None,
-                 tokenizer=None, **overrides):
+                 tokenizer=None, peft_config=None, **overrides):
     cls = with_uds(trainer_cls)
     config_cls = getattr(cls, "config_class", None) or with_uds(SFTConfig)
     settings = {**CPU_ARGS, "max_steps": 3, "per_device_train_batch_size": 4, **overrides}
@@ -312,6 +331,7 @@ def make_trainer(model_dir, output_dir, trainer_cls=FusedSFTTrainer, model=None,
         train_dataset=dataset if dataset is not None else tiny_conversational_dataset(32),
         eval_dataset=eval_dataset,
         processing_class=tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir),
+        peft_config=peft_config,
     )
 
 
@@ -388,6 +408,64 @@ def test_hidden_state_scores_equal_the_models_materialised_logits(tiny_model_dir
     torch.testing.assert_close(sketch, sketches_from_logits(logits, constants), rtol=1e-9, atol=1e-7)
 
 
+def test_scoring_dropout_draws_from_its_own_saved_stream(tiny_model_dir, tmp_path):
+    """With LoRA dropout the scoring forward draws masks (two scorings of a batch differ) from UDS's own stream: the
+    global generator, which the training forward draws from, is left as it was, and the stream's saved state replays
+    the same masks."""
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=tiny_lora_config(0.5))
+    for name, p in trainer.model.named_parameters():  # non-zero adapters, so that their input's dropout shows
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=1.0, generator=gen(0))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    callback = trainer.uds_callback
+    global_state = torch.get_rng_state()
+    saved = callback.state_dict()
+    first = trainer._uds_hidden_states(batch)[0]
+    second = trainer._uds_hidden_states(batch)[0]
+    assert torch.equal(torch.get_rng_state(), global_state)
+    assert not torch.allclose(first, second)
+    callback.load_state_dict(saved)
+    torch.testing.assert_close(trainer._uds_hidden_states(batch)[0], first, rtol=0, atol=0)
+    # a checkpoint written before the stream was saved (version 1) still loads; the stream continues
+    callback.load_state_dict({k: v for k, v in saved.items() if k != "scoring_stream"} | {"version": 1})
+
+
+PROMPT_LEARNING = {
+    "prompt-tuning": ("PromptTuningConfig", {}),
+    "p-tuning": ("PromptEncoderConfig", {"encoder_hidden_size": 16}),
+    "prefix-tuning": ("PrefixTuningConfig", {}),
+}
+
+
+@pytest.mark.parametrize("kind", PROMPT_LEARNING)
+def test_prompt_learning_peft_scores_the_examples_own_positions(tiny_model_dir, tmp_path, kind):
+    """Prompt tuning and p-tuning run 4 virtual tokens in front of each example, so the scoring forward returns 4
+    more positions than the batch has: scored are the example's own (float64, against svdvals and the FFT sketch of
+    the PEFT model's materialised logits there); prefix tuning changes no positions. Then UDS trains with each."""
+    import peft
+
+    name, extra = PROMPT_LEARNING[kind]
+    peft_config = getattr(peft, name)(task_type="CAUSAL_LM", num_virtual_tokens=4, **extra)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=F64)
+    trainer = make_trainer(tiny_model_dir, tmp_path, model=model, peft_config=peft_config, uds_mask_padding=False)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    length = batch["input_ids"].shape[1]
+    hidden, weight, bias = trainer._uds_hidden_states(batch)
+    assert hidden.shape[:2] == batch["input_ids"].shape and hidden.dtype == F64
+    utility, _, sketch = trainer.uds_callback.score(hidden, weight, bias, batch["attention_mask"], 0)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape[1] == length + (0 if kind == "prefix-tuning" else 4)
+    own = logits[:, -length:]
+    torch.testing.assert_close(utility, nuclear_norms_from_logits(own), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sketch, sketches_from_logits(own, trainer.uds_callback.constants), rtol=1e-9, atol=1e-7)
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=peft_config, max_steps=2)
+    changed = train_and_list_changed_parameters(trainer)
+    assert changed and all("prompt_encoder" in n or "prefix_encoder" in n for n in changed), changed
+    assert all(math.isfinite(x) for x in logged(trainer) + logged(trainer, "uds/utility"))
+
+
 def selected_example_indices(trainer, selections):
     """Row of the (tokenized) training set of every selected example, in selection order."""
     rows = {}
@@ -429,40 +507,45 @@ def test_gradient_accumulation_normalisation_equals_training_on_the_selected_exa
     assert logged(uds)[0] > 0
 
 
+@pytest.mark.parametrize("lora_dropout", [None, CLI_LORA_DROPOUT], ids=["full", "lora-dropout"])
 @pytest.mark.parametrize("mode", ["uds", "random"])
-def test_resume_selects_the_same_examples_and_gives_the_same_losses(tiny_model_dir, tmp_path, mode):
+def test_resume_selects_the_same_examples_and_gives_the_same_losses(tiny_model_dir, tmp_path, mode, lora_dropout):
+    """With LoRA dropout the scoring forward draws dropout masks too: a resumed run must score with the masks of the
+    uninterrupted run and leave the training forward's masks as they were."""
     # alpha = 1: the diversity term decides selections, so the memory's state shows in what is selected
     uds = dict(max_steps=4, uds_alpha=1.0, uds_mode=mode, uds_memory_size=5, gradient_accumulation_steps=2)
-    full = make_trainer(tiny_model_dir, tmp_path / "full", **uds)
-    full_selections = record_selections(full)
-    full.train()
-    saving = dict(save_strategy="steps", save_steps=2)
-    make_trainer(tiny_model_dir, tmp_path / "run", **uds, **saving).train()
-    checkpoint = tmp_path / "run" / "checkpoint-2"
-    assert (checkpoint / "uds_state.pt").is_file()
 
-    resumed = make_trainer(tiny_model_dir, tmp_path / "run", **uds, **saving)
-    resumed_selections = record_selections(resumed)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    assert resumed_selections == full_selections[4:]  # micro-batches of steps 3 and 4
+    selections = {}  # folder -> the selections of the last trainer made for it
+
+    def make(output_dir, **overrides):
+        peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
+        trainer = make_trainer(tiny_model_dir, output_dir, peft_config=peft_config, **uds, **overrides)
+        selections[output_dir.name] = record_selections(trainer)
+        return trainer
+
+    full = make(tmp_path / "full")
+    full.train()
+    resumed, checkpoint = train_and_resume(make, tmp_path / "run")
+    assert os.path.isfile(os.path.join(checkpoint, "uds_state.pt"))
+    assert selections["run"] == selections["full"][4:]  # micro-batches of steps 3 and 4
     assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
     if mode == "uds":
         assert full.uds_callback.memory.count == 5 and full.uds_callback.memory.pointer == 3  # wrapped around
         assert torch.equal(resumed.uds_callback.memory.buffer, full.uds_callback.memory.buffer)
-        assert logged(resumed, "uds/diversity")[2:] == pytest.approx(logged(full, "uds/diversity")[2:], rel=1e-9)
+        for key in ("uds/utility", "uds/diversity"):
+            assert logged(resumed, key)[2:] == pytest.approx(logged(full, key)[2:], rel=1e-9)
 
     # without the saved state the resumed run starts from an empty memory (other diversities; on this tiny data the
     # utility term happens to pick the same examples) or a restarted random stream (other examples)
     stateless = tmp_path / "stateless" / "checkpoint-2"
     shutil.copytree(checkpoint, stateless)
     (stateless / "uds_state.pt").unlink()
-    other = make_trainer(tiny_model_dir, tmp_path / "stateless", **uds, **saving)
-    other_selections = record_selections(other)
+    other = make(tmp_path / "stateless", save_strategy="steps", save_steps=2)
     other.train(resume_from_checkpoint=str(stateless))
     if mode == "uds":
         assert logged(other, "uds/diversity")[2:] != pytest.approx(logged(full, "uds/diversity")[2:], rel=1e-3)
     else:
-        assert other_selections != full_selections[4:]
+        assert selections["stateless"] != selections["full"][4:]
 
 
 def test_start_step_trains_on_every_candidate_before_it(tiny_model_dir, tmp_path):

@@ -29,6 +29,7 @@ which owns all of UDS's state. The trainer hook that feeds it batches is `hf_plu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, fields
@@ -355,6 +356,73 @@ class SketchMemory:
         self.pointer, self.count = int(state["pointer"]), int(state["count"])
 
 
+# ----------------------------------------------------------------------------------------- the scoring's random stream
+
+
+class ScoringRandomStream:
+    """The random stream the scoring forward draws its dropout from: a CPU state and one state per accelerator device
+    the model runs on, swapped into torch's global generators around that forward (`active()`), which leaves the
+    global generators exactly as they were.
+
+    The reference scores in training mode, so a model with dropout scores with dropout masks; it draws them from the
+    global stream, ahead of the training forward's. Here the scoring masks come from this stream instead: each mask is
+    still an independent draw, so the scores and the training forward have the reference's distribution, but the
+    training forward's masks no longer depend on whether a scoring pass ran before it. That is what makes resuming
+    exact: transformers restores its saved RNG states only after the first window of a resumed run has been fetched
+    (and scored), so scoring from the global stream would see other masks than the uninterrupted run, and the training
+    forward would start from a state the scoring had not advanced. This stream is saved with the rest of UDS's state.
+
+    Args:
+        seed (`int`): seed of every state (a CPU and a device generator seeded alike are different streams).
+        devices (`list[torch.device]`): the non-CPU devices whose global generators the model's dropout draws from
+            (all of one device type).
+    """
+
+    def __init__(self, seed: int, devices=()):
+        devices = [torch.device(d) for d in devices if torch.device(d).type not in ("cpu", "meta")]
+        types = sorted({d.type for d in devices})
+        if len(types) > 1:
+            raise ValueError(f"The model runs on devices of several types ({types}); UDS scores on one type.")
+        self.device_module = torch.get_device_module(types[0]) if types else None
+        if hasattr(self.device_module, "current_device"):  # "cuda" and "cuda:0" are one generator
+            devices = [d if d.index is not None else torch.device(d.type, self.device_module.current_device())
+                       for d in devices]  # fmt: skip
+        self.devices = sorted(set(devices), key=str)
+        self.states = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        for device in self.devices:
+            self.states[str(device)] = torch.Generator(device=device).manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def active(self):
+        """Run the block on this stream: its states in torch's global generators, the global states back after."""
+        saved_cpu = torch.get_rng_state()
+        saved_devices = [self.device_module.get_rng_state(d) for d in self.devices]
+        torch.set_rng_state(self.states["cpu"])
+        for device in self.devices:
+            self.device_module.set_rng_state(self.states[str(device)], device)
+        try:
+            yield
+        finally:
+            self.states["cpu"] = torch.get_rng_state()
+            for device in self.devices:
+                self.states[str(device)] = self.device_module.get_rng_state(device)
+            torch.set_rng_state(saved_cpu)
+            for device, state in zip(self.devices, saved_devices):
+                self.device_module.set_rng_state(state, device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: state.clone() for name, state in self.states.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = sorted(set(self.states) - set(state))
+        if missing:
+            logger.warning(
+                f"The checkpoint's UDS scoring stream has no generator state for {', '.join(missing)} (it was saved "
+                f"for {', '.join(sorted(state))}): the scoring forward's dropout on it restarts from its seed."
+            )
+        self.states.update({name: value.clone() for name, value in state.items() if name in self.states})
+
+
 # ----------------------------------------------------------------------------------------------------- the callback
 
 
@@ -425,8 +493,9 @@ class Selection:
 class UDSCallback(TrainerCallback):
     """
     Owns the state of UDS online batch selection: the sketch constants, the FIFO memory of selected sketches (with its
-    pointer and fill count), the generator of the `random` mode and the cached lm_head factors; selects the examples
-    to keep from each candidate micro-batch; saves and restores all of it with the checkpoints.
+    pointer and fill count), the generator of the `random` mode, the random stream of the scoring forward's dropout
+    and the cached lm_head factors; selects the examples to keep from each candidate micro-batch; saves and restores
+    all of it with the checkpoints.
 
     The trainer hook that feeds it the candidates is [`UDSMixin`] (`with_uds(TrainerClass)`), which creates the
     callback from the config's `uds_*` fields (a callback passed in `callbacks=` is used instead if its settings
@@ -445,6 +514,7 @@ class UDSCallback(TrainerCallback):
         self.constants: SketchConstants | None = None
         self.memory: SketchMemory | None = None
         self.generator: torch.Generator | None = None
+        self.scoring_stream: ScoringRandomStream | None = None
         self.trainer_attached = False
         self.factor_computations = 0  # how often the lm_head factors were (re)computed; for tests and profiling
         self._factors: HeadFactors | None = None
@@ -457,9 +527,14 @@ class UDSCallback(TrainerCallback):
         return cls(settings_from_config(args))
 
     # ------------------------------------------------------------------ set-up
-    def setup(self, vocab_size: int, sketch_length: int, device, process_index: int = 0, seed: int = 0) -> None:
+    def setup(
+        self, vocab_size: int, sketch_length: int, device, process_index: int = 0, seed: int = 0, model_devices=()
+    ) -> None:
         """Draw the sketch constants (the same on every process: they are seeded with `seed` only) and create the
-        memory and the `random` mode's generator (seeded with `seed + process_index`, one stream per process)."""
+        memory, the `random` mode's generator (seeded with `seed + process_index`, one stream per process) and the
+        scoring forward's random stream (a [`ScoringRandomStream`] on the CPU, `device` and `model_devices`, seeded
+        from a number drawn from `seed + process_index`: its dropout masks are not the training forward's, whose
+        stream transformers seeds with `seed`)."""
         settings = self.settings
         generator = torch.Generator().manual_seed(seed)
         self.constants = SketchConstants.draw(
@@ -467,6 +542,8 @@ class UDSCallback(TrainerCallback):
         ).to(device)
         self.memory = SketchMemory(settings.memory_size, settings.sketch_rows * settings.sketch_cols, device)
         self.generator = torch.Generator().manual_seed(seed + process_index)
+        scoring_seed = int(torch.randint(2**62, (), generator=torch.Generator().manual_seed(seed + process_index)))
+        self.scoring_stream = ScoringRandomStream(scoring_seed, [torch.device(device), *model_devices])
         self._factors = self._factors_key = self._vocab_transform = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -545,10 +622,11 @@ class UDSCallback(TrainerCallback):
     def state_dict(self) -> dict[str, Any]:
         c = self.constants
         return {
-            "version": 1,
+            "version": 2,
             "d1": c.d1.cpu(), "d2": c.d2.cpu(), "idx1": c.idx1.cpu(), "idx2": c.idx2.cpu(),
             "memory": self.memory.state_dict(),
             "generator": self.generator.get_state(),
+            "scoring_stream": self.scoring_stream.state_dict(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -565,6 +643,8 @@ class UDSCallback(TrainerCallback):
         self.constants = saved.to(device)
         self.memory.load_state_dict(state["memory"])
         self.generator.set_state(state["generator"])
+        if "scoring_stream" in state:  # version 1 checkpoints have none: the stream continues from its seed
+            self.scoring_stream.load_state_dict(state["scoring_stream"])
         self._factors = self._factors_key = self._vocab_transform = None
 
     @staticmethod

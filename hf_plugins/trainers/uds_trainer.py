@@ -51,6 +51,16 @@ def _logit_softcap(model) -> float | None:
     return softcap
 
 
+def _prepended_virtual_tokens(model) -> int:
+    """How many positions a prompt-learning PEFT adapter prepends to every sequence: `num_virtual_tokens` for prompt
+    tuning and p-tuning (their virtual token embeddings come before the input's), 0 for prefix tuning (its virtual
+    tokens are keys and values only) and for any other model."""
+    config = getattr(model, "active_peft_config", None)
+    if not getattr(config, "is_prompt_learning", False) or config.peft_type in ("PREFIX_TUNING", "CARTRIDGE"):
+        return 0  # (`PeftType` is a str enum)
+    return int(config.num_virtual_tokens)
+
+
 class UDSMixin:
     """
     Trainer mixin for UDS (Utility-Diversity Sampling, arXiv 2510.16882) online batch selection: from each candidate
@@ -127,7 +137,9 @@ class UDSMixin:
         vocab_size = int(getattr(weight, "ds_shape", weight.shape)[0])
         length = settings.sketch_length or getattr(self.args, "max_length", None) or DEFAULT_SKETCH_LENGTH
         seed = settings.seed if settings.seed is not None else self.args.seed
-        callback.setup(vocab_size, length, self.accelerator.device, self.args.process_index, seed)
+        # The devices the model's dropout draws from when it scores (more than the trainer's under a device map)
+        model_devices = {p.device for p in self.model.parameters()}
+        callback.setup(vocab_size, length, self.accelerator.device, self.args.process_index, seed, model_devices)
 
     # ------------------------------------------------------------------ the hook
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -192,17 +204,31 @@ class UDSMixin:
     @torch.no_grad()
     def _uds_hidden_states(self, batch: dict[str, Any]):
         """The candidates' final hidden states [B, N, D] and the lm_head, from one no-grad forward in training mode
-        (as the reference scores). Under FSDP / ZeRO-3 through the wrapped model, so parameters are gathered; else
-        through the unwrapped one (no DDP hooks for a pass without backward)."""
+        (as the reference scores), its dropout drawn from UDS's own random stream (saved in checkpoints; the global
+        one, which the training forward draws from, is left untouched, so resuming is exact). Under FSDP / ZeRO-3
+        through the wrapped model, so parameters are gathered; else through the unwrapped one (no DDP hooks for a
+        pass without backward)."""
         extra = (*getattr(self, "token_columns", {}), *getattr(self, "example_columns", ()))
         inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS and k not in extra}
         inputs["use_cache"] = False
         sharded = self.is_fsdp_enabled or is_deepspeed_zero3_enabled()
         model = self.model_wrapped if sharded else self.model
         model.train()
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), self.uds_callback.scoring_stream.active():
             outputs = forward_hidden_states(model, inputs)
-        return outputs.hidden_states, outputs.weight, outputs.bias
+        hidden, length = outputs.hidden_states, batch["input_ids"].shape[1]
+        if hidden.shape[1] != length:
+            # Prompt tuning / p-tuning run their virtual tokens in front of the input: an example is scored on its own
+            # positions (the logits of its tokens, which attend to the virtual ones), as the loss is computed on them
+            virtual = _prepended_virtual_tokens(self.model)
+            if hidden.shape[1] != length + virtual:
+                raise ValueError(
+                    f"The scoring forward returned {hidden.shape[1]} positions for a batch of {length} tokens: UDS "
+                    "cannot tell which are the examples' own. Only prompt tuning and p-tuning adapters (which prepend "
+                    "`num_virtual_tokens`) change the length."
+                )
+            hidden = hidden[:, virtual:]
+        return hidden, outputs.weight, outputs.bias
 
     def _uds_subset(self, batch: dict[str, Any], indices: torch.Tensor) -> dict[str, Any]:
         """The selected rows of every per-example entry, with the padding columns no selected example needs removed
@@ -264,11 +290,21 @@ def with_uds(cls: type) -> type:
     """The UDS version of a trainer class (`with_uds(ASFTTrainer)`: a subclass with [`UDSMixin`]) or of a config
     class (`with_uds(ASFTConfig)`: a dataclass with the [`UDSConfig`] fields added). A trainer's UDS version takes
     the UDS version of its config as `config_class`. Classes that already have UDS are returned as they are; the
-    same class is returned for the same argument."""
+    same class is returned for the same argument. Only SFT classes (`SFTTrainer`, `SFTConfig` and their subclasses)
+    are accepted: a `ValueError` for any other (e.g. `GRPOTrainer`)."""
     if not isinstance(cls, type):
         raise ValueError(f"`with_uds` takes a trainer or config class, got {cls!r}.")
     if issubclass(cls, (UDSMixin, UDSConfig)):
         return cls
+    for base, kind in ((Trainer, SFTTrainer), (TrainingArguments, SFTConfig)):
+        # UDS selects examples of supervised batches before the loss; other trainers (GRPO's generated groups
+        # among them) have no such step yet, and a mixed class would fail in its constructor or train wrongly
+        if issubclass(cls, base) and not issubclass(cls, kind):
+            raise ValueError(
+                f"`with_uds` takes an SFT {'trainer' if base is Trainer else 'config'} class (`trl.{kind.__name__}` "
+                f"or a subclass, e.g. `FusedSFT{kind.__name__[3:]}`); {cls.__name__} is not one: UDS online batch "
+                "selection has no form for other trainers yet."
+            )
     if cls in _UDS_CLASSES:
         return _UDS_CLASSES[cls]
     name = f"UDS{cls.__name__}"
