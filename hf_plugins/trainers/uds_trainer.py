@@ -51,16 +51,6 @@ def _logit_softcap(model) -> float | None:
     return softcap
 
 
-def _prepended_virtual_tokens(model) -> int:
-    """How many positions a prompt-learning PEFT adapter prepends to every sequence: `num_virtual_tokens` for prompt
-    tuning and p-tuning (their virtual token embeddings come before the input's), 0 for prefix tuning (its virtual
-    tokens are keys and values only) and for any other model."""
-    config = getattr(model, "active_peft_config", None)
-    if not getattr(config, "is_prompt_learning", False) or config.peft_type in ("PREFIX_TUNING", "CARTRIDGE"):
-        return 0  # (`PeftType` is a str enum)
-    return int(config.num_virtual_tokens)
-
-
 class UDSMixin:
     """
     Trainer mixin for UDS (Utility-Diversity Sampling, arXiv 2510.16882) online batch selection: from each candidate
@@ -216,19 +206,9 @@ class UDSMixin:
         model.train()
         with self.compute_loss_context_manager(), self.uds_callback.scoring_stream.active():
             outputs = forward_hidden_states(model, inputs)
-        hidden, length = outputs.hidden_states, batch["input_ids"].shape[1]
-        if hidden.shape[1] != length:
-            # Prompt tuning / p-tuning run their virtual tokens in front of the input: an example is scored on its own
-            # positions (the logits of its tokens, which attend to the virtual ones), as the loss is computed on them
-            virtual = _prepended_virtual_tokens(self.model)
-            if hidden.shape[1] != length + virtual:
-                raise ValueError(
-                    f"The scoring forward returned {hidden.shape[1]} positions for a batch of {length} tokens: UDS "
-                    "cannot tell which are the examples' own. Only prompt tuning and p-tuning adapters (which prepend "
-                    "`num_virtual_tokens`) change the length."
-                )
-            hidden = hidden[:, virtual:]
-        return hidden, outputs.weight, outputs.bias
+        # Prompt tuning / p-tuning prepend virtual tokens: `forward_hidden_states` returns the examples' own
+        # positions only (whose states attend to the virtual ones), the positions the loss is computed on
+        return outputs.hidden_states, outputs.weight, outputs.bias
 
     def _uds_subset(self, batch: dict[str, Any], indices: torch.Tensor) -> dict[str, Any]:
         """The selected rows of every per-example entry, with the padding columns no selected example needs removed
