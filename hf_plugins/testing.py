@@ -105,8 +105,8 @@ CHAT_TEMPLATE = (
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
 # The same ChatML with tool calling, in the `messages` + `tools` format of transformers chat templates: the shipped
-# `hf_plugins/chat_templates/chatml_tools_training.jinja` (see its header). Without tools, tool calls or tool messages it
-# renders exactly like `CHAT_TEMPLATE`.
+# `hf_plugins/chat_templates/chatml_tools_training.jinja` (see its header). Without tools, tool calls or tool messages
+# it renders exactly like `CHAT_TEMPLATE`.
 TOOL_CHAT_TEMPLATE = load_template("chatml_tools")
 
 # How text is cut into words before BPE, alternative by alternative: English contractions; a run of letters with at

@@ -7,6 +7,7 @@ The templates are rendered with the fixtures' tokenizer, given each family's spe
 
 import copy
 import shutil
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -17,7 +18,7 @@ from trl.chat_template_utils import (
     qwen2_5_chat_template,
 )
 
-from hf_plugins import FusedSFTConfig, FusedSFTTrainer, TLConfig, TLTrainer
+from hf_plugins import FusedSFTConfig, FusedSFTTrainer, TLConfig, TLTrainer, classify_tool_call
 from hf_plugins.chat_templates import (
     SHIPPED_TEMPLATES,
     TEMPLATES_DIR,
@@ -210,6 +211,7 @@ def test_tool_templates_render_the_tools_the_originals_drop(base_tokenizer):
             ']</tool_call><|im_end|>\n') in text
     assert '<|im_start|>user\n<tool_response>\n{"sky": "blue"}\n</tool_response><|im_end|>\n' in text
     assert "named SmolLM" not in text  # the function-calling prompt replaces the default system prompt
+    assert_call_is_rewarded(text)
 
     tokenizer = family_tokenizer(base_tokenizer, "smollm3")
     text = tokenizer.apply_chat_template(messages, tools=[WEATHER], chat_template=load_template("smollm3"),
@@ -217,6 +219,13 @@ def test_tool_templates_render_the_tools_the_originals_drop(base_tokenizer):
     assert "<tools>\n{'type': 'function'" in text  # `tools` listed as the original lists `xml_tools`
     assert ('<|im_start|>assistant\n<think>\n\n</think>\n<tool_call>\n{"name": "get_weather", "arguments": '
             '{"city": "Paris"}}\n</tool_call><|im_end|>\n') in text
+    assert_call_is_rewarded(text)
+
+
+def assert_call_is_rewarded(text):
+    """The call as the template writes it is what TL-Training's reward parses as the correct call."""
+    completion = text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+    assert classify_tool_call(completion, "get_weather(city='Paris')", [WEATHER]) == "correct"
 
 
 # ------------------------------------------------------------------------------------------- assistant masks
@@ -310,7 +319,8 @@ def test_families_trl_patches_are_left_to_trl(base_tokenizer):
 
 
 def test_unknown_template_error_says_what_to_do(base_tokenizer):
-    tokenizer = family_tokenizer(base_tokenizer, "smollm2", template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    plain = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    tokenizer = family_tokenizer(base_tokenizer, "smollm2", template=plain)
     with pytest.raises(ValueError) as error:
         training_chat_template(tokenizer)
     message = str(error.value)
@@ -365,7 +375,9 @@ def test_trainer_loads_the_tokenizer_and_swaps_its_template(tmp_path, tiny_model
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
-    trainer = FusedSFTTrainer(model=str(model_dir), args=sft_args(tmp_path), train_dataset=tiny_conversational_dataset(4))
+    trainer = FusedSFTTrainer(
+        model=str(model_dir), args=sft_args(tmp_path), train_dataset=tiny_conversational_dataset(4)
+    )
     assert trainer.processing_class.chat_template == load_template("smollm2")
 
 
@@ -413,3 +425,10 @@ def test_tl_trainer_on_the_smollm2_template_weighs_the_tool_calls(tmp_path, tiny
     assert "<tools>[" in text and '<tool_call>[\n{"name": "' in text
     assert max(row["token_weights"]) > 1  # key tokens found in the rendered calls
     trainer.train()
+
+
+def test_the_docs_example_runs(capsys):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "chat_templates.md").read_text()
+    code = text.split("## In Python")[1].split("```python")[1].split("```")[0]
+    exec(compile(code, "chat_templates.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "Hello.<|im_end|>"

@@ -25,7 +25,7 @@ from hf_plugins.testing import (
 _MISSING = missing_demo_packages()
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(bool(_MISSING), reason=f"SmolLM2 is not installed ({', '.join(_MISSING)}): {DEMO_INSTALL_HINT}"),
+    pytest.mark.skipif(bool(_MISSING), reason=f"SmolLM2 is missing ({', '.join(_MISSING)}): {DEMO_INSTALL_HINT}"),
 ]
 
 METHODS = sorted(path.stem for path in EXAMPLES.glob("*.yaml"))

@@ -1,9 +1,11 @@
 """TL-Training, stage 2: reinforcement learning with the tool-call error-category reward, on TRL's stock GRPOTrainer.
 
 The paper optimises its rule-based reward with PPO; here the same reward drives GRPO (see docs/methods/tl_training.md
-for the differences). Each prompt is the conversation up to the first tool call, rendered with its tools by the chat
-template; the dataset's `gold_call` and `tools` columns reach the reward function, which logs how many completions
-fell in each category (`tool_call/<category>`). Offline, on a CPU, without vLLM.
+for the differences). Each prompt is the conversation up to the first tool call, rendered with the row's own tools
+(`hf_plugins.data.render_tool_prompt`); the dataset's `gold_call` and `tools` columns reach the reward function, which
+logs how many completions fell in each category (`tool_call/<category>`). Offline, on a CPU, without vLLM. Start from
+the SFT model: an instruct model that never writes a call gets -2 for every completion, and GRPO nothing to learn from
+(docs/methods/tl_training.md).
 
     python examples/tl_training/sft.py --output-dir tl-sft
     python examples/tl_training/grpo.py --model tl-sft --output-dir tl-grpo

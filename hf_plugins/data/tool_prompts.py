@@ -1,5 +1,5 @@
-"""Prompts for reinforcement learning on tool calls (TL-Training's reward with `GRPOTrainer`): each row's conversation up
-to its first assistant turn, rendered as text with that row's own `tools`.
+"""Prompts for reinforcement learning on tool calls (TL-Training's reward with `GRPOTrainer`): each row's conversation
+up to its first assistant turn, rendered as text with that row's own `tools`.
 
 `GRPOTrainer` renders conversational prompts itself, but with the trainer's `tools` argument, one list for the whole
 dataset, which it also executes. When every row declares its own tools (the `messages` + `tools` format), the prompt
