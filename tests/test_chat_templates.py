@@ -337,6 +337,8 @@ def test_templates_by_name_and_the_fixture_alias():
         assert has_generation_markers(load_template(name))
     with pytest.raises(ValueError, match="shipped ones are smollm2"):
         template_path("qwen9")
+    with pytest.raises(ValueError, match="shipped ones are smollm2"):
+        template_path("some-org/smollm2")  # a Hub repo to copy a template from is not a shipped name
 
 
 # ------------------------------------------------------------------------------------------- in the trainers

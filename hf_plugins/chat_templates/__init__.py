@@ -100,7 +100,7 @@ def template_path(name: str) -> Path:
     Raises:
         ValueError: no shipped template has that name.
     """
-    key = Path(str(name)).name.removesuffix(".jinja").removesuffix("_training")
+    key = str(name).removesuffix(".jinja").removesuffix("_training")
     if key not in SHIPPED_TEMPLATES:
         raise ValueError(
             f"No shipped chat template is called {name!r}; the shipped ones are {', '.join(SHIPPED_TEMPLATES)}."

@@ -215,10 +215,10 @@ def _renders_like(tokenizer, template: str) -> bool:
 def prepare_chat_template(tokenizer) -> bool:
     """Make the tokenizer's chat template usable for assistant-only loss, if that is possible.
 
-    TRL's `assistant_only_loss` needs `{% generation %}` markers in the chat template. A template that is exactly a
-    known original gets its training version (`hf_plugins.chat_templates.training_chat_template`: TRL's families and
-    this library's, SmolLM2 among them); one that is not, but renders like SmolLM2's (another conversion of the same
-    checkpoint), gets [`SMOLLM2_TRAINING_CHAT_TEMPLATE`]. The text either renders, and so inference, is unchanged.
+    TRL's `assistant_only_loss` needs `{% generation %}` markers in the chat template. A template that is exactly an
+    original of `hf_plugins.chat_templates` (SmolLM2's among them) gets its training version here, one of TRL's
+    families is left for TRL to patch, and one that is neither but renders like SmolLM2's (another conversion of the
+    same checkpoint) gets [`SMOLLM2_TRAINING_CHAT_TEMPLATE`]. The text either renders, and so inference, is unchanged.
 
     Args:
         tokenizer: The tokenizer to train with; its `chat_template` may be replaced.

@@ -44,8 +44,9 @@ def _load_processing_class(model, args):
 
 
 def _shipped_file(chat_template_path: str) -> str | None:
-    """The shipped training template `chat_template_path` names, unless it is an existing file or folder."""
-    if os.path.exists(chat_template_path):
+    """The shipped training template `chat_template_path` names, unless it is an existing file or folder or a Hub
+    repo id (`org/name`), which TRL copies the template from."""
+    if os.path.exists(chat_template_path) or "/" in chat_template_path or os.sep in chat_template_path:
         return None
     try:
         return str(template_path(chat_template_path))
