@@ -43,6 +43,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from .chat_templates import load_template
+
 __all__ = [
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
@@ -112,67 +114,10 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3_moe", "gpt_oss")
 #: The Mixture-of-Experts architectures of `SUPPORTED_ARCHS` (their configs enable the router load-balancing loss)
 MOE_ARCHS = ("qwen3_moe", "gpt_oss")
 
-# The same ChatML with tool calling, in the `messages` + `tools` format of transformers chat templates: when `tools`
-# is given, a system turn lists each tool as a compact signature `name(param: type, ...)` (after the conversation's
-# own system prompt, if any); an assistant turn renders its `tool_calls` after its content, one
-# `<tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>` block each (inside the generation markers); a `tool`
-# message is a turn of role `tool`. Without tools, tool calls or tool messages it renders exactly like
-# `CHAT_TEMPLATE`. `arguments` may be a mapping or an already serialised JSON string, and `content` may be None.
-TOOL_CHAT_TEMPLATE = (
-    "{%- if tools -%}"
-    "{{- '<|im_start|>system\\n' -}}"
-    "{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] -%}"
-    "{{- messages[0]['content'] + '\\n\\n' -}}"
-    "{%- endif -%}"
-    "{{- 'Tools:' -}}"
-    "{%- for tool in tools -%}"
-    "{%- set function = tool['function'] if tool['function'] is defined and tool['function'] else tool -%}"
-    "{{- '\\n' + function['name'] + '(' -}}"
-    "{%- if function['parameters'] and function['parameters']['properties'] -%}"
-    "{%- for name, spec in function['parameters']['properties'].items() if spec is not none -%}"
-    "{%- if not loop.first -%}{{- ', ' -}}{%- endif -%}"
-    "{{- name + ': ' + (spec['type'] if spec['type'] is defined and spec['type'] else 'any') -}}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- ')' -}}"
-    "{%- endfor -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}"
-    "{%- set content = message['content'] -%}"
-    "{%- elif message['content'] is not defined or message['content'] is none -%}"
-    "{%- set content = '' -%}"
-    "{%- else -%}"
-    "{%- set content = message['content'] | selectattr('type', 'equalto', 'text') "
-    "| map(attribute='text') | join('') -%}"
-    "{%- endif -%}"
-    "{%- if tools and loop.first and message['role'] == 'system' -%}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- generation -%}"
-    "{{- content -}}"
-    "{%- if message['tool_calls'] is defined and message['tool_calls'] -%}"
-    "{%- for call in message['tool_calls'] -%}"
-    "{%- set function = call['function'] if call['function'] is defined and call['function'] else call -%}"
-    "{%- if content or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
-    "{{- '<tool_call>\\n{\"name\": ' + (function['name'] | tojson) + ', \"arguments\": ' -}}"
-    "{%- if function['arguments'] is string -%}{{- function['arguments'] -}}"
-    "{%- else -%}{{- function['arguments'] | tojson -}}{%- endif -%}"
-    "{{- '}\\n</tool_call>' -}}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>' -}}"
-    "{%- endgeneration -%}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+# The same ChatML with tool calling, in the `messages` + `tools` format of transformers chat templates: the shipped
+# `hf_plugins/chat_templates/chatml_tools_training.jinja` (see its header). Without tools, tool calls or tool messages
+# it renders exactly like `CHAT_TEMPLATE`.
+TOOL_CHAT_TEMPLATE = load_template("chatml_tools")
 
 # How text is cut into words before BPE, alternative by alternative: English contractions; a run of letters with at
 # most one leading character that is neither a letter, a digit nor a line break (so " capital" is one word and a

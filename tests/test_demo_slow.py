@@ -75,11 +75,16 @@ def test_smollm2_training_template_masks_only_the_assistant():
     from transformers import AutoTokenizer
     from trl.chat_template_utils import is_chat_template_stop_token_trained
 
+    from hf_plugins.chat_templates import find_shipped_template, load_template
     from hf_plugins.demo import load_chatterbot, resolve_model
     from hf_plugins.demo.model import SMOLLM2_TRAINING_CHAT_TEMPLATE, prepare_chat_template
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
     original = tokenizer.chat_template
+    # The checkpoint's template is exactly the stored original, so the trainers recognise it and swap in the shipped
+    # training template, which the demo uses too
+    assert find_shipped_template(original).name == "smollm2"
+    assert SMOLLM2_TRAINING_CHAT_TEMPLATE == load_template("smollm2")
     assert prepare_chat_template(tokenizer)
     assert tokenizer.chat_template == SMOLLM2_TRAINING_CHAT_TEMPLATE
     # Same text as the shipped template on every conversation of the corpus, so inference is unchanged.

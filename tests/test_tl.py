@@ -19,7 +19,14 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_plugins import TLConfig, TLTrainer, classify_tool_call, tool_call_reward, weighted_sft_loss
-from hf_plugins.data import DEFAULT_ERROR_PATTERNS, is_error_response, key_token_indices, mae_trained_turns
+from hf_plugins.data import (
+    DEFAULT_ERROR_PATTERNS,
+    declared_tools,
+    is_error_response,
+    key_token_indices,
+    mae_trained_turns,
+    render_tool_prompt,
+)
 from hf_plugins.data.tool_calls import pkt_weight, tokenize_tool_conversation
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.rewards import TOOL_CALL_CATEGORIES, make_tool_call_reward, parse_tool_call
@@ -751,12 +758,46 @@ def test_reward_logs_category_counts_and_checks_its_columns():
     assert custom(completions=[GOLD], answer=[GOLD], schemas=[REWARD_TOOLS]) == [1.0]
 
 
+def test_render_tool_prompt_writes_each_rows_tools(tool_tokenizer):
+    dataset = tiny_tool_calling_dataset(6, seed=1)
+    prompts = dataset.map(render_tool_prompt, fn_kwargs={"tokenizer": tool_tokenizer}, remove_columns=["messages"])
+    assert prompts.column_names == ["tools", "gold_call", "prompt"]
+    for row, prompt in zip(dataset, prompts["prompt"]):
+        first_call = next(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+        context = [{k: v for k, v in m.items() if v is not None} for m in row["messages"][:first_call]]
+        assert prompt == tool_tokenizer.apply_chat_template(
+            context, tools=json.loads(row["tools"]), add_generation_prompt=True, tokenize=False
+        )
+        assert all(f"\n{name}(" in prompt for name in declared_tools(row["tools"]))
+        assert prompt.endswith("<|im_start|>assistant\n") and "<tool_call>" not in prompt
+    # a conversational `prompt` column is rendered as it is
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "tools": dataset[0]["tools"]}
+    assert render_tool_prompt(row, tool_tokenizer)["prompt"].startswith("<|im_start|>system\nTools:")
+
+
+def test_render_tool_prompt_swaps_a_template_that_drops_the_tools(tiny_tokenizer):
+    """SmolLM2's original template ignores `tools` (the cause of the all-`format_error` GRPO runs on SmolLM2): its
+    shipped training version writes them, and renders everything else identically."""
+    from hf_plugins.chat_templates import TEMPLATES_DIR, load_template
+
+    tiny_tokenizer.chat_template = (TEMPLATES_DIR / "smollm2.jinja").read_text()
+    row = tiny_tool_calling_dataset(1, seed=1)[0]
+    prompt = render_tool_prompt(row, tiny_tokenizer)["prompt"]
+    assert "You have access to the following tools:\n<tools>[" in prompt
+    assert all(f'"name": "{name}"' in prompt for name in declared_tools(row["tools"]))
+    assert prompt == render_tool_prompt(row, tiny_tokenizer, chat_template=load_template("smollm2"))["prompt"]
+    without_tools = render_tool_prompt({**row, "tools": None}, tiny_tokenizer)["prompt"]
+    context = [m for m in row["messages"] if m["role"] in ("system", "user")][:2]
+    assert without_tools == tiny_tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
+
+    tiny_tokenizer.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    with pytest.raises(ValueError, match="writes nothing for the row's `tools`"):
+        render_tool_prompt(row, tiny_tokenizer)
+    with pytest.raises(ValueError, match="needs a `messages` column"):
+        render_tool_prompt({"text": "hi"}, tiny_tokenizer)
+
+
 def test_grpo_trainer_runs_two_steps_with_the_reward(tiny_model_dir, tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "examples", "tl_training"))
-    try:
-        from grpo import grpo_dataset
-    finally:
-        sys.path.pop(0)
     from trl import GRPOConfig, GRPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -765,9 +806,12 @@ def test_grpo_trainer_runs_two_steps_with_the_reward(tiny_model_dir, tmp_path):
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4,
         max_completion_length=16, learning_rate=1e-3, beta=0.0, **CPU_TRAINING_ARGS,
     )
+    dataset = tiny_tool_calling_dataset(8, seed=1).map(
+        render_tool_prompt, fn_kwargs={"tokenizer": tokenizer}, remove_columns=["messages"]
+    )
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[tool_call_reward], args=args,
-        train_dataset=grpo_dataset(tokenizer, 8), processing_class=tokenizer,
+        train_dataset=dataset, processing_class=tokenizer,
     )
     trainer.train()
     steps = [entry for entry in trainer.state.log_history if "reward" in entry]

@@ -1,37 +1,24 @@
 """TL-Training, stage 2: reinforcement learning with the tool-call error-category reward, on TRL's stock GRPOTrainer.
 
 The paper optimises its rule-based reward with PPO; here the same reward drives GRPO (see docs/methods/tl_training.md
-for the differences). Each prompt is the conversation up to the first tool call, rendered with its tools by the chat
-template; the dataset's `gold_call` and `tools` columns reach the reward function, which logs how many completions
-fell in each category (`tool_call/<category>`). Offline, on a CPU, without vLLM.
+for the differences). Each prompt is the conversation up to the first tool call, rendered with the row's own tools
+(`hf_plugins.data.render_tool_prompt`); the dataset's `gold_call` and `tools` columns reach the reward function, which
+logs how many completions fell in each category (`tool_call/<category>`). Offline, on a CPU, without vLLM. Start from
+the SFT model: an instruct model that never writes a call gets -2 for every completion, and GRPO nothing to learn from
+(docs/methods/tl_training.md).
 
     python examples/tl_training/sft.py --output-dir tl-sft
     python examples/tl_training/grpo.py --model tl-sft --output-dir tl-grpo
 """
 
 import argparse
-import json
 
-from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 from hf_plugins import tool_call_reward
+from hf_plugins.data import render_tool_prompt
 from hf_plugins.testing import tiny_tool_calling_dataset
-
-
-def grpo_dataset(tokenizer, rows: int) -> Dataset:
-    """Prompts rendered as text with each row's tools (GRPOTrainer renders conversational prompts with the trainer's
-    own `tools` argument, which would also make it execute them), plus the `gold_call` and `tools` columns."""
-    source = tiny_tool_calling_dataset(rows, seed=1)
-    prompts = []
-    for messages, tools in zip(source["messages"], source["tools"]):
-        first_call = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
-        context = [{k: v for k, v in m.items() if v is not None} for m in messages[:first_call]]
-        prompts.append(
-            tokenizer.apply_chat_template(context, tools=json.loads(tools), add_generation_prompt=True, tokenize=False)
-        )
-    return Dataset.from_dict({"prompt": prompts, "gold_call": source["gold_call"], "tools": source["tools"]})
 
 
 def main():
@@ -64,7 +51,11 @@ def main():
         model=args.model,
         reward_funcs=[tool_call_reward],
         args=config,
-        train_dataset=grpo_dataset(tokenizer, args.rows),
+        # Each prompt is rendered as text with its row's own tools (GRPOTrainer renders conversational prompts with
+        # the trainer's `tools` argument, which it would also execute); `gold_call` and `tools` reach the reward
+        train_dataset=tiny_tool_calling_dataset(args.rows, seed=1).map(
+            render_tool_prompt, fn_kwargs={"tokenizer": tokenizer}, remove_columns=["messages"]
+        ),
         processing_class=tokenizer,
     )
     trainer.train()

@@ -1,5 +1,5 @@
-"""Data plumbing: collators that keep a method's extra columns, tool-call tagging for TL-Training and aligned-model
-scoring for PoFT."""
+"""Data plumbing: collators that keep a method's extra columns, tool-call tagging and tool-call prompts for
+TL-Training, and aligned-model scoring for PoFT."""
 
 from .collator import DataCollatorWithExtraColumns
 from .scoring import score_with_aligned_models
@@ -11,6 +11,7 @@ from .tool_calls import (
     mae_trained_turns,
     tokenize_tool_conversation,
 )
+from .tool_prompts import render_tool_prompt
 
 __all__ = [
     "DEFAULT_ERROR_PATTERNS",
@@ -19,6 +20,7 @@ __all__ = [
     "is_error_response",
     "key_token_indices",
     "mae_trained_turns",
+    "render_tool_prompt",
     "score_with_aligned_models",
     "tokenize_tool_conversation",
 ]

@@ -401,9 +401,9 @@ def tokenize_tool_conversation(
     if not blocks and assistant_indices:
         raise ValueError(
             "The chat template marks no assistant tokens: TL-Training needs `{% generation %}` / "
-            "`{% endgeneration %}` markers around each assistant turn (keep `assistant_only_loss=True`, which makes "
-            "TRL use a training template with them for the models it knows, or pass a template with the markers as "
-            "`chat_template`)."
+            "`{% endgeneration %}` markers around each assistant turn (keep `assistant_only_loss=True`, which swaps "
+            "in a training template with them for the models TRL or hf-plugins knows, or pass one: "
+            "`chat_template_path` of the trainer, such as the shipped `chatml_tools`, or `chat_template` here)."
         )
     if len(blocks) != len(assistant_indices):
         raise ValueError(

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..chat_templates import load_template, training_chat_template
+
 logger = logging.getLogger(__name__)
 
 #: The name that selects the embedded model; `None` selects it too.
@@ -180,26 +182,9 @@ def resolve_model(model: str | None = None) -> str:
     return model
 
 
-# SmolLM2's ChatML template, written out again with `{% generation %}` markers around what the assistant says, so that
-# `return_assistant_tokens_mask` (TRL's `assistant_only_loss`) can tell its tokens apart. Each assistant turn's
-# `<|im_end|>` is inside the markers: it is the token the model must learn to emit to stop. The newline after it is
-# outside, because generation ends at `<|im_end|>` and never produces it. Apart from the markers, the template renders
-# exactly the same text as the original (checked by `prepare_chat_template` before it is used).
-SMOLLM2_TRAINING_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and messages[0]['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+#: SmolLM2's training chat template (`hf_plugins/chat_templates/smollm2_training.jinja`): the original with
+#: `{% generation %}` markers around what the assistant writes, rendering exactly the same text.
+SMOLLM2_TRAINING_CHAT_TEMPLATE = load_template("smollm2")
 
 # Conversations that exercise every branch of a ChatML template: with and without a system prompt, several turns.
 _PROBES = (
@@ -230,10 +215,10 @@ def _renders_like(tokenizer, template: str) -> bool:
 def prepare_chat_template(tokenizer) -> bool:
     """Make the tokenizer's chat template usable for assistant-only loss, if that is possible.
 
-    TRL's `assistant_only_loss` needs `{% generation %}` markers in the chat template. When they are missing, TRL swaps
-    in a marked copy of the template, but only for the templates it knows; SmolLM2's is not among them, and TRL then
-    raises an error. For a template that renders like SmolLM2's, this puts [`SMOLLM2_TRAINING_CHAT_TEMPLATE`] on the
-    tokenizer (the text it renders, and so inference, is unchanged).
+    TRL's `assistant_only_loss` needs `{% generation %}` markers in the chat template. A template that is exactly an
+    original of `hf_plugins.chat_templates` (SmolLM2's among them) gets its training version here, one of TRL's
+    families is left for TRL to patch, and one that is neither but renders like SmolLM2's (another conversion of the
+    same checkpoint) gets [`SMOLLM2_TRAINING_CHAT_TEMPLATE`]. The text either renders, and so inference, is unchanged.
 
     Args:
         tokenizer: The tokenizer to train with; its `chat_template` may be replaced.
@@ -245,17 +230,14 @@ def prepare_chat_template(tokenizer) -> bool:
     Raises:
         ValueError: the tokenizer has no chat template at all, so conversations cannot be rendered.
     """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     if not tokenizer.chat_template:
         raise ValueError("The model's tokenizer has no chat template; the demo trains on conversations and needs one.")
-    if has_generation_markers(tokenizer.chat_template):
-        return True
-    if _renders_like(tokenizer, SMOLLM2_TRAINING_CHAT_TEMPLATE):
-        tokenizer.chat_template = SMOLLM2_TRAINING_CHAT_TEMPLATE
-        return True
     try:
-        get_training_chat_template(tokenizer)
+        template = training_chat_template(tokenizer)
     except ValueError:
-        return False
+        if not _renders_like(tokenizer, SMOLLM2_TRAINING_CHAT_TEMPLATE):
+            return False
+        template = SMOLLM2_TRAINING_CHAT_TEMPLATE
+    if template is not None:
+        tokenizer.chat_template = template
     return True

