@@ -506,12 +506,31 @@ def test_chunked_sequence_level_takes_a_first_pass_for_completions_too_long_for_
     assert len(tracker.matmul_outputs) == 4 * 4
 
 
-def test_triton_makes_three_matmuls_per_tile_on_token_level():
-    batch = make_batch(B=2, T=4, V=37, D=4, seed=15)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_triton_makes_three_matmuls_per_tile(level):
+    """Off-policy, with the bias-corrected KL: at the sequence level each tile holds whole completions."""
+    batch = make_batch(B=3, T=4, V=37, D=4, seed=15)  # completions of 4 and 3 rows (and an empty one)
     with LargestTensor() as tracker:
-        fused(batch, True, {}, options_for("dapo", "token", "kl-bias", entropy_coef=0.1), "triton", chunk_size=4)
-    assert len([s for s in tracker.matmul_outputs if s[-1] == 37]) == 2  # 6 rows: two tiles, no first pass
-    assert len(tracker.matmul_outputs) == 3 * 2
+        fused(batch, True, {}, options_for("grpo", level, "kl-bias", entropy_coef=0.1), "triton", chunk_size=3)
+    tiles = [s for s in tracker.matmul_outputs if s[-1] == 37]
+    assert tiles == ([(4, 37), (3, 37)] if level == "sequence" else [(3, 37), (3, 37), (1, 37)])
+    assert len(tracker.matmul_outputs) == 3 * len(tiles)  # logits, grad hidden, grad weight; no first pass
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_completions_over_the_tile_budget_take_a_first_pass(backend, monkeypatch):
+    """Sequence-level terms of completions too long for a tile come from a no-grad pass: one more matmul per tile,
+    the same loss and gradients."""
+    monkeypatch.setattr(grpo_module, "SEQUENCE_TILE_BUDGET", 2 * 37)  # two rows of V = 37
+    batch = make_batch(B=3, T=4, V=37, D=4, seed=18)
+    for loss_type in ("grpo", "vespo"):
+        options = options_for(loss_type, "sequence", "kl-bias", entropy_coef=0.1, off_policy_mask_threshold=0.1)
+        assert_fused_equals_functional(batch, True, {}, options, backend, chunk_size=3)
+        with LargestTensor() as tracker:
+            fused(batch, True, {}, options, backend, chunk_size=3)
+        tiles = [s for s in tracker.matmul_outputs if s[-1] == 37]
+        assert tiles[:3] == [(3, 37), (3, 37), (1, 37)]  # the first pass, in plain tiles
+        assert len(tiles) == 2 * 3
 
 
 # ----------------------------------------------------------------------------------------------------- refusals

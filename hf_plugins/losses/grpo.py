@@ -21,9 +21,9 @@ to the logits is
 `GRPOMethod` ("grpo") computes c_t in closed form inside each row tile (per loss type: docs/methods/grpo.md) and the
 entropy bonus as a dense target `w = -kappa_t * p (log p + H)` (sum 0), and adds per-row constants so that the value
 it returns is TRL's loss, not a surrogate. Sequence-level quantities (s_i, VESPO's gamma weight and the off-policy
-mask off-policy, the sequence-level bias-corrected KL) need whole sequences: on `chunked` and `reference` the tiles
-hold whole sequences (three matmuls); on `triton`, or when a completion is too long for one tile, a first no-grad
-pass of the head gives them (four matmuls, like TRL).
+mask off-policy, the sequence-level bias-corrected KL) need whole sequences: the tiles then hold whole sequences
+(three matmuls, every backend); when a completion is too long for one tile, a first no-grad pass of the head gives
+them (four matmuls, like TRL).
 """
 
 from __future__ import annotations
@@ -576,14 +576,15 @@ class GRPOMethod(LossMethod):
 
     Whole-sequence quantities: the sequence-level ratio off-policy, VESPO's weight off-policy, the off-policy mask
     against sampler or old log-probs, and the sequence-level bias-corrected KL depend on every token of a sequence.
-    On `chunked` and `reference` the tiles then hold whole sequences (`tile_groups`), so each tile forms them first
-    (three matmuls); a completion longer than `SEQUENCE_TILE_BUDGET / V` rows, and the `triton` backend, take a first
+    The tiles then hold whole sequences (`tile_groups`), so each tile forms them first (three matmuls; on `triton`
+    between the kernel's two launches); a completion longer than `SEQUENCE_TILE_BUDGET / V` rows takes a first
     no-grad pass of the head instead (`Rows.label_log_probs`: one more matmul per tile). On-policy they are exactly
     known without any pass (ratios 1).
     """
 
     name = "grpo"
     reduces_itself = True
+    whole_sequence_kernel_tiles = True
 
     def prepare(
         self,
@@ -813,16 +814,12 @@ class GRPOMethod(LossMethod):
     def tile_groups(self, row_inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         return row_inputs["sequence"] if self._deferred else None
 
-    def kernel_spec(self, row_inputs: dict[str, torch.Tensor]) -> KernelSpec | None:
-        if self._deferred:  # tiles of whole sequences: the kernel backend does not build them
-            return None
-
+    def kernel_spec(self, row_inputs: dict[str, torch.Tensor]) -> KernelSpec:
         def row_targets(rows: slice, lp: torch.Tensor, entropy: torch.Tensor):
             self._keep(rows, lp, entropy)
             r = _in_dtype({name: value[rows] for name, value in row_inputs.items()}, lp.dtype)
-            coefficient, loss = self._row_terms(lp, entropy, r, r)
-            kappa = r.get("entropy_weight")
-            return coefficient, kappa, loss
+            coefficient, loss = self._terms_of(lp, entropy, r)
+            return coefficient, r.get("entropy_weight"), loss
 
         return KernelSpec(row_targets=row_targets)
 

@@ -149,8 +149,10 @@ def fused_linear_loss(
             row_hidden, weight, bias, row_labels, chunk_size, method.logit_scale
         ),
         vocab_size=weight.shape[0],
-        # chunked honours `LossMethod.tile_groups`; reference is one tile; triton needs every weight before its kernel
-        whole_sequence_tiles=backend in ("chunked", "reference"),
+        # chunked honours `LossMethod.tile_groups`; reference is one tile; triton needs every weight before its kernel,
+        # unless the method forms them between the kernel's two launches (`KernelSpec.row_targets`)
+        whole_sequence_tiles=backend in ("chunked", "reference")
+        or (backend in ("triton", "auto") and method.whole_sequence_kernel_tiles),
     )
     try:
         row_inputs = method.prepare(rows, **method_inputs)

@@ -107,7 +107,8 @@ class Rows:
             vocabulary, e.g. a reference model's head).
         whole_sequence_tiles (`bool`): the backend keeps the groups of rows that `LossMethod.tile_groups` names
             (e.g. sequences) whole within one tile, so `targets` sees every row of a group at once; a method whose
-            weights depend on whole sequences can then skip the `label_log_probs` pass.
+            weights depend on whole sequences can then skip the `label_log_probs` pass (chunked and reference; triton
+            for methods with `whole_sequence_kernel_tiles`).
     """
 
     labels: torch.Tensor
@@ -199,6 +200,9 @@ class LossMethod:
     #: The head's softmax is over `logit_scale * z` (GRPO: 1 / temperature); `prepare` may set it, and the label
     #: log-probs pass (`Rows.label_log_probs`) already uses the value it set.
     logit_scale: float = 1.0
+    #: The method's `kernel_spec` also works on tiles that keep its `tile_groups` whole (its `row_targets` forms the
+    #: whole-sequence terms from the tile), so the triton backend keeps them whole too (`Rows.whole_sequence_tiles`).
+    whole_sequence_kernel_tiles: bool = False
 
     def prepare(self, rows: Rows, **method_inputs) -> dict[str, torch.Tensor]:
         """Validate the method's inputs and return its per-row tensors (first dimension N, sliced per chunk)."""

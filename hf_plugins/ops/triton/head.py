@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ..chunked import tile_slices
 from ..method import KernelSpec, KernelStats, LossMethod
 from ..precomputed import precomputed_gradient_loss
 
@@ -79,10 +80,12 @@ def run_tiles(
     grad_scale: float | None,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     logit_scale: float = 1.0,
+    groups: torch.Tensor | None = None,
 ):
     """One pass over the supervised rows of the logits `logit_scale * (hidden @ weight.T + bias)`. Returns
     `(loss_sum, (grad_hidden, grad_weight, grad_bias), stats)` with `stats` the kernel's `[N, NUM_STATS]` per-row
-    values (float32, float64 for float64 inputs)."""
+    values (float32, float64 for float64 inputs). With `groups` (per-row ids, `LossMethod.tile_groups`) no tile splits
+    a group (a group longer than the tile gets a tile of its own)."""
     import triton.language as tl
 
     from .kernels import NUM_PARAMS, NUM_STATS, STAT_ENTROPY, STAT_LABEL_LOGP, STAT_LOSS, weighted_target_ce_kernel
@@ -108,7 +111,8 @@ def run_tiles(
         return stats[:, 0].sum(), (grad_hidden, grad_weight, grad_bias), stats
 
     rows_per_tile = chunk_size or default_tile_rows(n_rows, vocab_size, hidden_size)
-    rows_per_tile = min(rows_per_tile, n_rows)
+    tiles = tile_slices(n_rows, min(rows_per_tile, n_rows), groups)
+    rows_per_tile = max(tile.stop - tile.start for tile in tiles)
     tile_buffer = torch.empty((rows_per_tile, vocab_size), dtype=dtype, device=device)
 
     reference = spec.reference
@@ -161,8 +165,7 @@ def run_tiles(
             num_warps=num_warps,
         )
 
-    for start in range(0, n_rows, rows_per_tile):
-        rows = slice(start, min(start + rows_per_tile, n_rows))
+    for rows in tiles:
         count = rows.stop - rows.start
         h = hidden[rows].to(dtype)
         tile = tile_buffer[:count]
@@ -229,7 +232,8 @@ def triton_linear_loss(hidden, weight, bias, labels, method, row_inputs, spec, c
 
     def compute(grad_scale, needs_grad):
         loss_sum, grads, stats = run_tiles(
-            hidden, weight, bias, labels, spec, chunk_size, grad_scale, needs_grad, method.logit_scale
+            hidden, weight, bias, labels, spec, chunk_size, grad_scale, needs_grad, method.logit_scale,
+            method.tile_groups(row_inputs),
         )
         if metrics_out is not None:
             metrics_out.update(_metric_sums(method, row_inputs, stats))
