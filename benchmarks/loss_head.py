@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -42,7 +43,7 @@ TRL_METHODS = ("sft", "dft")
 #: floor is the measured three-matmul floor scaled by (3 + extra) / 3.
 EXTRA_MATMULS = {"asft": 1}
 #: Methods whose inputs are per sequence: their hidden states are passed as [B, T, D] (`--batch` sequences).
-SEQUENCE_METHODS = ("poft",)
+SEQUENCE_METHODS = ("poft", "grpo")
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs
@@ -70,6 +71,10 @@ def method_inputs(name: str, cfg: dict, generator) -> dict:
         return {"generator": torch.Generator().manual_seed(cfg["seed"])}
     if name == "poft":
         return {"ref_scores": -torch.rand(b, generator=generator) * 3}
+    if name == "grpo":  # TRL's default loss (dapo), off-policy, with the KL to a reference (beta 0.04)
+        log_probs = lambda: (0.3 * torch.randn(b, n // b, generator=generator) - math.log(v)).to(dtype)  # noqa: E731
+        return {"advantages": torch.randn(b, generator=generator).to(dtype), "old_log_probs": log_probs(),
+                "ref_log_probs": log_probs(), "beta": 0.04}
     return {}
 
 

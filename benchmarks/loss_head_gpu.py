@@ -68,6 +68,12 @@ def method_kwargs(method, inputs):
         return {"num_samples": 8, "temperature": 1.2, "negative_reward": -0.1}
     if method == "poft":
         return {"ref_scores": torch.full((SEQUENCES,), -2.0, device="cuda"), "beta": 1.0}
+    if method == "grpo":  # TRL's default loss (dapo), off-policy, with the KL to a reference (beta 0.04)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        shape = (SEQUENCES, inputs["labels"].numel() // SEQUENCES)
+        log_probs = lambda: 0.3 * torch.randn(shape, device="cuda", generator=g) - 10.0  # noqa: E731
+        return {"advantages": torch.randn(SEQUENCES, device="cuda", generator=g), "old_log_probs": log_probs(),
+                "ref_log_probs": log_probs(), "beta": 0.04}
     return {}
 
 
@@ -80,7 +86,7 @@ def loss_fn(variant, method, inputs, chunk_size=None):
         kwargs = method_kwargs(method, inputs)
 
         # per-sequence methods see [B, T] rows (PoFT's score is a mean over each sequence)
-        hh, yy = (h.view(SEQUENCES, -1, h.shape[-1]), y.view(SEQUENCES, -1)) if method == "poft" else (h, y)
+        hh, yy = (h.view(SEQUENCES, -1, h.shape[-1]), y.view(SEQUENCES, -1)) if method in ("poft", "grpo") else (h, y)
 
         def run():
             torch.manual_seed(0)  # OTR's uniforms: the same draw on every backend

@@ -25,6 +25,7 @@ _EXPORTS = {
     "UDSCallback": "callbacks",
     "asft_loss": "losses",
     "dft_loss": "losses",
+    "grpo_loss": "losses",
     "otr_loss": "losses",
     "poft_loss": "losses",
     "sft_loss": "losses",

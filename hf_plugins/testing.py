@@ -736,7 +736,8 @@ def tiny_tool_calling_dataset(
 
 class LargestTensor:
     """Context manager that records the element count of the largest tensor any aten op returns inside it (forward
-    and backward, inside autograd Functions too): the check that a loss head never builds `[N, V]` logits.
+    and backward, inside autograd Functions too): the check that a loss head never builds `[N, V]` logits. It also
+    records the output shape of every matrix product (`matmul_outputs`), to count a head's matmuls.
 
         with LargestTensor() as tracker:
             fused_linear_loss(hidden, weight, labels, "sft").backward()
@@ -751,12 +752,15 @@ class LargestTensor:
         class _Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
+                if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                    tracker.matmul_outputs.append(tuple(out.shape))
                 for t in out if isinstance(out, (tuple, list)) else (out,):
                     if isinstance(t, torch.Tensor):
                         tracker.largest = max(tracker.largest, t.numel())
                 return out
 
         self.largest = 0
+        self.matmul_outputs = []
         self._mode = _Mode()
 
     def __enter__(self):

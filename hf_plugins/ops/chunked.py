@@ -76,6 +76,9 @@ def run_chunks(
     b = bias.to(dtype) if bias is not None else None
     want_grad = grad_scale is not None and any(needs_grad)
     need_hidden, need_weight, need_bias = (want_grad and flag for flag in needs_grad)
+    logit_scale = method.logit_scale
+    if want_grad:  # the loss is a function of logit_scale * z: its z-gradient carries the factor
+        grad_scale = grad_scale * logit_scale
 
     grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=hidden.device) if need_hidden else None
     grad_weight = torch.zeros_like(w) if need_weight else None
@@ -105,6 +108,8 @@ def run_chunks(
             torch.addmm(b, h, w.t(), out=logits)
         else:
             torch.mm(h, w.t(), out=logits)
+        if logit_scale != 1.0:
+            logits.mul_(logit_scale)
         torch.ops.aten._log_softmax.out(logits, -1, False, out=log_probs)
         probs = torch.exp(log_probs, out=logits)
         label_log_probs = log_probs.gather(1, y.unsqueeze(-1)).squeeze(-1)
@@ -160,8 +165,9 @@ def chunked_linear_loss(hidden, weight, bias, labels, method, row_inputs, chunk_
 
 
 @torch.no_grad()
-def chunked_label_log_probs(hidden, weight, bias, labels, chunk_size) -> torch.Tensor:
-    """`log p(label)` per row without gradient and without the full logits (for sequence-level methods)."""
+def chunked_label_log_probs(hidden, weight, bias, labels, chunk_size, logit_scale: float = 1.0) -> torch.Tensor:
+    """`log p(label)` per row of `softmax(logit_scale * z)`, without gradient and without the full logits (for
+    sequence-level methods)."""
     dtype = chunk_compute_dtype(hidden, weight, bias)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
@@ -170,5 +176,7 @@ def chunked_label_log_probs(hidden, weight, bias, labels, chunk_size) -> torch.T
         rows = slice(start, min(start + chunk_size, hidden.shape[0]))
         h = hidden[rows].to(dtype)
         logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+        if logit_scale != 1.0:
+            logits.mul_(logit_scale)
         out[rows] = logits.gather(1, labels[rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return out

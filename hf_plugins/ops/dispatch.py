@@ -107,8 +107,8 @@ def fused_linear_loss(
             (`hidden[b, t]` predicts `labels[b, t]`: shift before calling).
         weight (`torch.Tensor` of shape `[V, D]`): the lm_head weight.
         labels (`torch.LongTensor` of shape `[B, T]` or `[N]`): token ids, -100 where no loss is taken.
-        method (`str` or `LossMethod`): `"sft"`, `"dft"`, `"weighted"`, `"asft"`, `"otr"`, `"poft"` or a method
-            object.
+        method (`str` or `LossMethod`): `"sft"`, `"dft"`, `"weighted"`, `"asft"`, `"otr"`, `"poft"`, `"grpo"` or a
+            method object.
         bias (`torch.Tensor` of shape `[V]`, *optional*): the lm_head bias.
         backend (`str`): `"auto"` (fastest on the device: `"triton"` on CUDA, `"chunked"` elsewhere), `"chunked"`
             (pure torch, any device), `"triton"` (our Triton kernels, CUDA), `"liger"` (Liger-Kernel's fused linear
@@ -116,7 +116,8 @@ def fused_linear_loss(
         chunk_size (`int`, *optional*): rows per tile; default: on `chunked`, a tile of about 4M logits, at least 128
             rows; on `triton`, at most max(N * D, 4M) logits, a power of two of rows.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default:
-            the mean over supervised tokens (`"poft"`: over sequences, see `LossMethod.num_items`).
+            the mean over supervised tokens (`"poft"`: over sequences, see `LossMethod.num_items`). A method that
+            builds its own reduction (`"grpo"`: `LossMethod.reduces_itself`) takes it as an input instead.
         return_metrics (`bool`): also return a dict of per-token means: `label_prob` (mean p(label)),
             `token_accuracy` (argmax == label), `entropy`, plus the method's own (e.g. `dft_weight`), and
             `num_tokens`, the number of supervised tokens. They cost no extra pass.
@@ -132,6 +133,10 @@ def fused_linear_loss(
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, torch.Tensor)):
         raise ValueError(f"`num_items_in_batch` must be a number or a tensor, got {type(num_items_in_batch)}.")
 
+    if method.reduces_itself:  # the method's own input, not the head's divisor
+        method_inputs["num_items_in_batch"] = num_items_in_batch
+        num_items_in_batch = None
+
     row_hidden, row_labels, mask, sequence_index, num_sequences = _flatten(hidden, weight, labels, bias)
     chunk_size_arg = chunk_size  # the triton backend sizes its own tiles for the GPU
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
@@ -140,10 +145,14 @@ def fused_linear_loss(
         mask=mask,
         sequence_index=sequence_index,
         num_sequences=num_sequences,
-        label_log_probs=lambda: chunked_label_log_probs(row_hidden, weight, bias, row_labels, chunk_size),
+        label_log_probs=lambda: chunked_label_log_probs(
+            row_hidden, weight, bias, row_labels, chunk_size, method.logit_scale
+        ),
         vocab_size=weight.shape[0],
-        # chunked honours `LossMethod.tile_groups`; reference is one tile; triton needs every weight before its kernel
-        whole_sequence_tiles=backend in ("chunked", "reference"),
+        # chunked honours `LossMethod.tile_groups`; reference is one tile; triton needs every weight before its kernel,
+        # unless the method forms them between the kernel's two launches (`KernelSpec.row_targets`)
+        whole_sequence_tiles=backend in ("chunked", "reference")
+        or (backend in ("triton", "auto") and method.whole_sequence_kernel_tiles),
     )
     try:
         row_inputs = method.prepare(rows, **method_inputs)

@@ -107,7 +107,8 @@ class Rows:
             vocabulary, e.g. a reference model's head).
         whole_sequence_tiles (`bool`): the backend keeps the groups of rows that `LossMethod.tile_groups` names
             (e.g. sequences) whole within one tile, so `targets` sees every row of a group at once; a method whose
-            weights depend on whole sequences can then skip the `label_log_probs` pass.
+            weights depend on whole sequences can then skip the `label_log_probs` pass (chunked and reference; triton
+            for methods with `whole_sequence_kernel_tiles`).
     """
 
     labels: torch.Tensor
@@ -152,6 +153,13 @@ class KernelSpec:
             reference has no prediction); default 1.
         constant (`torch.Tensor` of shape `[N]`, *optional*): detached per-row values added to the loss (as
             `Targets.constant`): the loss gets its exact value, no gradient changes.
+        row_targets (`Callable`, *optional*): two launches per tile, for weights that depend on the row's own
+            `log p(y)` and entropy (GRPO). The kernel first computes the tile's per-row statistics without writing
+            anything, then `row_targets(rows, label_log_probs, entropy)` (a slice of the supervised rows and two
+            `[C]` tensors) returns `(label_weight, entropy_weight, loss)`, all `[C]` (`entropy_weight` may be None),
+            and the second launch writes the gradient of `w = label_weight * one_hot(y) - entropy_weight * p (log p
+            + H)` over the tile, still resident: no extra matmul. `loss` is the rows' exact loss (it replaces the
+            kernel's).
     """
 
     label_target: bool = True
@@ -166,6 +174,7 @@ class KernelSpec:
     kl_coef: float = 0.0
     reference_weight: torch.Tensor | None = None
     constant: torch.Tensor | None = None
+    row_targets: Callable | None = None
 
 
 @dataclass
@@ -188,6 +197,15 @@ class LossMethod:
     """
 
     name: str = "base"
+    #: The method builds its whole reduction into its targets (GRPO's per-loss-type normalisers): the head hands the
+    #: caller's `num_items_in_batch` to `prepare` as an input instead of dividing by it, and divides by `num_items`.
+    reduces_itself: bool = False
+    #: The head's softmax is over `logit_scale * z` (GRPO: 1 / temperature); `prepare` may set it, and the label
+    #: log-probs pass (`Rows.label_log_probs`) already uses the value it set.
+    logit_scale: float = 1.0
+    #: The method's `kernel_spec` also works on tiles that keep its `tile_groups` whole (its `row_targets` forms the
+    #: whole-sequence terms from the tile), so the triton backend keeps them whole too (`Rows.whole_sequence_tiles`).
+    whole_sequence_kernel_tiles: bool = False
 
     def prepare(self, rows: Rows, **method_inputs) -> dict[str, torch.Tensor]:
         """Validate the method's inputs and return its per-row tensors (first dimension N, sliced per chunk)."""

@@ -15,6 +15,8 @@ def reference_linear_loss(hidden, weight, bias, labels, method: LossMethod, row_
     logits = hidden.to(dtype) @ weight.to(dtype).t()
     if bias is not None:
         logits = logits + bias.to(dtype)
+    if method.logit_scale != 1.0:
+        logits = logits * method.logit_scale
     log_probs = torch.log_softmax(logits, dim=-1)
     detached = log_probs.detach()
     chunk = Chunk(

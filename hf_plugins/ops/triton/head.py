@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ..chunked import tile_slices
 from ..method import KernelSpec, KernelStats, LossMethod
 from ..precomputed import precomputed_gradient_loss
 
@@ -78,12 +79,16 @@ def run_tiles(
     chunk_size: int | None,
     grad_scale: float | None,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    logit_scale: float = 1.0,
+    groups: torch.Tensor | None = None,
 ):
-    """One pass over the supervised rows. Returns `(loss_sum, (grad_hidden, grad_weight, grad_bias), stats)` with
-    `stats` the kernel's `[N, NUM_STATS]` per-row values (float32, float64 for float64 inputs)."""
+    """One pass over the supervised rows of the logits `logit_scale * (hidden @ weight.T + bias)`. Returns
+    `(loss_sum, (grad_hidden, grad_weight, grad_bias), stats)` with `stats` the kernel's `[N, NUM_STATS]` per-row
+    values (float32, float64 for float64 inputs). With `groups` (per-row ids, `LossMethod.tile_groups`) no tile splits
+    a group (a group longer than the tile gets a tile of its own)."""
     import triton.language as tl
 
-    from .kernels import NUM_PARAMS, NUM_STATS, weighted_target_ce_kernel
+    from .kernels import NUM_PARAMS, NUM_STATS, STAT_ENTROPY, STAT_LABEL_LOGP, STAT_LOSS, weighted_target_ce_kernel
 
     device = hidden.device
     dtype = tile_dtype(hidden, weight)
@@ -93,6 +98,7 @@ def run_tiles(
     want_grad = grad_scale is not None and any(needs_grad)
     need_hidden, need_weight, need_bias = (want_grad and flag for flag in needs_grad)
     need_bias = need_bias and bias is not None
+    logit_scale = float(logit_scale)
 
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
@@ -105,7 +111,8 @@ def run_tiles(
         return stats[:, 0].sum(), (grad_hidden, grad_weight, grad_bias), stats
 
     rows_per_tile = chunk_size or default_tile_rows(n_rows, vocab_size, hidden_size)
-    rows_per_tile = min(rows_per_tile, n_rows)
+    tiles = tile_slices(n_rows, min(rows_per_tile, n_rows), groups)
+    rows_per_tile = max(tile.stop - tile.start for tile in tiles)
     tile_buffer = torch.empty((rows_per_tile, vocab_size), dtype=dtype, device=device)
 
     reference = spec.reference
@@ -115,7 +122,9 @@ def run_tiles(
         ref_b = ref_bias.to(dtype) if ref_bias is not None else None
         ref_buffer = torch.empty((rows_per_tile, vocab_size), dtype=dtype, device=device)
 
-    values = [grad_scale if want_grad else 0.0, 1.0 / spec.temperature, spec.miss_reward, spec.kl_coef]
+    # The z-gradient of a loss of logit_scale * z carries the factor (the kernel scales every logit it reads)
+    scaled_grad = grad_scale * logit_scale if want_grad else 0.0
+    values = [scaled_grad, 1.0 / spec.temperature, spec.miss_reward, spec.kl_coef, logit_scale]
     params = torch.tensor(values + [0.0] * (NUM_PARAMS - len(values)), dtype=acc_dtype, device=device)
     label_weight = spec.label_weight.to(device=device, dtype=acc_dtype) if spec.label_weight is not None else None
     reference_weight = spec.reference_weight
@@ -128,8 +137,40 @@ def run_tiles(
     block_v = min(block_v, triton_next_power_of_2(vocab_size))
     num_warps = min(num_warps, max(1, block_v // 256))  # small vocabularies: no idle warps
 
-    for start in range(0, n_rows, rows_per_tile):
-        rows = slice(start, min(start + rows_per_tile, n_rows))
+    def launch(tile, ref_tile, rows, row_label_weight, row_entropy_weight, write_grad, last_pass):
+        row_uniforms = uniforms[rows] if uniforms is not None else tile
+        weighted_target_ce_kernel[(rows.stop - rows.start,)](
+            tile,
+            tile.stride(0),
+            ref_tile,
+            ref_tile.stride(0),
+            labels[rows],
+            row_label_weight if row_label_weight is not None else stats,
+            reference_weight[rows] if reference_weight is not None else stats,
+            row_entropy_weight if row_entropy_weight is not None else stats,
+            row_uniforms,
+            row_uniforms.stride(0),
+            stats[rows],
+            params,
+            vocab_size,
+            LABEL_TARGET=spec.label_target,
+            HAS_LABEL_WEIGHT=row_label_weight is not None,
+            DFT=spec.dft,
+            TEMPERED=spec.num_samples > 0 or spec.tempered_dense,
+            TEMPERED_DENSE=spec.tempered_dense,
+            NUM_SAMPLES=spec.num_samples,
+            K_PAD=k_pad,
+            REFERENCE=reference is not None,
+            HAS_REFERENCE_WEIGHT=reference_weight is not None,
+            HAS_ENTROPY_WEIGHT=row_entropy_weight is not None,
+            WRITE_GRAD=write_grad,
+            LAST_PASS=last_pass,
+            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+            BLOCK_V=block_v,
+            num_warps=num_warps,
+        )
+
+    for rows in tiles:
         count = rows.stop - rows.start
         h = hidden[rows].to(dtype)
         tile = tile_buffer[:count]
@@ -142,36 +183,24 @@ def run_tiles(
             torch.mm(ref_hidden[rows].to(dtype), ref_w.t(), out=ref_tile)
             if ref_b is not None:
                 ref_tile.add_(ref_b)
-        row_labels = labels[rows]
-        row_uniforms = uniforms[rows] if uniforms is not None else tile
-        weighted_target_ce_kernel[(count,)](
-            tile,
-            tile.stride(0),
-            ref_tile,
-            ref_tile.stride(0),
-            row_labels,
-            label_weight[rows] if label_weight is not None else stats,
-            reference_weight[rows] if reference_weight is not None else stats,
-            row_uniforms,
-            row_uniforms.stride(0),
-            stats[rows],
-            params,
-            vocab_size,
-            LABEL_TARGET=spec.label_target,
-            HAS_LABEL_WEIGHT=label_weight is not None,
-            DFT=spec.dft,
-            TEMPERED=spec.num_samples > 0 or spec.tempered_dense,
-            TEMPERED_DENSE=spec.tempered_dense,
-            NUM_SAMPLES=spec.num_samples,
-            K_PAD=k_pad,
-            REFERENCE=reference is not None,
-            HAS_REFERENCE_WEIGHT=reference_weight is not None,
-            WRITE_GRAD=want_grad,
-            LAST_PASS=want_grad or spec.tempered_dense or reference is not None,
-            ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-            BLOCK_V=block_v,
-            num_warps=num_warps,
-        )
+        if spec.row_targets is None:
+            last_pass = want_grad or spec.tempered_dense or reference is not None
+            launch(tile, ref_tile, rows, label_weight[rows] if label_weight is not None else None, None, want_grad,
+                   last_pass)
+        else:
+            # Two launches on the resident tile: the rows' statistics first, then the gradient of the weights the
+            # method forms from them (no second matmul)
+            launch(tile, ref_tile, rows, None, None, False, False)
+            row_stats = stats[rows]
+            weights, entropy_weights, row_loss = spec.row_targets(
+                rows, row_stats[:, STAT_LABEL_LOGP].clone(), row_stats[:, STAT_ENTROPY].clone()
+            )
+            if want_grad:
+                weights = weights.to(device=device, dtype=acc_dtype).contiguous()
+                if entropy_weights is not None:
+                    entropy_weights = entropy_weights.to(device=device, dtype=acc_dtype).contiguous()
+                launch(tile, ref_tile, rows, weights, entropy_weights, True, True)
+            stats[rows, STAT_LOSS] = row_loss.to(acc_dtype)
         if want_grad:
             if grad_hidden is not None:
                 torch.mm(tile, w, out=grad_hidden[rows])
@@ -207,7 +236,10 @@ def triton_linear_loss(hidden, weight, bias, labels, method, row_inputs, spec, c
     place in backward (the weight-sized gradient is never copied)."""
 
     def compute(grad_scale, needs_grad):
-        loss_sum, grads, stats = run_tiles(hidden, weight, bias, labels, spec, chunk_size, grad_scale, needs_grad)
+        loss_sum, grads, stats = run_tiles(
+            hidden, weight, bias, labels, spec, chunk_size, grad_scale, needs_grad, method.logit_scale,
+            method.tile_groups(row_inputs),
+        )
         if metrics_out is not None:
             metrics_out.update(_metric_sums(method, row_inputs, stats))
         return loss_sum, grads

@@ -14,7 +14,9 @@ arithmetic happens in bf16).
 
 Per-row outputs (`stats[row, :]`): loss, log p(label), entropy, top-1 hit, then two method values: the KL to the
 reference (REFERENCE) or the number of sampled hits (NUM_SAMPLES) or the tempered label probability
-(TEMPERED_DENSE), and the DFT weight `p(label)`.
+(TEMPERED_DENSE), and the DFT weight `p(label)`. The row's logits are `logit_scale * z` throughout (GRPO's
+temperature). With HAS_ENTROPY_WEIGHT the gradient also gets GRPO's entropy bonus `kappa * p (log p + H)` (the
+loss statistic then leaves the bonus out: the caller supplies the exact row loss).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ PARAM_GRAD_SCALE = tl.constexpr(0)
 PARAM_INV_TEMPERATURE = tl.constexpr(1)
 PARAM_MISS_REWARD = tl.constexpr(2)
 PARAM_DENSE_COEF = tl.constexpr(3)
-NUM_PARAMS = 4
+PARAM_LOGIT_SCALE = tl.constexpr(4)
+NUM_PARAMS = 5
 NUM_STATS_C = tl.constexpr(NUM_STATS)
 
 
@@ -53,6 +56,7 @@ def weighted_target_ce_kernel(
     labels_ptr,
     label_weight_ptr,
     reference_weight_ptr,
+    entropy_weight_ptr,
     uniforms_ptr,
     uniforms_stride,
     stats_ptr,
@@ -67,6 +71,7 @@ def weighted_target_ce_kernel(
     K_PAD: tl.constexpr,
     REFERENCE: tl.constexpr,  # ASFT: dense target kl_coef * softmax(z_ref)
     HAS_REFERENCE_WEIGHT: tl.constexpr,  # the reference's coefficient is scaled per row (0: no reference there)
+    HAS_ENTROPY_WEIGHT: tl.constexpr,  # GRPO's entropy bonus: dense target -kappa * p (log p + H), kappa per row
     WRITE_GRAD: tl.constexpr,
     LAST_PASS: tl.constexpr,  # WRITE_GRAD or a dense target (whose loss needs the pass even without gradients)
     ACC: tl.constexpr,
@@ -81,9 +86,10 @@ def weighted_target_ce_kernel(
     dense_coef = tl.load(params_ptr + PARAM_DENSE_COEF)
     if HAS_REFERENCE_WEIGHT:
         dense_coef = dense_coef * tl.load(reference_weight_ptr + row).to(ACC)
+    logit_scale = tl.load(params_ptr + PARAM_LOGIT_SCALE)  # the row's logits are logit_scale * z (GRPO: 1 / tau)
 
     label = tl.load(labels_ptr + row)
-    z_label = tl.load(z_row + label).to(ACC)
+    z_label = tl.load(z_row + label).to(ACC) * logit_scale
 
     zero = grad_scale * 0.0  # a scalar of the accumulation dtype (the params tensor is in ACC)
     m = zero + ninf
@@ -99,7 +105,7 @@ def weighted_target_ce_kernel(
     for start in range(0, vocab_size, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < vocab_size
-        z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC)
+        z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC) * logit_scale
         m, s, e, rescale = _online_update(m, s, z, mask)
         sz = sz * rescale + tl.sum(e * tl.where(e > 0, z, 0.0), axis=0)  # e = 0 where z = -inf: no 0 * inf
         max_before = tl.maximum(max_before, tl.max(tl.where(offs < label, z, ninf), axis=0))
@@ -148,7 +154,7 @@ def weighted_target_ce_kernel(
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < vocab_size
-            z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC)
+            z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC) * logit_scale
             e = tl.where(mask & (z > ninf), tl.exp(z * inv_t - mt), 0.0)
             block_mass = tl.sum(e, axis=0)
             # Only a block that holds a pending point needs prefix sums and the K x BLOCK comparison: at most K
@@ -170,7 +176,7 @@ def weighted_target_ce_kernel(
         hits = (samples == label) & kmask
         rewards = tl.where(hits, 1.0, miss_reward) / NUM_SAMPLES
         rewards = tl.where(kmask, rewards, 0.0)
-        z_samples = tl.load(z_row + tl.maximum(samples, 0), mask=kmask, other=0.0).to(ACC)
+        z_samples = tl.load(z_row + tl.maximum(samples, 0), mask=kmask, other=0.0).to(ACC) * logit_scale
         total = total + tl.sum(rewards, axis=0)
         loss = loss + tl.sum(tl.where(kmask, rewards * (lse - z_samples), 0.0), axis=0)
         aux = tl.sum(hits.to(ACC), axis=0)
@@ -181,6 +187,10 @@ def weighted_target_ce_kernel(
     if REFERENCE:
         total = total + dense_coef
 
+    kappa = zero
+    if HAS_ENTROPY_WEIGHT:
+        kappa = tl.load(entropy_weight_ptr + row).to(ACC)
+
     # ---- pass 3: dense part of the loss, and the gradient written over the tile
     if LAST_PASS:
         dense_loss = zero
@@ -189,7 +199,7 @@ def weighted_target_ce_kernel(
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < vocab_size
-            z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC)
+            z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC) * logit_scale
             live = mask & (z > ninf)
             log_p = z - lse
             p = tl.where(live, tl.exp(log_p), 0.0)
@@ -215,7 +225,11 @@ def weighted_target_ce_kernel(
                 dense_loss = dense_loss - tl.sum(d * tl.where(d > 0, log_p, 0.0), axis=0)
                 w = w + d
             if WRITE_GRAD:
-                grad = grad_scale * (total * p - w)
+                grad = total * p - w
+                if HAS_ENTROPY_WEIGHT:
+                    # sum_v of the dense target is 0, so it enters as -w only; p = 0 where z = -inf (no 0 * inf)
+                    grad = grad + kappa * p * (tl.where(live, log_p, 0.0) + entropy)
+                grad = grad_scale * grad
                 tl.store(z_row + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
         loss = loss + dense_loss
         if REFERENCE:
