@@ -239,6 +239,23 @@ def test_config_round_trip_is_lossless(tmp_path, config_class):
     _same(config, config_class.from_pretrained(folder / "hf_plugins_config.yaml"))
 
 
+@pytest.mark.parametrize("config_class", [hf_plugins.FusedSFTConfig, hf_plugins.with_uds(hf_plugins.ASFTConfig)],
+                         ids=lambda c: c.__name__)
+def test_saved_config_holds_only_the_fields_that_were_changed(tmp_path, config_class):
+    """Not what `__post_init__` derived from the defaults (`report_to: []`, `debug: []`, `accelerator_config`, the
+    tqdm and pin-memory settings), which would be pinned in the file; a change made after construction is kept."""
+    config = config_class(output_dir=str(tmp_path / "run"), learning_rate=3e-4, use_cpu=True, bf16=False)
+    config.seed = 3
+
+    def saved():
+        return yaml.safe_load((config.save_pretrained(tmp_path / "saved") / "hf_plugins_config.yaml").read_text())
+
+    assert saved() == {"output_dir": str(tmp_path / "run"), "learning_rate": 3e-4, "use_cpu": True, "bf16": False,
+                       "seed": 3}
+    config.report_to = ["tensorboard"]
+    assert saved()["report_to"] == ["tensorboard"]
+
+
 def test_config_from_a_hub_cache_offline(tmp_path):
     """A repo id resolves from the local Hub cache layout when offline (HF_HUB_OFFLINE=1 in tests)."""
     config = hf_plugins.ASFTConfig(output_dir=str(tmp_path / "run"), kl_coef=0.07, use_cpu=True, bf16=False)
