@@ -98,6 +98,34 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
     assert trainer_class._name in card
     if trainer_class._paper.get("id"):
         assert trainer_class._paper["id"] in card  # the model card cites the method's paper
+    # named after the run; the local model and data named as given, with no Hub link
+    assert "# Model Card for out\n" in card and "None" not in card
+    assert f"fine-tuned version of `{model}`, trained on `{data}`." in card
+    assert "huggingface.co/datasets" not in card and f"huggingface.co/{model}" not in card
+
+
+def test_model_card_links_hub_ids_and_names_local_paths(tiny_model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    trainer = hf_plugins.FusedSFTTrainer(
+        tiny_model_dir, args=hf_plugins.FusedSFTConfig(output_dir=str(tmp_path / "my-run"), max_steps=1, bf16=False,
+                                                       use_cpu=True, report_to="none"),
+        train_dataset=tiny_conversational_dataset(4),
+    )
+    trainer.model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trainer.create_model_card(dataset_name=["trl-lib/Capybara", str(tmp_path / "local.jsonl")])
+    card = ModelCard.load(tmp_path / "my-run" / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.datasets == ["trl-lib/Capybara"]
+    assert card.data.model_name == "my-run" and "hf-plugins" in card.data.tags
+    smollm2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert f"[{smollm2}](https://huggingface.co/{smollm2})" in card.text
+    assert "[trl-lib/Capybara](https://huggingface.co/datasets/trl-lib/Capybara)" in card.text
+    assert f"`{tmp_path / 'local.jsonl'}`" in card.text and "datasets//" not in card.text
+    # a model built in code has no name
+    trainer.model.config._name_or_path = ""
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "my-run" / "README.md")
+    assert card.data.base_model is None and "a model built in code" in card.text and "None" not in card.text
 
 
 def test_trl_sft_yaml_runs_unchanged_under_sft_and_asft(capsys, tmp_path, tiny_model_dir, data_dirs):

@@ -21,6 +21,7 @@ from ..data import DataCollatorWithExtraColumns
 from ..ops.method import LossMethod
 from .base import LossHead, add_loss_head_forward
 from .fused_sft_config import FusedSFTConfig
+from .model_card import ModelCardMixin
 
 # TRL's `loss_type` names mapped to the fused head's method names
 _LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
@@ -29,7 +30,7 @@ _LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
 _METRIC_NAMES = {"token_accuracy": "mean_token_accuracy", "entropy": "entropy", "label_prob": "mean_label_prob"}
 
 
-class FusedSFTTrainer(SFTTrainer):
+class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
     """
     Drop-in replacement for `trl.SFTTrainer` whose loss head never materialises the logits.
 
