@@ -9,20 +9,42 @@ config, parsed by TRL's `TrlParser`, so a YAML written for `trl sft` runs unchan
 
 `--config` takes a YAML file, a folder written by `<Config>.save_pretrained`, or a Hub repo id holding one. Datasets
 can be Hub ids, local data files or folders, or folders written by `datasets.save_to_disk`. Bad input (an unknown
-field, a field of another method's config, no dataset) ends with a one-line error and exit status 2, before any model
-is loaded where possible.
+field, a field of another method's config, a missing model or checkpoint, a dataset the method cannot read) ends
+with a one-line error and exit status 2, before any model is loaded where possible (`hf_plugins.cli_checks`).
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+import warnings
 from pathlib import Path
+
+from .cli_checks import (
+    UsageError,
+    check_assistant_turns,
+    check_checkpoint,
+    check_dataset_format,
+    check_model_path,
+    unknown_field_message,
+)
 
 _DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
-
-class UsageError(Exception):
-    """Bad command-line input: reported as one line, exit status 2."""
+#: What a command's dataset needs beyond TRL's SFT formats: conversations only, columns needed in any format (with
+#: how to add them), and the columns an already tokenized dataset needs.
+_DATA_NEEDS = {
+    "tl": {"conversations_only": True, "tokenized_columns": ("labels", "token_weights")},
+    "poft": {
+        "required_columns": {
+            "ref_score": "add the aligned models' scores with `hf_plugins.score_with_aligned_models(dataset, "
+            "aligned_models)`, save the result (`save_to_disk`) and pass that folder",
+        }
+    },
+}
+#: Commands that fine-tune every weight, with why (the model-loading flags of TRL's ModelConfig are refused)
+_FULL_FINE_TUNING = {"roste": "RoSTE fine-tunes every weight with fake quantisation (full fine-tuning)"}
 
 
 def _classes(method: str, uds: bool):
@@ -111,36 +133,129 @@ def _split(data, name: str, what: str):
     return data[name]
 
 
-def build_trainer(method: str, argv: list[str]):
-    """Parse `argv`, load the data and build the method's trainer (not yet trained)."""
-    from trl import get_peft_config, get_quantization_config
+def _flag_given(argv: list[str], yaml_keys, name: str) -> bool:
+    return name in yaml_keys or any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
 
-    import hf_plugins
+
+def _flag_value(argv: list[str], yaml: dict, name: str):
+    """The value of `--name` as argparse reads it (the last occurrence wins over the YAML), unparsed."""
+    for i, arg in reversed(list(enumerate(argv))):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return yaml.get(name)
+
+
+def _field_names(*classes) -> list[str]:
+    import dataclasses
+
+    return [f.name for cls in classes for f in dataclasses.fields(cls) if f.init]
+
+
+def _bad_value_message(message: str, argv: list[str], yaml: dict) -> str:
+    """argparse's type errors, with what the field takes (`--uds_keep` is a count, not a fraction)."""
+    match = re.match(r"argument (--\w+)[^:]*: invalid (int|float) value: '(.*)'", message)
+    if not match:
+        return message
+    flag, kind, value = match.groups()
+    if flag == "--uds_keep":
+        batch = _flag_value(argv, yaml, "per_device_train_batch_size") or 8
+        try:
+            example = max(1, round(float(value) * int(batch)))
+            hint = f" (with per_device_train_batch_size {batch}, --uds_keep {example} keeps {value} of each batch)"
+        except ValueError:
+            hint = ""
+        return (
+            f"--uds_keep {value}: uds_keep is a count, the K examples kept of each micro-batch of "
+            f"per_device_train_batch_size candidates, not a fraction: pass a whole number{hint}"
+        )
+    return f"{flag} {value}: {flag[2:]} takes {'a whole number' if kind == 'int' else 'a number'}"
+
+
+def _parse(method: str, uds: bool, argv: list[str], yaml: dict):
+    """The parsed dataclasses; unknown fields and bad values as one-line `UsageError`s."""
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
     from . import cli
 
-    uds, argv = _wants_uds(argv)
-    argv = _resolve_config(argv)
-    if not uds and "--config" in argv:
-        from .trainers.hub_config import read_config_yaml
-
-        # a YAML that sets any `uds_*` field asks for UDS too
-        uds = any(key.startswith("uds_") for key in read_config_yaml(argv[argv.index("--config") + 1]))
     parser = _parser(method, uds)
     try:
-        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
-            args=argv, fail_with_unknown_args=True
+        *parsed, yaml_unknown, argv_unknown = parser.parse_args_and_config(
+            args=argv, return_remaining_strings=True, separate_remaining_strings=True
         )
+    except UsageError as error:
+        raise UsageError(_bad_value_message(str(error), argv, yaml)) from None
     except ValueError as error:
-        message = str(error)
-        if "not used by" in message or "Unknown arguments" in message:
-            raise UsageError(
-                f"{message.splitlines()[0]} — not fields of `hf-plugins {method}` "
-                f"({cli.TRAIN_COMMANDS[method][0]}, TRL's ScriptArguments/ModelConfig); another method's field?"
-            ) from error
-        raise UsageError(message.splitlines()[0]) from error
+        raise UsageError(str(error).strip().splitlines()[0]) from error
+    for source, strings in (("yaml", yaml_unknown), ("flag", argv_unknown)):
+        names = [s[2:].split("=", 1)[0] for s in strings if s.startswith("--")]
+        if strings and not names:
+            raise UsageError(f"unexpected argument {strings[0]!r} (options are --name value)")
+        if names:
+            config_class, _ = _classes(method, uds)
+            known = _field_names(ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)
+            others = {
+                other: _field_names(_classes(other, False)[0]) for other in cli.TRAIN_COMMANDS if other != method
+            }
+            raise UsageError(unknown_field_message(names[0], known, others, method, on_command_line=source == "flag"))
+    return parsed
+
+
+def check_inputs(method: str, training_args, model_args) -> None:
+    """The checks that need no data: the model and reference paths, the checkpoint, the method's refusals."""
     if not model_args.model_name_or_path:
         raise UsageError("no model: pass --model_name_or_path (a Hub id or a local folder)")
+    if method in _FULL_FINE_TUNING:
+        why = _FULL_FINE_TUNING[method]
+        for flag in ("use_peft", "load_in_4bit", "load_in_8bit"):
+            if getattr(model_args, flag, False):
+                raise UsageError(
+                    f"--{flag} ({flag}: true in a YAML) cannot be used with `hf-plugins {method}`: {why}; drop --{flag}"
+                    + (" and the --lora_* options" if flag == "use_peft" else "")
+                )
+    init_kwargs = training_args.model_init_kwargs or {}
+    cache_dir = init_kwargs.get("cache_dir")
+    check_model_path(
+        model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=cache_dir,
+        gguf_file=init_kwargs.get("gguf_file"),
+    )
+    ref_model = getattr(training_args, "ref_model", None)
+    if isinstance(ref_model, str) and ref_model:
+        check_model_path(ref_model, flag="--ref_model", cache_dir=cache_dir)
+    if training_args.resume_from_checkpoint:
+        check_checkpoint(training_args.resume_from_checkpoint)
+
+
+def check_data(method: str, dataset, split: str, training_args, assistant_only_explicit: bool) -> None:
+    """The dataset's columns against the method's format, and its assistant turns."""
+    text_field = getattr(training_args, "dataset_text_field", "text")
+    found = check_dataset_format(dataset, method, split, text_field, **_DATA_NEEDS.get(method, {}))
+    assistant_only = training_args.assistant_only_loss
+    if method == "tl":  # TL-Training trains assistant turns only and drops rows without one itself
+        assistant_only, every_row = True, False
+    else:
+        every_row = True
+        if assistant_only is None:  # PoFT's default: on for conversations under the "completion" scope
+            scope = getattr(training_args, "poft_target_scope", "")
+            assistant_only = found == "conversational" and scope == "completion"
+    check_assistant_turns(dataset, found, split, bool(assistant_only), assistant_only_explicit, every_row)
+
+
+def build_trainer(method: str, argv: list[str]):
+    """Parse `argv`, check it, load and check the data, and build the method's trainer (not yet trained); returns it
+    with the name(s) of the training data, for the model card."""
+    from trl import get_peft_config, get_quantization_config
+
+    from .trainers.hub_config import read_config_yaml
+
+    uds, argv = _wants_uds(argv)
+    argv = _resolve_config(argv)
+    yaml = read_config_yaml(argv[argv.index("--config") + 1]) if "--config" in argv else {}
+    # a YAML that sets any `uds_*` field asks for UDS too
+    uds = uds or any(key.startswith("uds_") for key in yaml)
+    script_args, training_args, model_args, dataset_args = _parse(method, uds, argv, yaml)
+    check_inputs(method, training_args, model_args)
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -153,10 +268,13 @@ def build_trainer(method: str, argv: list[str]):
     training_args.model_init_kwargs = model_init_kwargs
 
     data = load_training_data(script_args, dataset_args)
+    assistant_only_explicit = _flag_given(argv, yaml, "assistant_only_loss")
     train = _split(data, script_args.dataset_train_split, "train")
+    check_data(method, train, "train", training_args, assistant_only_explicit)
     evaluation = None
     if training_args.eval_strategy != "no":
         evaluation = _split(data, script_args.dataset_test_split, "test")
+        check_data(method, evaluation, "test", training_args, assistant_only_explicit)
 
     _, trainer_class = _classes(method, uds)
     trainer = trainer_class(
@@ -167,7 +285,46 @@ def build_trainer(method: str, argv: list[str]):
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
     )
-    return trainer, script_args
+    dataset_names = script_args.dataset_name or [dataset.path for dataset in dataset_args.datasets or ()]
+    return trainer, dataset_names
+
+
+class _HeldBackUntilBuilt(logging.Handler):
+    """Holds back the warnings and the otherwise unhandled log records (e.g. a library's notice at import time) that
+    reading the arguments and building the trainer produce; `show()`, called once the trainer is built, prints
+    them. After a bad input they are dropped, so that the error line is all that is printed. A logging setup of the
+    user's own (handlers on the root logger) prints as it always does."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught: list = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def __enter__(self):
+        self._installed = not logging.getLogger().handlers
+        if self._installed:
+            logging.getLogger().addHandler(self)
+        self._caught = self._warnings.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
+        if self._installed:
+            logging.getLogger().removeHandler(self)
+        if exc[0] is not None:  # an unexpected failure: what was held back may explain it
+            self.show()
+        return False
+
+    def show(self):
+        for warning in self._caught:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        for record in self.records:
+            if record.levelno >= logging.lastResort.level:
+                logging.lastResort.handle(record)
 
 
 def run_training_command(method: str, argv: list[str]) -> int:
@@ -176,19 +333,24 @@ def run_training_command(method: str, argv: list[str]) -> int:
         uds, _ = _wants_uds(argv)
         _parser(method, uds).print_help()
         return 0
-    try:
-        trainer, script_args = build_trainer(method, argv)
-    except (UsageError, ValueError, FileNotFoundError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"hf-plugins {method}: error: {message}", file=sys.stderr)
-        return 2
+    held = _HeldBackUntilBuilt()
+    with held:
+        try:
+            trainer, dataset_names = build_trainer(method, argv)
+        except (UsageError, ValueError, FileNotFoundError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            print(f"hf-plugins {method}: error: {message}", file=sys.stderr)
+            return 2
+    held.show()
     args = trainer.args
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
     trainer.save_state()
     if trainer.accelerator.is_main_process:
-        trainer.create_model_card(dataset_name=script_args.dataset_name)
+        trainer.create_model_card(dataset_name=dataset_names)
     if args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=dataset_names)
     trainer.accelerator.print(f"hf-plugins {method}: trained; model saved to {args.output_dir}")
+    if getattr(args, "export_quantized", None):
+        trainer.accelerator.print(f"hf-plugins {method}: quantised model exported to {args.export_quantized}")
     return 0

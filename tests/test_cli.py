@@ -98,6 +98,34 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
     assert trainer_class._name in card
     if trainer_class._paper.get("id"):
         assert trainer_class._paper["id"] in card  # the model card cites the method's paper
+    # named after the run; the local model and data named as given, with no Hub link
+    assert "# Model Card for out\n" in card and "None" not in card
+    assert f"fine-tuned version of `{model}`, trained on `{data}`." in card
+    assert "huggingface.co/datasets" not in card and f"huggingface.co/{model}" not in card
+
+
+def test_model_card_links_hub_ids_and_names_local_paths(tiny_model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    trainer = hf_plugins.FusedSFTTrainer(
+        tiny_model_dir, args=hf_plugins.FusedSFTConfig(output_dir=str(tmp_path / "my-run"), max_steps=1, bf16=False,
+                                                       use_cpu=True, report_to="none"),
+        train_dataset=tiny_conversational_dataset(4),
+    )
+    trainer.model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trainer.create_model_card(dataset_name=["trl-lib/Capybara", str(tmp_path / "local.jsonl")])
+    card = ModelCard.load(tmp_path / "my-run" / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.datasets == ["trl-lib/Capybara"]
+    assert card.data.model_name == "my-run" and "hf-plugins" in card.data.tags
+    smollm2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert f"[{smollm2}](https://huggingface.co/{smollm2})" in card.text
+    assert "[trl-lib/Capybara](https://huggingface.co/datasets/trl-lib/Capybara)" in card.text
+    assert f"`{tmp_path / 'local.jsonl'}`" in card.text and "datasets//" not in card.text
+    # a model built in code has no name
+    trainer.model.config._name_or_path = ""
+    trainer.create_model_card()
+    card = ModelCard.load(tmp_path / "my-run" / "README.md")
+    assert card.data.base_model is None and "a model built in code" in card.text and "None" not in card.text
 
 
 def test_trl_sft_yaml_runs_unchanged_under_sft_and_asft(capsys, tmp_path, tiny_model_dir, data_dirs):
@@ -193,6 +221,170 @@ def test_missing_config_file(capsys, tmp_path):
     _one_line_error(*run_cli(capsys, "sft", "--config", tmp_path / "nope.yaml")[::2], "nope.yaml")
 
 
+# One test per bad input of the first hour of a user. The checks run before any model is loaded: the tests point
+# `--model_name_or_path` at a folder whose config names no known model type, so that loading it (or its tokenizer)
+# would end with a different error than the one each test expects.
+
+
+@pytest.fixture(scope="module")
+def unloadable_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unloadable-model")
+    (folder / "config.json").write_text(json.dumps({"model_type": "not-a-model-type-loading-this-would-fail"}))
+    return str(folder)
+
+
+def test_the_unloadable_model_fails_loudly_once_the_input_is_fine(capsys, unloadable_model_dir, data_dirs, tmp_path):
+    """The premise of the tests below: with good input, the run reaches the model and fails there."""
+    code, _, err = run_cli(
+        capsys, "sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"],
+        "--output_dir", tmp_path, *CPU_FLAGS,
+    )
+    assert code != 0 and "not-a-model-type" in err
+
+
+@pytest.fixture(scope="module")
+def bad_data_dirs(tmp_path_factory):
+    from datasets import Dataset
+
+    root = tmp_path_factory.mktemp("bad-data")
+    chat = tiny_conversational_dataset(12)
+    chat.rename_column("messages", "conversation").save_to_disk(str(root / "conversation"))
+    no_assistant = [[m for m in row if m["role"] != "assistant"] for row in chat["messages"]]
+    Dataset.from_dict({"messages": no_assistant}).save_to_disk(str(root / "no-assistant"))
+    # one conversation without the assistant's turn among complete ones
+    some = [no_assistant[0], *chat["messages"][1:]]
+    Dataset.from_dict({"messages": some}).save_to_disk(str(root / "one-without-assistant"))
+    Dataset.from_dict({"text": ["plain text", "more text"]}).save_to_disk(str(root / "text"))
+    return {name: str(root / name) for name in ("conversation", "no-assistant", "one-without-assistant", "text")}
+
+
+def test_dataset_column_conversation_instead_of_messages(capsys, unloadable_model_dir, bad_data_dirs, tmp_path):
+    code, _, err = run_cli(
+        capsys, "sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", bad_data_dirs["conversation"],
+        "--output_dir", tmp_path, *CPU_FLAGS,
+    )
+    _one_line_error(code, err, "`conversation`", "`messages`", "rename_column('conversation', 'messages')")
+
+
+@pytest.mark.parametrize("method,data,needles", [
+    ("poft", "chat", ["`ref_score`", "score_with_aligned_models"]),
+    ("tl", "text", ["`text`", "`messages` column of conversations"]),
+])
+def test_dataset_without_what_the_method_reads(capsys, unloadable_model_dir, data_dirs, bad_data_dirs, tmp_path,
+                                               method, data, needles):
+    code, _, err = run_cli(
+        capsys, method, "--model_name_or_path", unloadable_model_dir, "--output_dir", tmp_path, *CPU_FLAGS,
+        "--dataset_name", {**data_dirs, **bad_data_dirs}[data],
+    )
+    _one_line_error(code, err, *needles)
+
+
+def test_model_path_that_does_not_exist(capsys, data_dirs, tmp_path):
+    missing = tmp_path / "no-such-model"
+    code, _, err = run_cli(
+        capsys, "sft", "--model_name_or_path", missing, "--dataset_name", data_dirs["chat"], "--output_dir", tmp_path,
+        *CPU_FLAGS,
+    )
+    _one_line_error(code, err, "--model_name_or_path", str(missing), "no such folder")
+    # a Hub id is looked up in the local cache when the Hub is offline (the tests run with HF_HUB_OFFLINE=1)
+    code, _, err = run_cli(
+        capsys, "sft", "--model_name_or_path", "some-org/not-in-the-cache", "--dataset_name", data_dirs["chat"],
+        "--output_dir", tmp_path, *CPU_FLAGS,
+    )
+    _one_line_error(code, err, "some-org/not-in-the-cache", "offline", "local Hub cache")
+    # a folder that holds no model
+    code, _, err = run_cli(
+        capsys, "sft", "--model_name_or_path", tmp_path, "--dataset_name", data_dirs["chat"], "--output_dir", tmp_path,
+        *CPU_FLAGS,
+    )
+    _one_line_error(code, err, "config.json")
+
+
+def test_resume_from_a_checkpoint_that_does_not_exist(capsys, unloadable_model_dir, data_dirs, tmp_path):
+    args = ["sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"], "--output_dir",
+            tmp_path, *CPU_FLAGS]
+    code, _, err = run_cli(capsys, *args, "--resume_from_checkpoint", tmp_path / "checkpoint-9")
+    _one_line_error(code, err, "--resume_from_checkpoint", "checkpoint-9", "does not exist")
+    # the output folder instead of one of its checkpoints
+    (tmp_path / "run" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    code, _, err = run_cli(capsys, *args, "--resume_from_checkpoint", tmp_path / "run")
+    _one_line_error(code, err, "not a checkpoint", str(tmp_path / "run" / "checkpoint-4"))
+
+
+def test_assistant_only_loss_on_conversations_without_an_assistant_turn(capsys, unloadable_model_dir, bad_data_dirs,
+                                                                        tmp_path):
+    args = ["sft", "--model_name_or_path", unloadable_model_dir, "--output_dir", tmp_path, *CPU_FLAGS,
+            "--assistant_only_loss", "True"]
+    code, _, err = run_cli(capsys, *args, "--dataset_name", bad_data_dirs["no-assistant"])
+    _one_line_error(code, err, "assistant_only_loss", "12 of the 12 conversations", "role 'assistant'",
+                    "roles seen: system, user")
+    # one row is enough for TRL to fail: it is named
+    code, _, err = run_cli(capsys, *args, "--dataset_name", bad_data_dirs["one-without-assistant"])
+    _one_line_error(code, err, "1 of the 12 conversations", "first: row 0")
+
+
+def test_no_assistant_turn_with_the_default_settings(capsys, unloadable_model_dir, bad_data_dirs, tmp_path):
+    args = ["sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", bad_data_dirs["no-assistant"],
+            "--output_dir", tmp_path, *CPU_FLAGS]
+    code, _, err = run_cli(capsys, *args)
+    _one_line_error(code, err, "none of the 12 conversations", "role 'assistant'", "--assistant_only_loss False")
+    # asked for explicitly, every token is trained: the run goes on (to the model, which fails to load here)
+    code, _, err = run_cli(capsys, *args, "--assistant_only_loss", "False")
+    assert code != 0 and "not-a-model-type" in err
+
+
+def test_typo_gets_did_you_mean(capsys, unloadable_model_dir, data_dirs, tmp_path):
+    args = ["sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"], "--output_dir",
+            tmp_path, *CPU_FLAGS]
+    code, _, err = run_cli(capsys, *args, "--learnig_rate", "1e-3")
+    _one_line_error(code, err, "`--learnig_rate`", "did you mean `--learning_rate`?")
+    config = tmp_path / "typo.yaml"
+    config.write_text("learnig_rate: 1.0e-3\n")
+    code, _, err = run_cli(capsys, *args, "--config", config)
+    _one_line_error(code, err, "`learnig_rate` (a key of the YAML config)", "did you mean `learning_rate`?")
+
+
+def test_uds_keep_is_a_count_not_a_fraction(capsys, unloadable_model_dir, data_dirs, tmp_path):
+    code, _, err = run_cli(
+        capsys, "sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"],
+        "--output_dir", tmp_path, *CPU_FLAGS, "--per_device_train_batch_size", "4", "--uds_keep", "0.5",
+    )
+    _one_line_error(code, err, "--uds_keep 0.5", "is a count", "not a fraction", "--uds_keep 2")
+
+
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_roste_with_use_peft_names_the_cli_flag(capsys, unloadable_model_dir, data_dirs, tmp_path, how):
+    args = ["roste", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"],
+            "--output_dir", tmp_path, *CPU_FLAGS]
+    if how == "flag":
+        args += ["--use_peft", "True"]
+    else:
+        config = tmp_path / "peft.yaml"
+        config.write_text("use_peft: true\nlora_r: 8\n")
+        args += ["--config", config]
+    code, _, err = run_cli(capsys, *args)
+    _one_line_error(code, err, "--use_peft", "full", "drop --use_peft")
+    assert "peft_config" not in err
+
+
+def test_bad_input_prints_one_line_in_a_fresh_process(tmp_path, data_dirs):
+    """What a user sees in a terminal: the error line only (no warnings, no log lines from the imports)."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_plugins.cli", "sft", "--model_name_or_path", str(tmp_path / "nope"),
+         "--dataset_name", data_dirs["chat"], "--output_dir", str(tmp_path), *CPU_FLAGS, "--learnig_rate", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "hf-plugins sft: error: `--learnig_rate` is not a field of `hf-plugins sft`: did you mean `--learning_rate`?"
+    ], result.stderr
+
+
 # ----------------------------------------------------------------------------------------- configs as artifacts
 
 
@@ -237,6 +429,23 @@ def test_config_round_trip_is_lossless(tmp_path, config_class):
     _same(config, loaded)
     assert loaded.eos_token == "<|im_end|>"
     _same(config, config_class.from_pretrained(folder / "hf_plugins_config.yaml"))
+
+
+@pytest.mark.parametrize("config_class", [hf_plugins.FusedSFTConfig, hf_plugins.with_uds(hf_plugins.ASFTConfig)],
+                         ids=lambda c: c.__name__)
+def test_saved_config_holds_only_the_fields_that_were_changed(tmp_path, config_class):
+    """Not what `__post_init__` derived from the defaults (`report_to: []`, `debug: []`, `accelerator_config`, the
+    tqdm and pin-memory settings), which would be pinned in the file; a change made after construction is kept."""
+    config = config_class(output_dir=str(tmp_path / "run"), learning_rate=3e-4, use_cpu=True, bf16=False)
+    config.seed = 3
+
+    def saved():
+        return yaml.safe_load((config.save_pretrained(tmp_path / "saved") / "hf_plugins_config.yaml").read_text())
+
+    assert saved() == {"output_dir": str(tmp_path / "run"), "learning_rate": 3e-4, "use_cpu": True, "bf16": False,
+                       "seed": 3}
+    config.report_to = ["tensorboard"]
+    assert saved()["report_to"] == ["tensorboard"]
 
 
 def test_config_from_a_hub_cache_offline(tmp_path):

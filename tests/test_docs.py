@@ -32,3 +32,34 @@ def test_docs_build_strict(tmp_path):
     assert (tmp_path / "site" / "index.html").is_file(), output
     for page in ("api/trainers", "api/ops", "methods/asft", "loss_head", "benchmarks"):
         assert (tmp_path / "site" / page / "index.html").is_file(), f"{page} was not built:\n{output}"
+
+
+METHODS = REPO_ROOT / "docs" / "methods"
+#: Method pages with a `## Example` section: its first Python block runs as written
+EXAMPLE_PAGES = sorted(page.stem for page in METHODS.glob("*.md") if "\n## Example\n" in page.read_text())
+
+
+def test_every_method_page_has_an_example_and_is_listed_in_the_readme():
+    readme = (REPO_ROOT / "README.md").read_text()
+    for page in METHODS.glob("*.md"):
+        assert f"(docs/methods/{page.name})" in readme, f"README's list of pages leaves out {page.name}"
+    assert {"fused_sft", "asft", "otr", "tl_training", "roste", "uds"} <= set(EXAMPLE_PAGES)
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES)
+def test_method_page_example_runs_as_written(page, tmp_path, monkeypatch):
+    import math
+
+    from hf_plugins.testing import logged_values
+
+    text = (METHODS / f"{page}.md").read_text()
+    code = text.split("\n## Example\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__doc_example__"}
+    exec(compile(code, f"docs/methods/{page}.md", "exec"), namespace)  # the RoSTE example asserts its own export
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step == trainer.args.max_steps
+    losses = logged_values(trainer)
+    assert losses and all(math.isfinite(loss) for loss in losses)
+    if page == "uds":
+        assert logged_values(trainer, "uds/selected_fraction") == [0.25] * trainer.args.max_steps

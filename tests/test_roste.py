@@ -362,6 +362,57 @@ def test_export_reload_reproduces_the_training_forward(tokenizer, tmp_path, arch
     assert plain.config.rotation_config == model.config.rotation_config
 
 
+def test_export_config_round_trips_through_quant_config(tokenizer, tmp_path):
+    """`QuantConfig(**config.roste_quantization)` rebuilds the quantisers, from the training model and from an export
+    (which adds its storage format); `to_dict` and the flat keywords are each other's inverse."""
+    quant = QuantConfig(QuantSpec(3, False, 0.9), QuantSpec(6, False), QuantSpec(4, False, 0.95))
+    assert QuantConfig(**quant.to_dict()) == quant == QuantConfig.from_dict(quant.to_dict())
+    assert QuantConfig(w_bits=8) == QuantConfig(QuantSpec(8), QuantSpec(), QuantSpec())
+    model = build_tiny_model(tokenizer)
+    prepare_model_for_roste(model, quant, rotations="none")
+    assert QuantConfig(**model.config.roste_quantization) == quant
+    export_roste(model, tmp_path)
+    from transformers import AutoConfig
+
+    exported = AutoConfig.from_pretrained(tmp_path).roste_quantization
+    assert exported["weight_format"] == "int8_codes" and QuantConfig(**exported) == quant
+    assert RoSTEConfig(output_dir=str(tmp_path / "o"), **CPU_TRAINING_ARGS, **quant.to_dict()).quant_config() == quant
+    with pytest.raises(TypeError, match="w_bitz"):
+        QuantConfig(w_bitz=4)
+    with pytest.raises(TypeError, match="both `weight` and w_bits"):
+        QuantConfig(QuantSpec(4), w_bits=4)
+
+
+def test_cli_export_quantized_then_load_roste_model_reproduces_the_training_forward(tiny_model_dir, tmp_path, capsys):
+    """`hf-plugins roste ... --export_quantized q/`: `load_roste_model("q/")` gives, bit for bit, the logits of the
+    trained model's quantised forward (rebuilt from the float model the command saves to `output_dir`)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_plugins.cli import main
+
+    tiny_conversational_dataset(16).save_to_disk(str(tmp_path / "data"))
+    code = main([
+        "roste", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(tmp_path / "data"),
+        "--output_dir", str(tmp_path / "out"), "--export_quantized", str(tmp_path / "q"), "--max_steps", "3",
+        "--learning_rate", "3e-3", "--per_device_train_batch_size", "4", "--max_length", "64",
+        "--rotation_search_samples", "4", "--rotation_search_max_length", "32", "--bf16", "False",
+        "--use_cpu", "True", "--gradient_checkpointing", "False", "--report_to", "none", "--save_strategy", "no",
+        "--dataloader_num_workers", "0",
+    ])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert "quantised model exported to" in capsys.readouterr().out
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the rotated float model and its configs
+    prepare_model_for_roste(trained, QuantConfig(**trained.config.roste_quantization))  # re-applies its rotations
+    trained.eval()
+    ids = input_ids(4, vocab=trained.config.vocab_size)
+    with torch.no_grad():
+        expected = trained(ids).logits
+        reloaded = load_roste_model(tmp_path / "q")(ids).logits
+    assert torch.equal(reloaded, expected)
+    with pytest.raises(ValueError, match="export_quantized"):  # the float model would overwrite the export
+        RoSTEConfig(output_dir=str(tmp_path / "out"), export_quantized=str(tmp_path / "out"), **CPU_TRAINING_ARGS)
+
+
 # ----------------------------------------------------------------------------------------------------- trainer
 
 

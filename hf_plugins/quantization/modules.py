@@ -35,30 +35,64 @@ from .quantizer import QuantSpec, fake_quantize, fake_quantize_values, quantizat
 __all__ = ["QuantConfig", "QuantLinear", "RoSTEAttentionMixin", "convert_attention"]
 
 
-@dataclass(frozen=True)
+#: The flat names of `QuantConfig`'s settings (as `RoSTEConfig` and a model's `config.roste_quantization` spell them):
+#: prefix -> `QuantConfig` field
+_FLAT_PREFIXES = {"w": "weight", "a": "activation", "kv": "kv"}
+#: Keys of `config.roste_quantization` that describe how an export stores the weights, not a quantiser
+_STORAGE_KEYS = ("weight_format",)
+
+
+@dataclass(frozen=True, init=False)
 class QuantConfig:
     """The three fake quantisers of RoSTE: weights (per output channel), linear inputs (per token) and the K/V cache
-    (per token per head)."""
+    (per token per head).
+
+    Built from three `QuantSpec`s, `QuantConfig(weight, activation, kv)`, or from the flat settings that `to_dict()`
+    writes and a RoSTE model's `config.roste_quantization` holds: `QuantConfig(**model.config.roste_quantization)`
+    (`w_bits`, `w_sym`, `w_clip_ratio`, `a_*`, `kv_*`; a setting left out keeps `QuantSpec`'s default; an export's
+    `weight_format` is accepted and describes only the stored file)."""
 
     weight: QuantSpec = QuantSpec()
     activation: QuantSpec = QuantSpec()
     kv: QuantSpec = QuantSpec()
 
+    def __init__(self, weight: QuantSpec | None = None, activation: QuantSpec | None = None,
+                 kv: QuantSpec | None = None, **settings):
+        specs = {"weight": weight, "activation": activation, "kv": kv}
+        for prefix, name in _FLAT_PREFIXES.items():
+            flat = {key: settings.pop(f"{prefix}_{key}") for key in ("bits", "sym", "clip_ratio")
+                    if f"{prefix}_{key}" in settings}
+            if flat and specs[name] is not None:
+                raise TypeError(f"QuantConfig got both `{name}` and {', '.join(f'{prefix}_{k}' for k in flat)}.")
+            if specs[name] is None:
+                default = QuantSpec()
+                specs[name] = QuantSpec(
+                    flat.get("bits", default.bits), flat.get("sym", default.symmetric),
+                    flat.get("clip_ratio", default.clip_ratio),
+                )
+        unknown = sorted(set(settings) - set(_STORAGE_KEYS))
+        if unknown:
+            raise TypeError(
+                f"QuantConfig got unexpected keyword argument(s) {', '.join(unknown)}: it takes weight, activation, kv "
+                "(QuantSpec) or w_/a_/kv_ bits, sym and clip_ratio."
+            )
+        for name, spec in specs.items():
+            if not isinstance(spec, QuantSpec):
+                raise TypeError(f"QuantConfig's `{name}` must be a QuantSpec, got {type(spec).__name__}.")
+            object.__setattr__(self, name, spec)
+
     def to_dict(self) -> dict:
-        return {
-            "w_bits": self.weight.bits, "w_sym": self.weight.symmetric, "w_clip_ratio": self.weight.clip_ratio,
-            "a_bits": self.activation.bits, "a_sym": self.activation.symmetric,
-            "a_clip_ratio": self.activation.clip_ratio,
-            "kv_bits": self.kv.bits, "kv_sym": self.kv.symmetric, "kv_clip_ratio": self.kv.clip_ratio,
-        }
+        """The flat settings (`w_bits`, `w_sym`, `w_clip_ratio`, `a_*`, `kv_*`); `QuantConfig(**d)` rebuilds it."""
+        out = {}
+        for prefix, name in _FLAT_PREFIXES.items():
+            spec = getattr(self, name)
+            out.update({f"{prefix}_bits": spec.bits, f"{prefix}_sym": spec.symmetric})
+            out[f"{prefix}_clip_ratio"] = spec.clip_ratio
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
-        return cls(
-            weight=QuantSpec(d["w_bits"], d["w_sym"], d["w_clip_ratio"]),
-            activation=QuantSpec(d["a_bits"], d["a_sym"], d["a_clip_ratio"]),
-            kv=QuantSpec(d["kv_bits"], d["kv_sym"], d["kv_clip_ratio"]),
-        )
+        return cls(**d)
 
 
 class _Accumulator:

@@ -26,6 +26,7 @@ from ..utils import destroy_process_group_at_exit
 from .base import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
 from .chat_template_setup import use_training_chat_template
 from .fused_sft_config import FusedSFTConfig
+from .model_card import ModelCardMixin
 
 # TRL's `loss_type` names mapped to the fused head's method names
 _LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
@@ -34,7 +35,7 @@ _LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
 _METRIC_NAMES = {"token_accuracy": "mean_token_accuracy", "entropy": "entropy", "label_prob": "mean_label_prob"}
 
 
-class FusedSFTTrainer(SFTTrainer):
+class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
     """
     Drop-in replacement for `trl.SFTTrainer` whose loss head never materialises the logits.
 

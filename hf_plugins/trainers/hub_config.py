@@ -1,7 +1,7 @@
 """Method configs as Hub artifacts: `save_pretrained`, `from_pretrained` and `push_to_hub` for every config.
 
 A config is saved as one YAML file (the same keys `trl sft --config` and `hf-plugins <method> --config` read: only
-the fields that differ from the class defaults) plus a README model-card stub, in the layout of a Hub repository.
+the fields the user changed) plus a README model-card stub, in the layout of a Hub repository.
 Secrets (`hub_token`) are never written. YAML is read with `yaml.safe_load` only.
 """
 
@@ -16,6 +16,8 @@ from pathlib import Path
 CONFIG_NAME = "hf_plugins_config.yaml"
 #: Fields never written to a shared file.
 SECRET_FIELDS = ("hub_token", "push_to_hub_token")
+#: Fields whose defaults fail the config's checks on some machines (bf16 without a GPU)
+_DEVICE_FIELDS = ("use_cpu", "bf16", "fp16")
 
 
 def _plain(value):
@@ -90,20 +92,53 @@ class HubConfigMixin:
     """`save_pretrained` / `from_pretrained` / `push_to_hub` for a dataclass config."""
 
     def to_yaml_dict(self) -> dict:
-        """The fields that differ from the class defaults, as plain YAML values (secrets left out)."""
+        """The fields the user changed, as plain YAML values (secrets left out).
+
+        A field is written when its value differs from the one it takes in a config built without it: the class
+        default as `__post_init__` turns it into a value (`report_to=None` into `[]`, `accelerator_config` into its
+        settings, `pad_to_multiple_of="auto"` into this machine's choice), so that what the config derives on this
+        machine is not pinned in the file and is derived again wherever it is loaded."""
         out = {}
-        # `to_dict()` (transformers) turns what `__post_init__` built (enums, AcceleratorConfig) back into plain values
-        values = self.to_dict() if hasattr(self, "to_dict") else dataclasses.asdict(self)
+        values = self._plain_values()
+        baseline, passed = self._baseline_values()
         for field in dataclasses.fields(self):
             if not field.init or field.name in SECRET_FIELDS or field.name not in values:
                 continue
-            # `to_dict()` masks every `*_token` field; only the secrets are left out, the rest (eos_token) are kept
-            value = getattr(self, field.name) if field.name.endswith("_token") else values[field.name]
-            default = _default(field)
-            if default is not dataclasses.MISSING and _plain(value) == _plain(default):
-                continue
-            out[field.name] = _plain(value)
+            value = values[field.name]
+            if baseline is not None and field.name not in passed:
+                if value == baseline.get(field.name, dataclasses.MISSING):
+                    continue
+            else:
+                default = _default(field)
+                if default is not dataclasses.MISSING and value == _plain(default):
+                    continue
+            out[field.name] = value
         return out
+
+    def _plain_values(self) -> dict:
+        # `to_dict()` (transformers) turns what `__post_init__` built (enums, AcceleratorConfig) back into plain values
+        values = self.to_dict() if hasattr(self, "to_dict") else dataclasses.asdict(self)
+        for name in list(values):
+            # `to_dict()` masks every `*_token` field; only the secrets are left out, the rest (eos_token) are kept
+            values[name] = _plain(getattr(self, name) if name.endswith("_token") else values[name])
+        return values
+
+    def _baseline_values(self) -> tuple[dict | None, tuple[str, ...]]:
+        """The plain values of a config of this class built with nothing but `output_dir` set, and the fields passed
+        to build it (on a machine without a GPU the default precision settings fail their check: those are taken
+        from this config too). The passed fields are compared with their class defaults. `(None, ())` if no config
+        can be built."""
+        import warnings
+
+        for passed in (("output_dir",), ("output_dir", *_DEVICE_FIELDS)):
+            kwargs = {name: getattr(self, name) for name in passed if hasattr(self, name)}
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return type(self)(**kwargs)._plain_values(), passed
+            except Exception:  # noqa: BLE001 - any failure: compare with the class defaults
+                continue
+        return None, ()
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **push_kwargs) -> Path:
         """Write `hf_plugins_config.yaml` and a README stub to `save_directory` (created if needed); with

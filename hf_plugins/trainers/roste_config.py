@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..quantization.modules import QuantConfig
 from ..quantization.quantizer import QuantSpec, check_bits, check_clip_ratio
@@ -53,6 +55,14 @@ class RoSTEConfig(FusedSFTConfig):
         rotation_seed (`int`, *optional*, defaults to `42`):
             Seed of R1's random signs.
 
+        > Parameters that control the export
+
+        export_quantized (`str` or `None`, *optional*, defaults to `None`):
+            A folder where `train()` writes, once training ends, the quantised model (`RoSTETrainer.export_quantized`:
+            int8 codes and float32 scales per quantised linear, reloaded by
+            `hf_plugins.quantization.load_roste_model`). It must differ from `output_dir`, which receives the float
+            model and the checkpoints.
+
     The search settings of the reference code are W4A4KV4, symmetric, clip 1.0, which are the defaults here; its
     training-time symmetry and clip ratios were not published, so tune them per model.
     """
@@ -81,6 +91,13 @@ class RoSTEConfig(FusedSFTConfig):
         default=512, metadata={"help": "Calibration sequences are truncated to this many tokens."}
     )
     rotation_seed: int = field(default=42, metadata={"help": "Seed of R1's random signs."})
+    export_quantized: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder where train() writes the quantised model (int8 codes + scales; reload it with "
+            "hf_plugins.quantization.load_roste_model) once training ends. Not output_dir, which holds the float model."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,6 +117,14 @@ class RoSTEConfig(FusedSFTConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}={value!r}` must be a positive integer.")
+        if self.export_quantized is not None:
+            self.export_quantized = os.fspath(self.export_quantized)
+            export, output = Path(self.export_quantized).resolve(), Path(self.output_dir or ".").resolve()
+            if export == output or output in export.parents:
+                raise ValueError(
+                    f"`export_quantized={self.export_quantized!r}` is (inside) `output_dir`, where the float model and "
+                    "the checkpoints are saved, which would overwrite the export: choose another folder."
+                )
 
     def quant_config(self) -> QuantConfig:
         """The three quantisers as a `hf_plugins.quantization.QuantConfig`."""

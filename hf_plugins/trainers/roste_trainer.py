@@ -33,9 +33,10 @@ class RoSTETrainer(FusedSFTTrainer):
     quantisers and rotations.
 
     After `train()`, `export_quantized(path)` writes the merged, round-to-nearest quantised model
-    (`hf_plugins.quantization.load_roste_model` reloads it with the training-time forward). `save_model` and the
-    checkpoints save the rotated float model with its `rotation_config`, which `from_pretrained` loads as an ordinary
-    model and which this trainer continues from without rotating again.
+    (`hf_plugins.quantization.load_roste_model` reloads it with the training-time forward); with
+    `RoSTEConfig(export_quantized=path)` (`hf-plugins roste --export_quantized path`) `train()` does it itself.
+    `save_model` and the checkpoints save the rotated float model with its `rotation_config`, which
+    `from_pretrained` loads as an ordinary model and which this trainer continues from without rotating again.
 
     Not supported: PEFT adapters (RoSTE trains all weights), already-quantised models (bitsandbytes), an optimizer
     passed in `optimizers=` (the surgery replaces parameters before the optimizer may exist).
@@ -136,6 +137,14 @@ class RoSTETrainer(FusedSFTTrainer):
                 self.model.config.rotation_config = saved
                 self.rotation_config = saved
         return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then the quantised export to `args.export_quantized` when it is set."""
+        output = super().train(*args, **kwargs)
+        if self.args.export_quantized:
+            self.export_quantized(self.args.export_quantized)
+            logger.info("RoSTE: quantised model exported to %s", self.args.export_quantized)
+        return output
 
     def export_quantized(self, path: str | os.PathLike) -> str:
         """Merge R2/R4, quantise the weights to the trained grid and save to `path` with the tokenizer (see
