@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import os
 
 import torch
 
@@ -29,3 +30,16 @@ def destroy_process_group_at_exit() -> None:
         return
     atexit.register(_destroy_process_group)
     _teardown_registered = True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices, or anywhere under the Triton interpreter (tests on CPU)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or interpreter_enabled()

@@ -430,7 +430,7 @@ def test_asft_loss_bad_inputs_raise(kwargs, match):
 
 
 def test_a_misspelt_input_group_is_an_error():
-    from hf_plugins.trainers.base import LossHead
+    from hf_plugins.modeling import LossHead
 
     with pytest.raises(TypeError, match="hiden_inputs"):
         LossHead(method="asft", **{"hiden_inputs": {}})

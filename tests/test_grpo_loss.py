@@ -566,9 +566,8 @@ def test_bad_inputs_raise_one_clear_error(case):
 
 def test_liger_backend_is_refused_for_grpo(monkeypatch):
     from hf_plugins.ops import dispatch, liger
-    from hf_plugins.ops.triton import head
 
-    monkeypatch.setattr(head, "triton_usable", lambda device: True)
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
     monkeypatch.setattr(liger, "liger_available", lambda: True)
     batch = make_batch(seed=17)
     with pytest.raises(ValueError, match="'liger' covers the methods .* not 'grpo'"):

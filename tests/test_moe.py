@@ -31,7 +31,7 @@ from hf_plugins.testing import (
     tiny_conversational_dataset,
     tiny_tool_calling_dataset,
 )
-from hf_plugins.trainers.base import HiddenStateHead, LossHead, add_loss_head_forward
+from hf_plugins.modeling import HiddenStateHead, LossHead, add_loss_head_forward
 
 # Plain SGD, as in the dense comparison with stock: Adam would turn float noise into full-size steps
 CPU_ARGS = dict(**CPU_TRAINING_ARGS, optim="sgd", learning_rate=0.5, disable_tqdm=True)

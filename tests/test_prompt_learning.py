@@ -43,7 +43,7 @@ from hf_plugins.testing import (
     tiny_language_modeling_dataset,
     tiny_tool_calling_dataset,
 )
-from hf_plugins.trainers.base import LossHead
+from hf_plugins.modeling import LossHead
 
 peft = pytest.importorskip("peft")
 

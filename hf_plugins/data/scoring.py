@@ -147,7 +147,7 @@ def score_batch(model, batch_ids: Sequence[Sequence[int]], batch_scored: Sequenc
     """Mean log-prob of the scored tokens of each example (NaN for an example without one), from the model's last
     hidden state and the chunked head: never more than a `[chunk, V]` tile of logits."""
     from ..ops.chunked import chunked_label_log_probs, default_chunk_size
-    from ..trainers.base import add_loss_head_forward, forward_hidden_states
+    from ..modeling import add_loss_head_forward, forward_hidden_states
 
     # A PEFT model scores through its own forward (adapters, virtual tokens): the patch goes on its base model
     add_loss_head_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)

@@ -7,6 +7,7 @@ import torch
 from .chunked import chunked_label_log_probs, chunked_linear_loss, default_chunk_size
 from .method import IGNORE_INDEX, LossMethod, Rows
 from .reference import reference_linear_loss
+from ..utils import triton_usable
 
 BACKENDS = ("auto", "chunked", "reference", "triton", "liger")
 
@@ -18,7 +19,6 @@ def resolve_backend(backend: str, device: torch.device, method: LossMethod | Non
     faster than Liger's on every method both cover: docs/benchmarks.md), else "chunked" (on CPU always).
     """
     from .liger import LIGER_METHODS, liger_available
-    from .triton.head import triton_usable
 
     if backend not in BACKENDS:
         raise ValueError(f"Unknown loss backend {backend!r}: choose one of {', '.join(map(repr, BACKENDS))}.")

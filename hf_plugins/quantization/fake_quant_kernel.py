@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.triton.head import interpreter_enabled
+from ..utils import interpreter_enabled
 from .quantizer import KERNEL_DTYPES, QuantSpec
 
 #: Rows up to this length are held in registers in one block (one read of the row); longer rows take two reads

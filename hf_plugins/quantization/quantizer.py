@@ -144,7 +144,7 @@ def use_fake_quant_kernel(x: torch.Tensor) -> bool:
     """Whether `fake_quantize_values(x, ...)` takes the Triton kernel: a CUDA float32/bf16/fp16 tensor, with triton."""
     if not (USE_TRITON_KERNEL and x.is_cuda and x.dtype in KERNEL_DTYPES):
         return False
-    from ..ops.triton.head import triton_usable
+    from ..utils import triton_usable
 
     return triton_usable(x.device)
 

@@ -25,7 +25,7 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from .asft_config import ASFTConfig
-from .base import add_loss_head_forward, forward_hidden_states, gather_lm_head, lm_head_parameters
+from ..modeling import add_loss_head_forward, forward_hidden_states, gather_lm_head, lm_head_parameters
 from .fused_sft_trainer import FusedSFTTrainer
 
 logger = logging.getLogger(__name__)

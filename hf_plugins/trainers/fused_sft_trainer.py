@@ -23,7 +23,7 @@ from ..data import DataCollatorWithExtraColumns
 from ..data.packing import pack_with_columns
 from ..ops.method import LossMethod
 from ..utils import destroy_process_group_at_exit
-from .base import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
+from ..modeling import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
 from .chat_template_setup import use_training_chat_template
 from .fused_sft_config import FusedSFTConfig
 from .model_card import ModelCardMixin
@@ -157,7 +157,7 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
             )
 
     def _check_prompt_learning(self, parallelism) -> None:
-        """Prompt-learning PEFT works as in TRL (the head aligns the virtual tokens, see `trainers.base`), except where
+        """Prompt-learning PEFT works as in TRL (the head aligns the virtual tokens, see `hf_plugins.modeling`), except where
         the positions cannot be aligned or PEFT computes the loss itself."""
         peft_type = getattr(getattr(self.model, "active_peft_config", None), "peft_type", None)
         peft_type = getattr(peft_type, "value", peft_type)  # PEFT's `PeftType` enum: its value is the name
@@ -182,7 +182,7 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
         if backend not in ("triton", "liger"):
             return
         from ..ops.liger import LIGER_METHODS, apply_liger_model_patches, liger_available
-        from ..ops.triton.head import interpreter_enabled, triton_usable
+        from ..utils import interpreter_enabled, triton_usable
 
         device = self.args.device
         if not triton_usable(device):

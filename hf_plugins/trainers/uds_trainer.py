@@ -25,7 +25,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTConfig, SFTTrainer
 
 from ..callbacks.uds import DEFAULT_SKETCH_LENGTH, UDSCallback, UDSSettings, settings_from_config
-from .base import _LOGIT_TRANSFORMS, add_loss_head_forward, forward_hidden_states, gather_lm_head, lm_head_parameters
+from ..modeling import _LOGIT_TRANSFORMS, add_loss_head_forward, forward_hidden_states, gather_lm_head, lm_head_parameters
 from .uds_config import UDSConfig
 
 # Keys of a batch that are not model inputs for the scoring forward

@@ -12,7 +12,6 @@ cuBLAS writes at full speed, and the kernel upcasts every value it reads to floa
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -30,19 +29,6 @@ SAMPLING_NUM_WARPS = 4
 #: Liger's fused linear cross-entropy uses, so that the tile costs about what the hidden states cost.
 MIN_TILE_ELEMENTS = 1 << 22
 MIN_TILE_ROWS = 128
-
-
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_usable(device: torch.device) -> bool:
-    """Triton kernels run on CUDA devices, or anywhere under the Triton interpreter (tests on CPU)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or interpreter_enabled()
 
 
 def default_tile_rows(num_rows: int, vocab_size: int, hidden_size: int) -> int:

@@ -1,4 +1,5 @@
-"""Plumbing shared by every trainer of this library: the hidden-state forward that feeds the fused loss head.
+"""The LM-head plumbing below the trainers: the hidden-state forward that feeds the fused loss head, lm_head access
+and the MoE / prompt-learning alignment it needs. Used by the trainers, the data scorers and the callbacks.
 
 `add_loss_head_forward(model)` patches a causal LM (the base model under PEFT, like TRL patches it) so that
 `model(**inputs, loss_head=head)` runs the backbone only, aligns hidden states with next-token labels and hands them
@@ -27,8 +28,8 @@ from typing import Any, ClassVar
 import torch
 from transformers.utils import ModelOutput
 
-from ..ops import fused_linear_loss
-from ..ops.method import LossMethod
+from .ops import fused_linear_loss
+from .ops.method import LossMethod
 
 # Config attributes that rescale or squash the logits after the lm_head. The fused head computes plain
 # `hidden @ W.T + b`, so a model that sets one of these would silently train on the wrong logits.
