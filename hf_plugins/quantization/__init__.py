@@ -12,15 +12,16 @@ from .hadamard import (
     random_sign_hadamard_matrix,
 )
 from .modules import QuantConfig, QuantLinear, RoSTEAttentionMixin
-from .quantizer import QuantSpec, dequantize, fake_quantize, fake_quantize_values, quantization_error, quantize_to_grid
+from .prepare import prepare_model_for_roste
+from .quantizer import dequantize, fake_quantize, fake_quantize_values, quantization_error, quantize_to_grid
 from .search import measure_site_errors, search_rotations
+from .spec import QuantSpec
 from .surgery import (
     SUPPORTED_MODEL_TYPES,
     check_supported_model,
     clear_weight_caches,
     fuse_norms,
     patch_model,
-    prepare_model_for_roste,
     rotate_r1,
     set_rotations,
     untie_embeddings,

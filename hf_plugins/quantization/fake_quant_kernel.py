@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..utils import interpreter_enabled
-from .quantizer import KERNEL_DTYPES, QuantSpec
+from .spec import KERNEL_DTYPES, QuantSpec
 
 #: Rows up to this length are held in registers in one block (one read of the row); longer rows take two reads
 MAX_ONE_BLOCK = 8192

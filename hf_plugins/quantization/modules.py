@@ -22,6 +22,7 @@ Each rotation is a per-layer switch (`rotate`), set from the rotation config.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 
@@ -30,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hadamard import HadamardTransform
-from .quantizer import QuantSpec, fake_quantize, fake_quantize_values, quantization_error
+from .quantizer import fake_quantize, fake_quantize_values, quantization_error
+from .spec import QuantSpec
 
-__all__ = ["QuantConfig", "QuantLinear", "RoSTEAttentionMixin", "convert_attention"]
+__all__ = ["QuantConfig", "QuantLinear", "RoSTEAttentionMixin", "convert_attention", "recording_quantization_errors"]
 
 
 #: The flat names of `QuantConfig`'s settings (as `RoSTEConfig` and a model's `config.roste_quantization` spell them):
@@ -325,3 +327,20 @@ def convert_attention(attention: nn.Module, kv_spec: QuantSpec, r3_rotation: Had
     attention.rotate_r3 = False
     attention.record = None
     return attention
+
+
+@contextlib.contextmanager
+def recording_quantization_errors(model: nn.Module):
+    """While the block runs, every `QuantLinear` and RoSTE attention of `model` keeps the running mean squared
+    quantisation error (`.mean`) of each tensor it fake-quantises, in `module.record`: `"input"` and `"weight"` for a
+    linear (the weight once, as the first forward quantises it), `"k"` and `"v"` for an attention. The records are
+    dropped when the block ends."""
+    modules = [m for m in model.modules() if isinstance(m, (QuantLinear, RoSTEAttentionMixin))]
+    for module in modules:
+        names = ("input", "weight") if isinstance(module, QuantLinear) else ("k", "v")
+        module.record = {name: _Accumulator() for name in names}
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.record = None

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from .modules import QuantLinear, RoSTEAttentionMixin, _Accumulator
-from .surgery import SITES, _layers, set_rotations, uniform_rotations
+from .modules import recording_quantization_errors
+from .surgery import SITES, decoder_layers, set_rotations, uniform_rotations
 
 
 def _site_errors(model) -> dict[str, dict[str, float]]:
     errors = {}
-    for index, layer in enumerate(_layers(model)):
+    for index, layer in enumerate(decoder_layers(model)):
         attention, mlp = layer.self_attn, layer.mlp
         v, o, down = attention.v_proj.record, attention.o_proj.record, mlp.down_proj.record
         errors[str(index)] = {
@@ -34,20 +34,6 @@ def _site_errors(model) -> dict[str, dict[str, float]]:
     return errors
 
 
-def _start_recording(model) -> None:
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.record = {"input": _Accumulator(), "weight": _Accumulator()}
-        elif isinstance(module, RoSTEAttentionMixin):
-            module.record = {"k": _Accumulator(), "v": _Accumulator()}
-
-
-def _stop_recording(model) -> None:
-    for module in model.modules():
-        if isinstance(module, (QuantLinear, RoSTEAttentionMixin)):
-            module.record = None
-
-
 @torch.no_grad()
 def measure_site_errors(model, calibration, in_block: dict) -> dict[str, dict[str, float]]:
     """Per layer and site, the quantisation error (see the module docstring) over `calibration` (an iterable of
@@ -56,20 +42,19 @@ def measure_site_errors(model, calibration, in_block: dict) -> dict[str, dict[st
     was_training = model.training
     model.eval()
     set_rotations(model, in_block)
-    _start_recording(model)
     try:
-        seen = 0
-        for input_ids in calibration:
-            input_ids = torch.as_tensor(input_ids).reshape(1, -1).to(device)
-            if input_ids.shape[1] == 0:
-                continue
-            model.model(input_ids=input_ids, use_cache=False)
-            seen += 1
-        if seen == 0:
-            raise ValueError("The rotation search got no calibration sequence.")
-        return _site_errors(model)
+        with recording_quantization_errors(model):
+            seen = 0
+            for input_ids in calibration:
+                input_ids = torch.as_tensor(input_ids).reshape(1, -1).to(device)
+                if input_ids.shape[1] == 0:
+                    continue
+                model.model(input_ids=input_ids, use_cache=False)
+                seen += 1
+            if seen == 0:
+                raise ValueError("The rotation search got no calibration sequence.")
+            return _site_errors(model)
     finally:
-        _stop_recording(model)
         model.train(was_training)
 
 

@@ -1,28 +1,22 @@
 """Model surgery for RoSTE, done before any optimizer exists: RMSNorm fusion, the R1 rotation folded into the
 weights (tied embeddings untied), and the fake-quantised modules with their online R2/R3/R4 rotations.
 
-`prepare_model_for_roste(model, quant, rotations=..., calibration=...)` does all of it and records what it did in
-`model.config.rotation_config` and `model.config.roste_quantization`. A model saved afterwards (`save_pretrained`,
-a Trainer checkpoint) is an ordinary float checkpoint of the rotated model, whose plain forward equals the original
-model's; passing it to `prepare_model_for_roste` again re-applies the saved rotation config instead of rotating twice.
+Each step works on its own; `prepare_model_for_roste` (`hf_plugins.quantization.prepare`) runs them in order, with
+the rotation search in between.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
 from torch import nn
 
 from .hadamard import HadamardTransform, random_sign_hadamard_matrix
-from .modules import QuantConfig, QuantLinear, RoSTEAttentionMixin, convert_attention
-
-logger = logging.getLogger(__name__)
+from .modules import QuantConfig, QuantLinear, convert_attention
 
 #: `config.model_type` values whose block structure RoSTE's surgery knows
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
-ROTATION_MODES = ("adaptive", "all", "none")
 SITES = ("R2", "R3", "R4")
 
 
@@ -52,12 +46,13 @@ def check_supported_model(model) -> None:
         raise ValueError("RoSTE expects a causal LM with `model.model.layers` (Llama/Qwen2 layout).")
 
 
-def _layers(model):
+def decoder_layers(model):
+    """The decoder blocks of a Llama/Qwen2-style causal LM (`model.model.layers`)."""
     return model.model.layers
 
 
 def _head_dim(model) -> int:
-    attention = _layers(model)[0].self_attn
+    attention = decoder_layers(model)[0].self_attn
     return attention.head_dim
 
 
@@ -74,7 +69,7 @@ def _scale_input_columns(linear: nn.Linear, scale: torch.Tensor) -> None:
 def fuse_norms(model) -> None:
     """Fold every RMSNorm scale into the linears that read its output (q/k/v after the input norm, gate/up after the
     post-attention norm, the lm_head after the final norm) and set the scales to 1 (frozen). Exact in float."""
-    for layer in _layers(model):
+    for layer in decoder_layers(model):
         norm = layer.input_layernorm
         for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
             _scale_input_columns(linear, norm.weight)
@@ -90,7 +85,7 @@ def fuse_norms(model) -> None:
 
 
 def freeze_norms(model) -> None:
-    for layer in _layers(model):
+    for layer in decoder_layers(model):
         layer.input_layernorm.weight.requires_grad_(False)
         layer.post_attention_layernorm.weight.requires_grad_(False)
     model.model.norm.weight.requires_grad_(False)
@@ -117,7 +112,10 @@ def rotate_r1(model, seed: int = 42) -> None:
     hidden_size) into the weights: `E -> E R1` (embeddings), `W -> W R1` for the linears reading the residual stream
     (q/k/v/gate/up, lm_head), `W -> R1ᵀ W`, `b -> b R1` for those writing it (o/down). Computed in float64. Needs the
     norm scales fused first (`fuse_norms`): RMSNorm commutes with an orthogonal map only without its scale."""
-    for norm in (model.model.norm, *(m for layer in _layers(model) for m in (layer.input_layernorm, layer.post_attention_layernorm))):
+    norms = [model.model.norm]
+    for layer in decoder_layers(model):
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+    for norm in norms:
         if not torch.all(norm.weight == 1):
             raise ValueError("rotate_r1 needs unit RMSNorm scales: call fuse_norms(model) first.")
     embed = model.get_input_embeddings().weight
@@ -132,7 +130,7 @@ def rotate_r1(model, seed: int = 42) -> None:
     untie_embeddings(model)
     right(embed)
     right(model.lm_head.weight)
-    for layer in _layers(model):
+    for layer in decoder_layers(model):
         attention, mlp = layer.self_attn, layer.mlp
         for linear in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj):
             right(linear.weight)
@@ -168,7 +166,7 @@ def patch_model(model, quant: QuantConfig) -> None:
     r2r3 = HadamardTransform(head_dim)
     r4 = HadamardTransform(config.intermediate_size)
     _switch_to_supported_attention(model, quant)
-    for layer in _layers(model):
+    for layer in decoder_layers(model):
         attention, mlp = layer.self_attn, layer.mlp
         QuantLinear.convert(attention.q_proj, "q", quant)
         QuantLinear.convert(attention.k_proj, "k", quant)
@@ -183,7 +181,7 @@ def patch_model(model, quant: QuantConfig) -> None:
 def set_rotations(model, in_block: dict) -> None:
     """Set the per-layer switches: `in_block[str(layer)] = {"is_rotate_R2": bool, "is_rotate_R3": ..., ...}` (a
     missing layer or site is off), and record them in `model.config.rotation_config` when there is one."""
-    for index, layer in enumerate(_layers(model)):
+    for index, layer in enumerate(decoder_layers(model)):
         flags = in_block.get(str(index), {})
         r2, r3, r4 = (bool(flags.get(f"is_rotate_{site}", False)) for site in SITES)
         layer.self_attn.v_proj.rotate = r2
@@ -203,17 +201,12 @@ def current_rotations(model) -> dict:
             "is_rotate_R3": bool(layer.self_attn.rotate_r3),
             "is_rotate_R4": bool(layer.mlp.down_proj.rotate),
         }
-        for index, layer in enumerate(_layers(model))
+        for index, layer in enumerate(decoder_layers(model))
     }
 
 
 def uniform_rotations(model, on: bool) -> dict:
-    return {str(i): {f"is_rotate_{site}": on for site in SITES} for i in range(len(_layers(model)))}
-
-
-def roste_modules(model):
-    """`(name, module)` of every `QuantLinear` and RoSTE attention in `model`."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, RoSTEAttentionMixin))]
+    return {str(i): {f"is_rotate_{site}": on for site in SITES} for i in range(len(decoder_layers(model)))}
 
 
 def clear_weight_caches(model) -> None:
@@ -224,65 +217,3 @@ def clear_weight_caches(model) -> None:
 
 def is_prepared(model) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
-
-
-def prepare_model_for_roste(
-    model,
-    quant: QuantConfig,
-    rotations: str = "adaptive",
-    calibration=None,
-    seed: int = 42,
-) -> dict:
-    """RoSTE's surgery, in place, before the optimizer exists. Returns the rotation config (also saved as
-    `model.config.rotation_config`; the quantisers as `model.config.roste_quantization`).
-
-    Args:
-        model: a Llama- or Qwen2-style causal LM in floating point.
-        quant (`QuantConfig`): the weight, activation and K/V quantisers.
-        rotations (`str`): `"adaptive"` (R1, then R2/R3/R4 per layer where the search on `calibration` finds they
-            lower the quantisation error), `"all"` (R1 and R2/R3/R4 everywhere) or `"none"` (no rotation at all:
-            plain quantisation-aware training with STE).
-        calibration: for `"adaptive"`, an iterable of `input_ids` tensors (`[T]` or `[1, T]`).
-        seed (`int`): seed of R1's random signs.
-
-    A model whose config already has a `rotation_config` (saved after this function) is not rotated again: its saved
-    switches are applied.
-    """
-    from .search import search_rotations
-
-    if rotations not in ROTATION_MODES:
-        raise ValueError(f"`rotations={rotations!r}` must be one of {', '.join(map(repr, ROTATION_MODES))}.")
-    check_supported_model(model)
-    if is_prepared(model):
-        raise ValueError("The model already has RoSTE's quantised modules: prepare it only once.")
-    saved = getattr(model.config, "rotation_config", None)
-    if saved:
-        logger.info("RoSTE: the model config has a rotation_config: re-applying it, not rotating again.")
-        patch_model(model, quant)
-        if saved.get("is_rotate_R1"):
-            freeze_norms(model)
-        set_rotations(model, saved.get("in_block_rotation", {}))
-        model.config.roste_quantization = quant.to_dict()
-        return saved
-
-    rotate_residual = rotations != "none"
-    if rotate_residual:
-        fuse_norms(model)
-        rotate_r1(model, seed=seed)
-    patch_model(model, quant)
-    if rotations == "adaptive":
-        if calibration is None:
-            raise ValueError("`rotations='adaptive'` needs calibration sequences for the rotation search.")
-        in_block = search_rotations(model, calibration)
-    else:
-        in_block = uniform_rotations(model, rotations == "all")
-    set_rotations(model, in_block)
-    rotation_config = {
-        "is_rotate_R1": rotate_residual,
-        "r1_seed": seed,
-        "mode": rotations,
-        "in_block_rotation": in_block,
-    }
-    model.config.rotation_config = rotation_config
-    model.config.roste_quantization = quant.to_dict()
-    return rotation_config

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..quantization.modules import QuantConfig
-from ..quantization.quantizer import QuantSpec, check_bits, check_clip_ratio
-from ..quantization.surgery import ROTATION_MODES
+from ..quantization.prepare import ROTATION_MODES
+from ..quantization.spec import QuantSpec, check_bits, check_clip_ratio
 from .fused_sft_config import FusedSFTConfig
 
 

@@ -19,7 +19,8 @@ import torch
 from transformers import PreTrainedModel
 
 from ..quantization.export import export_roste
-from ..quantization.surgery import check_supported_model, prepare_model_for_roste, set_rotations
+from ..quantization.prepare import prepare_model_for_roste
+from ..quantization.surgery import check_supported_model, set_rotations
 from .fused_sft_trainer import FusedSFTTrainer
 from .roste_config import RoSTEConfig
 
