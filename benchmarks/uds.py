@@ -81,7 +81,7 @@ def step_benchmark(args) -> None:
 def scoring_benchmark(args) -> None:
     import torch
 
-    from hf_plugins.callbacks.uds import (
+    from hf_plugins.losses.uds import (
         SketchConstants,
         head_factors,
         nuclear_norms_from_logits,

@@ -13,10 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from hf_plugins import ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, UDSCallback, UDSConfig, UDSMixin, with_uds
-from hf_plugins.callbacks.uds import (
+from hf_plugins.callbacks.uds import SketchMemory, UDSSettings
+from hf_plugins.losses.uds import (
     SketchConstants,
-    SketchMemory,
-    UDSSettings,
     head_factors,
     nuclear_norms_from_logits,
     scores_from_hidden,
@@ -151,7 +150,7 @@ def test_singular_head_gram_falls_back_to_eigh():
 def test_softcapped_head_scored_from_logit_tiles(mask_padding, monkeypatch):
     """A soft-capped head is not linear in the hidden states: the tiled fallback equals the reference on the capped
     logits (tiles of a few vocabulary rows, so several tiles are combined)."""
-    from hf_plugins.callbacks import uds
+    from hf_plugins.losses import uds
 
     monkeypatch.setattr(uds, "_TILE_ELEMENTS", 4 * 12 * 7)  # 7 vocabulary rows per tile
     weight, b = make_head(V=60, D=8, bias=True)

@@ -1,27 +1,10 @@
-"""Trainer callbacks: state that a method keeps between steps (UDS selection state)."""
+"""Trainer callbacks: state that a method keeps between steps (UDS selection state). Their math lives in
+`hf_plugins.losses` (UDS's scores: `hf_plugins.losses.uds`)."""
 
-from .uds import (
-    HeadFactors,
-    SketchConstants,
-    SketchMemory,
-    UDSCallback,
-    UDSSettings,
-    head_factors,
-    nuclear_norms_from_logits,
-    scores_from_hidden,
-    scores_from_hidden_softcapped,
-    sketches_from_logits,
-)
+from .uds import SketchMemory, UDSCallback, UDSSettings
 
 __all__ = [
-    "HeadFactors",
-    "SketchConstants",
     "SketchMemory",
     "UDSCallback",
     "UDSSettings",
-    "head_factors",
-    "nuclear_norms_from_logits",
-    "scores_from_hidden",
-    "scores_from_hidden_softcapped",
-    "sketches_from_logits",
 ]

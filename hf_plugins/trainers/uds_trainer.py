@@ -61,7 +61,7 @@ class UDSMixin:
     and gets UDS's defaults).
 
     Scoring runs one extra no-grad forward on the B candidates to the final hidden states; neither score builds the
-    logits (see `hf_plugins.callbacks.uds`). Logged metrics: `uds/utility` and `uds/diversity` (means over the scored
+    logits (see `hf_plugins.losses.uds`). Logged metrics: `uds/utility` and `uds/diversity` (means over the scored
     candidates of all processes), `uds/selected_fraction` (examples trained on / candidates seen).
 
     Under DDP each process selects from its own micro-batch into its own memory, as the reference does; each
