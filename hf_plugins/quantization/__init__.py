@@ -1,6 +1,7 @@
 """RoSTE's building blocks, usable on their own: fake quantisers with a straight-through estimator, Hadamard
 transforms of any size the models use, model surgery (norm fusion, R1, quantised modules with online R2/R3/R4), the
-adaptive rotation search and the quantised export. `RoSTETrainer` (in `hf_plugins.trainers`) puts them together."""
+adaptive rotation search and the quantised export. `prepare_model_for_roste` runs the surgery and the search in order;
+`RoSTETrainer` (in `hf_plugins.trainers`) prepares the model with it, trains and exports."""
 
 from .export import export_roste, load_roste_model
 from .hadamard import (
