@@ -291,6 +291,104 @@ def _first_processes(stack: ExitStack) -> None:
         stack.enter_context(state.local_main_process_first())
 
 
+def _check_scoring_arguments(dataset, column: str, batch_size, max_length) -> None:
+    """Raise a `ValueError` naming the argument for a dataset or setting `score_with_aligned_models` cannot use."""
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        raise ValueError(
+            f"`dataset` must be a `datasets.Dataset` (scores are cached per example), got {type(dataset).__name__}. "
+            "Materialise an IterableDataset first, e.g. `Dataset.from_generator(lambda: iter(iterable))`."
+        )
+    if column in dataset.column_names:
+        raise ValueError(
+            f"The dataset already has a `{column}` column: remove it (`dataset.remove_columns('{column}')`) or pass "
+            "another `column=` name."
+        )
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+        raise ValueError(f"`max_length` must be an integer >= 2 or None, got {max_length!r}.")
+
+
+def _aligned_models(models, tokenizers, model_init_kwargs, device) -> list[_AlignedModel]:
+    """One `_AlignedModel` per model (paths are not loaded yet), with its tokenizer; `ValueError` for a model that
+    is neither a path nor a loaded model, or a tokenizer list that does not match the models."""
+    models = _as_list(models, "models")
+    if not models:
+        raise ValueError("`models` is empty: pass at least one aligned model (a path or a loaded model).")
+    for model in models:
+        if not isinstance(model, (str, torch.nn.Module)):
+            raise ValueError(
+                f"Each aligned model must be a path / Hub id or a loaded model, got {type(model).__name__}."
+            )
+    tokenizers = _as_list(tokenizers, "tokenizers")
+    if tokenizers and len(tokenizers) != len(models):
+        raise ValueError(
+            f"`tokenizers` has {len(tokenizers)} entries for {len(models)} models: pass one tokenizer per model, in "
+            "the same order, or None to load each model's own."
+        )
+    init_kwargs = dict(model_init_kwargs or {})
+    device = torch.device(device) if device is not None else _default_device()
+    return [
+        _AlignedModel(model, tokenizers[i] if tokenizers else None, init_kwargs, device)
+        for i, model in enumerate(models)
+    ]
+
+
+def _score_cache_dir(dataset, cache_dir: str | None) -> str:
+    """Where the score cache files go: `cache_dir`, else the dataset's own cache folder, else
+    `<datasets cache>/hf_plugins/aligned_scores` for an in-memory dataset."""
+    from datasets import config as datasets_config
+
+    if cache_dir is not None:
+        return cache_dir
+    if dataset.cache_files:
+        return os.path.dirname(dataset.cache_files[0]["filename"])
+    return os.path.join(datasets_config.HF_DATASETS_CACHE, "hf_plugins", "aligned_scores")
+
+
+def _score_fingerprint(dataset, entry: _AlignedModel, max_length: int | None) -> str:
+    """The fingerprint of one model's scores of `dataset`: what they mean, the data, the model, its tokenizer and
+    chat template, and the truncation."""
+    return _hash(
+        SCORING_VERSION, dataset._fingerprint, entry.fingerprint(), tokenizer_fingerprint(entry.tokenizer), max_length
+    )[:32]
+
+
+def _batch_scorer(entry: _AlignedModel, max_length: int | None, chunk_size: int | None):
+    """The `datasets.map` function that scores a batch of rows with `entry`'s model (in eval mode while it runs)."""
+    tokenizer = entry.tokenizer
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    def score(batch):
+        examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        tokenized = [tokenize_response(example, tokenizer, max_length) for example in examples]
+        model = entry.model
+        was_training = model.training
+        model.eval()
+        try:
+            scores = score_batch(model, [t[0] for t in tokenized], [t[1] for t in tokenized], pad_token_id, chunk_size)
+        finally:
+            model.train(was_training)
+        return {"score": scores}
+
+    return score
+
+
+def _mean_of_model_scores(per_model: list[np.ndarray], column: str, max_length: int | None) -> np.ndarray:
+    """The mean over the models of each example's score, with a warning counting the examples left unscored (NaN)."""
+    mean = np.mean(np.stack(per_model), axis=0) if len(per_model) > 1 else per_model[0]
+    missing = int(np.isnan(mean).sum())
+    if missing:
+        logger.warning(
+            f"{missing} of {len(mean)} examples have no response token to score (empty response, or cut by "
+            f"max_length={max_length}): their `{column}` is NaN. PoFTTrainer refuses NaN scores: drop them with "
+            f"`dataset.filter(lambda row: not math.isnan(row['{column}']))`."
+        )
+    return mean
+
+
 def score_with_aligned_models(
     dataset,
     models,
@@ -336,73 +434,17 @@ def score_with_aligned_models(
     Returns:
         [`~datasets.Dataset`]: `dataset` with the `column` column (float64) added.
     """
-    from datasets import Dataset
-    from datasets import config as datasets_config
     from datasets.fingerprint import is_caching_enabled
 
-    if not isinstance(dataset, Dataset):
-        raise ValueError(
-            f"`dataset` must be a `datasets.Dataset` (scores are cached per example), got {type(dataset).__name__}. "
-            "Materialise an IterableDataset first, e.g. `Dataset.from_generator(lambda: iter(iterable))`."
-        )
-    if column in dataset.column_names:
-        raise ValueError(
-            f"The dataset already has a `{column}` column: remove it (`dataset.remove_columns('{column}')`) or pass "
-            "another `column=` name."
-        )
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
-        raise ValueError(f"`max_length` must be an integer >= 2 or None, got {max_length!r}.")
-    models = _as_list(models, "models")
-    if not models:
-        raise ValueError("`models` is empty: pass at least one aligned model (a path or a loaded model).")
-    for model in models:
-        if not isinstance(model, (str, torch.nn.Module)):
-            raise ValueError(
-                f"Each aligned model must be a path / Hub id or a loaded model, got {type(model).__name__}."
-            )
-    tokenizers = _as_list(tokenizers, "tokenizers")
-    if tokenizers and len(tokenizers) != len(models):
-        raise ValueError(
-            f"`tokenizers` has {len(tokenizers)} entries for {len(models)} models: pass one tokenizer per model, in "
-            "the same order, or None to load each model's own."
-        )
-    init_kwargs = dict(model_init_kwargs or {})
-    device = torch.device(device) if device is not None else _default_device()
-    aligned = [
-        _AlignedModel(model, tokenizers[i] if tokenizers else None, init_kwargs, device)
-        for i, model in enumerate(models)
-    ]
-
+    _check_scoring_arguments(dataset, column, batch_size, max_length)
+    aligned = _aligned_models(models, tokenizers, model_init_kwargs, device)
     caching = is_caching_enabled() and load_from_cache_file
-    if cache_dir is None:
-        if dataset.cache_files:
-            cache_dir = os.path.dirname(dataset.cache_files[0]["filename"])
-        else:
-            cache_dir = os.path.join(datasets_config.HF_DATASETS_CACHE, "hf_plugins", "aligned_scores")
+    cache_dir = _score_cache_dir(dataset, cache_dir)
 
     per_model = []
     for index, entry in enumerate(aligned):
-        tokenizer = entry.tokenizer
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        fingerprint = _hash(
-            SCORING_VERSION, dataset._fingerprint, entry.fingerprint(), tokenizer_fingerprint(tokenizer), max_length
-        )[:32]
-
-        def score(batch, entry=entry, tokenizer=tokenizer, pad_token_id=pad_token_id):
-            examples = [dict(zip(batch, values)) for values in zip(*batch.values())]
-            tokenized = [tokenize_response(example, tokenizer, max_length) for example in examples]
-            model = entry.model
-            was_training = model.training
-            model.eval()
-            try:
-                scores = score_batch(model, [t[0] for t in tokenized], [t[1] for t in tokenized], pad_token_id,
-                                     chunk_size)
-            finally:
-                model.train(was_training)
-            return {"score": scores}
-
+        fingerprint = _score_fingerprint(dataset, entry, max_length)
+        score = _batch_scorer(entry, max_length, chunk_size)
         map_kwargs = dict(
             batched=True,
             batch_size=batch_size,
@@ -419,13 +461,6 @@ def score_with_aligned_models(
             scores = dataset.map(score, **map_kwargs)
         per_model.append(np.asarray(scores["score"], dtype=np.float64))
 
-    mean = np.mean(np.stack(per_model), axis=0) if len(per_model) > 1 else per_model[0]
-    missing = int(np.isnan(mean).sum())
-    if missing:
-        logger.warning(
-            f"{missing} of {len(mean)} examples have no response token to score (empty response, or cut by "
-            f"max_length={max_length}): their `{column}` is NaN. PoFTTrainer refuses NaN scores: drop them with "
-            f"`dataset.filter(lambda row: not math.isnan(row['{column}']))`."
-        )
+    mean = _mean_of_model_scores(per_model, column, max_length)
     combined = _hash(dataset._fingerprint, column, *[entry.fingerprint() for entry in aligned])[:32]
     return dataset.add_column(column, mean.tolist(), new_fingerprint=combined)

@@ -26,6 +26,7 @@ import bisect
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 IGNORE_INDEX = -100
@@ -327,6 +328,127 @@ def example_messages(example: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]
     )
 
 
+def _check_calls_declared(messages: Sequence[Mapping[str, Any]], declared: Mapping[str, Any]) -> None:
+    """Raise a `ValueError` unless every tool an assistant message calls is among the `declared` tools."""
+    for message in messages:
+        names = tool_call_names(message) if message.get("role") == "assistant" else []
+        if names and not declared:
+            raise ValueError(
+                f"A conversation calls {names[0]!r} but declares no tools: TL-Training needs the `tools` column (the "
+                "JSON schema of every tool the conversation may call). The chat template shows them to the model, "
+                "and key-token weighting compares the called name with the other declared names."
+            )
+        for name in names:
+            if name not in declared:
+                raise ValueError(
+                    f"A conversation calls the tool {name!r}, which its `tools` do not declare (declared: "
+                    f"{', '.join(sorted(declared))}). Add its schema to `tools`, or fix the call."
+                )
+
+
+def _trained_turns(
+    messages: Sequence[Mapping[str, Any]], first_trainable: int, mae: bool, error_patterns: Iterable[str] | None
+) -> list[bool]:
+    """For each message, whether it is trained: the assistant turns MAE keeps (every assistant turn without `mae`),
+    from message `first_trainable` on."""
+    if mae:
+        trained = mae_trained_turns(messages, error_patterns)
+    else:
+        trained = [message.get("role") == "assistant" for message in messages]
+    return [keep and index >= first_trainable for index, keep in enumerate(trained)]
+
+
+@dataclass(frozen=True)
+class _RenderedConversation:
+    """A conversation rendered by the chat template: its tokens, which of them are assistant tokens, the text and,
+    per token, its character span in the text (`offsets`) and where that span starts (`starts`)."""
+
+    input_ids: list[int]
+    assistant_mask: list[int]
+    text: str
+    offsets: list[tuple[int, int]]
+    starts: list[int]
+
+
+def _render_conversation(
+    messages: Sequence[Mapping[str, Any]], tokenizer, template_kwargs: Mapping[str, Any]
+) -> _RenderedConversation:
+    """Render `messages` with the chat template, as tokens with the assistant-token mask and as text with the
+    character offsets of those tokens (a `ValueError` if the text does not tokenize to the same tokens)."""
+    rendered = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **template_kwargs
+    )
+    input_ids, assistant_mask = list(rendered["input_ids"]), list(rendered["assistant_masks"])
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoding["input_ids"]) != input_ids:
+        raise ValueError(
+            "The chat template's rendering tokenizes differently on its own than through `apply_chat_template`, so "
+            "tool names cannot be located in the tokens. Use a template whose text tokenizes the same either way."
+        )
+    offsets = [tuple(pair) for pair in encoding["offset_mapping"]]
+    return _RenderedConversation(input_ids, assistant_mask, text, offsets, [start for start, _ in offsets])
+
+
+def _assistant_turn_blocks(
+    assistant_mask: Sequence[int], messages: Sequence[Mapping[str, Any]]
+) -> list[tuple[tuple[int, int], int]]:
+    """Pair each assistant message with its token range: `[((start, end), message_index), ...]`, raising a
+    `ValueError` when the template marks no assistant tokens, or not one span per assistant message."""
+    assistant_indices = [index for index, message in enumerate(messages) if message.get("role") == "assistant"]
+    blocks = _assistant_blocks(assistant_mask)
+    if not blocks and assistant_indices:
+        raise ValueError(
+            "The chat template marks no assistant tokens: TL-Training needs `{% generation %}` / "
+            "`{% endgeneration %}` markers around each assistant turn (keep `assistant_only_loss=True`, which swaps "
+            "in a training template with them for the models TRL or hf-plugins knows, or pass one: "
+            "`chat_template_path` of the trainer, such as the shipped `chatml_tools`, or `chat_template` here)."
+        )
+    if len(blocks) != len(assistant_indices):
+        raise ValueError(
+            f"The chat template marks {len(blocks)} separate assistant spans for {len(assistant_indices)} assistant "
+            "messages: TL-Training needs one `{% generation %}` span per assistant message, with other text between."
+        )
+    return list(zip(blocks, assistant_indices))
+
+
+def _turn_key_tokens(
+    tokenizer,
+    rendering: _RenderedConversation,
+    block: tuple[int, int],
+    message: Mapping[str, Any],
+    names: Sequence[str],
+    declared: Iterable[str],
+) -> set[int]:
+    """PKT's key tokens of one trained assistant turn, as token positions inside its `block`: each called name is
+    found in the rendered text after the turn's content and the names before it, and its key tokens
+    (`key_token_indices` against the other `declared` names) are mapped back to token positions."""
+    text, starts = rendering.text, rendering.starts
+    block_start, block_end = block
+    char_start, char_end = rendering.offsets[block_start][0], rendering.offsets[block_end - 1][1]
+    cursor = char_start
+    content = message_text(message.get("content"))
+    if content:
+        found = text.find(content, cursor, char_end)
+        cursor = found + len(content) if found != -1 else cursor
+    keys = set()
+    for name in names:
+        position = _find_name(text, name, cursor, char_end)
+        if position == -1:
+            raise ValueError(
+                f"The chat template does not render the name of the tool call {name!r} inside the assistant turn: "
+                "key tokens cannot be located. Use a template that writes each call's function name."
+            )
+        cursor = position + len(name)
+        left, right = _context(text, position, cursor)
+        others = [other for other in declared if other != name]
+        for relative in _key_char_offsets(tokenizer, name, others, left, right):
+            token = bisect.bisect_right(starts, position + relative) - 1
+            if block_start <= token < block_end:
+                keys.add(token)
+    return keys
+
+
 def tokenize_tool_conversation(
     example: Mapping[str, Any],
     tokenizer,
@@ -359,61 +481,16 @@ def tokenize_tool_conversation(
     messages, first_trainable = example_messages(example)
     tools = parse_tools(example.get("tools"))
     declared = declared_tools(tools)
-    for message in messages:
-        names = tool_call_names(message) if message.get("role") == "assistant" else []
-        if names and not declared:
-            raise ValueError(
-                f"A conversation calls {names[0]!r} but declares no tools: TL-Training needs the `tools` column (the "
-                "JSON schema of every tool the conversation may call). The chat template shows them to the model, "
-                "and key-token weighting compares the called name with the other declared names."
-            )
-        for name in names:
-            if name not in declared:
-                raise ValueError(
-                    f"A conversation calls the tool {name!r}, which its `tools` do not declare (declared: "
-                    f"{', '.join(sorted(declared))}). Add its schema to `tools`, or fix the call."
-                )
-
-    if mae:
-        trained = mae_trained_turns(messages, error_patterns)
-    else:
-        trained = [message.get("role") == "assistant" for message in messages]
-    trained = [keep and index >= first_trainable for index, keep in enumerate(trained)]
-
+    _check_calls_declared(messages, declared)
+    trained = _trained_turns(messages, first_trainable, mae, error_patterns)
     template_kwargs = dict(example.get("chat_template_kwargs") or {})
     template_kwargs.update(tools=tools or None, chat_template=chat_template)
-    rendered = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **template_kwargs
-    )
-    input_ids, assistant_mask = list(rendered["input_ids"]), list(rendered["assistant_masks"])
-    text = tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if list(encoding["input_ids"]) != input_ids:
-        raise ValueError(
-            "The chat template's rendering tokenizes differently on its own than through `apply_chat_template`, so "
-            "tool names cannot be located in the tokens. Use a template whose text tokenizes the same either way."
-        )
-    offsets = [tuple(pair) for pair in encoding["offset_mapping"]]
-    starts = [start for start, _ in offsets]
-
-    assistant_indices = [index for index, message in enumerate(messages) if message.get("role") == "assistant"]
-    blocks = _assistant_blocks(assistant_mask)
-    if not blocks and assistant_indices:
-        raise ValueError(
-            "The chat template marks no assistant tokens: TL-Training needs `{% generation %}` / "
-            "`{% endgeneration %}` markers around each assistant turn (keep `assistant_only_loss=True`, which swaps "
-            "in a training template with them for the models TRL or hf-plugins knows, or pass one: "
-            "`chat_template_path` of the trainer, such as the shipped `chatml_tools`, or `chat_template` here)."
-        )
-    if len(blocks) != len(assistant_indices):
-        raise ValueError(
-            f"The chat template marks {len(blocks)} separate assistant spans for {len(assistant_indices)} assistant "
-            "messages: TL-Training needs one `{% generation %}` span per assistant message, with other text between."
-        )
+    rendering = _render_conversation(messages, tokenizer, template_kwargs)
+    input_ids = rendering.input_ids
 
     labels = [IGNORE_INDEX] * len(input_ids)
     weights = [0.0] * len(input_ids)
-    for (block_start, block_end), index in zip(blocks, assistant_indices):
+    for (block_start, block_end), index in _assistant_turn_blocks(rendering.assistant_mask, messages):
         if not trained[index]:
             continue
         for position in range(block_start, block_end):
@@ -422,27 +499,7 @@ def tokenize_tool_conversation(
         names = tool_call_names(messages[index])
         if not (pkt and names):
             continue
-        char_start, char_end = offsets[block_start][0], offsets[block_end - 1][1]
-        cursor = char_start
-        content = message_text(messages[index].get("content"))
-        if content:
-            found = text.find(content, cursor, char_end)
-            cursor = found + len(content) if found != -1 else cursor
-        keys = set()
-        for name in names:
-            position = _find_name(text, name, cursor, char_end)
-            if position == -1:
-                raise ValueError(
-                    f"The chat template does not render the name of the tool call {name!r} inside the assistant turn: "
-                    "key tokens cannot be located. Use a template that writes each call's function name."
-                )
-            cursor = position + len(name)
-            left, right = _context(text, position, cursor)
-            others = [other for other in declared if other != name]
-            for relative in _key_char_offsets(tokenizer, name, others, left, right):
-                token = bisect.bisect_right(starts, position + relative) - 1
-                if block_start <= token < block_end:
-                    keys.add(token)
+        keys = _turn_key_tokens(tokenizer, rendering, (block_start, block_end), messages[index], names, declared)
         weight = pkt_weight(block_end - block_start, len(keys), max_weight)
         for token in keys:
             weights[token] = weight
