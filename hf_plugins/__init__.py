@@ -4,21 +4,24 @@ import importlib
 
 __version__ = "0.1.0.dev0"
 
+#: The methods, readable without importing them (the trainers import TRL and transformers: seconds), for the exports
+#: below and `hf-plugins --help`: command -> (config class, trainer class, one-line description). A copy of what
+#: `hf_plugins.trainers.TRAINERS` holds, which tests/test_structure.py checks.
+_TRAIN_COMMANDS = {
+    "sft": (
+        "FusedSFTConfig", "FusedSFTTrainer", "SFT (loss_type nll) or DFT (loss_type dft) with the fused loss head"
+    ),
+    "asft": ("ASFTConfig", "ASFTTrainer", "Anchored SFT: DFT plus a KL anchor to a frozen reference model"),
+    "otr": ("OTRConfig", "OTRTrainer", "One-Token Rollout: a one-step policy gradient at every token"),
+    "tl": ("TLConfig", "TLTrainer", "TL-Training: tool-call SFT with key-token weights and bad-call masking"),
+    "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
+    "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
+}
+
 # Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers
 # (seconds), which the loss functions and ops do not need.
 _EXPORTS = {
-    "ASFTConfig": "trainers",
-    "ASFTTrainer": "trainers",
-    "FusedSFTConfig": "trainers",
-    "FusedSFTTrainer": "trainers",
-    "OTRConfig": "trainers",
-    "OTRTrainer": "trainers",
-    "PoFTConfig": "trainers",
-    "PoFTTrainer": "trainers",
-    "RoSTEConfig": "trainers",
-    "RoSTETrainer": "trainers",
-    "TLConfig": "trainers",
-    "TLTrainer": "trainers",
+    **{name: "trainers" for config, trainer, _ in _TRAIN_COMMANDS.values() for name in (config, trainer)},
     "UDSConfig": "trainers",
     "UDSMixin": "trainers",
     "with_uds": "trainers",

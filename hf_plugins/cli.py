@@ -1,6 +1,7 @@
 """The `hf-plugins` command.
 
-    hf-plugins <method> --config run.yaml [...]    train with a method's trainer (`hf_plugins.training_script`)
+    hf-plugins <method> --config run.yaml [...]    train with a method's trainer (`hf_plugins.training_script`;
+                                                   the methods: `hf_plugins.trainers.TRAINERS`)
     hf-plugins demo [--model ...] [--method ...]   fine-tune the embedded default model offline (see `hf_plugins.demo`)
     hf-plugins env                                 print the versions to paste into a bug report
 """
@@ -11,16 +12,8 @@ import importlib.metadata
 import platform
 import sys
 
-#: Training commands: name -> (config class, trainer class, one-line description). Each class is exported by
-#: `hf_plugins`; a command is listed once its method has landed.
-TRAIN_COMMANDS = {
-    "sft": ("FusedSFTConfig", "FusedSFTTrainer", "SFT (loss_type nll) or DFT (loss_type dft) with the fused loss head"),
-    "asft": ("ASFTConfig", "ASFTTrainer", "Anchored SFT: DFT plus a KL anchor to a frozen reference model"),
-    "otr": ("OTRConfig", "OTRTrainer", "One-Token Rollout: a one-step policy gradient at every token"),
-    "tl": ("TLConfig", "TLTrainer", "TL-Training: tool-call SFT with key-token weights and bad-call masking"),
-    "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
-    "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
-}
+# The methods' commands, read without importing the trainers: `--help`, `env` and a mistyped command answer at once
+from . import _TRAIN_COMMANDS as TRAIN_COMMANDS
 
 
 def usage() -> str:

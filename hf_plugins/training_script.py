@@ -32,31 +32,23 @@ from .cli_checks import (
 
 _DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
-#: What a command's dataset needs beyond TRL's SFT formats: conversations only, columns needed in any format (with
-#: how to add them), and the columns an already tokenized dataset needs.
-_DATA_NEEDS = {
-    "tl": {"conversations_only": True, "tokenized_columns": ("labels", "token_weights")},
-    "poft": {
-        "required_columns": {
-            "ref_score": "add the aligned models' scores with `hf_plugins.score_with_aligned_models(dataset, "
-            "aligned_models)`, save the result (`save_to_disk`) and pass that folder",
-        }
-    },
-}
-#: Commands that fine-tune every weight, with why (the model-loading flags of TRL's ModelConfig are refused)
-_FULL_FINE_TUNING = {"roste": "RoSTE fine-tunes every weight with fake quantisation (full fine-tuning)"}
+
+def _trainers():
+    """The registry of the methods, `hf_plugins.trainers.TRAINERS`, imported on first use: inside
+    `run_training_command`, where what the import logs is held back with the rest (`_HeldBackUntilBuilt`)."""
+    from .trainers import TRAINERS
+
+    return TRAINERS
 
 
 def _classes(method: str, uds: bool):
     """The method's (config class, trainer class); their UDS versions (`with_uds`) with `uds=True`."""
-    import hf_plugins
+    from .trainers import with_uds
 
-    from . import cli
-
-    config_name, trainer_name, _ = cli.TRAIN_COMMANDS[method]
-    config_class, trainer_class = getattr(hf_plugins, config_name), getattr(hf_plugins, trainer_name)
+    trainer_class = _trainers()[method]
+    config_class = trainer_class.config_class
     if uds:
-        config_class, trainer_class = hf_plugins.with_uds(config_class), hf_plugins.with_uds(trainer_class)
+        config_class, trainer_class = with_uds(config_class), with_uds(trainer_class)
     return config_class, trainer_class
 
 
@@ -71,7 +63,7 @@ def _parser(method: str, uds: bool = False):
 
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-    config_class, _ = _classes(method, uds)
+    config_class, trainer_class = _classes(method, uds)
 
     class Parser(TrlParser):
         # argparse prints the whole usage (hundreds of options) before an error: one line is enough
@@ -81,6 +73,7 @@ def _parser(method: str, uds: bool = False):
     parser = Parser(
         (ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig),
         prog=f"hf-plugins {method}",
+        description=trainer_class.description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     return parser
@@ -177,8 +170,6 @@ def _parse(method: str, uds: bool, argv: list[str], yaml: dict):
     """The parsed dataclasses; unknown fields and bad values as one-line `UsageError`s."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
-    from . import cli
-
     parser = _parser(method, uds)
     try:
         *parsed, yaml_unknown, argv_unknown = parser.parse_args_and_config(
@@ -196,7 +187,7 @@ def _parse(method: str, uds: bool, argv: list[str], yaml: dict):
             config_class, _ = _classes(method, uds)
             known = _field_names(ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)
             others = {
-                other: _field_names(_classes(other, False)[0]) for other in cli.TRAIN_COMMANDS if other != method
+                other: _field_names(trainer.config_class) for other, trainer in _trainers().items() if other != method
             }
             raise UsageError(unknown_field_message(names[0], known, others, method, on_command_line=source == "flag"))
     return parsed
@@ -206,8 +197,8 @@ def check_inputs(method: str, training_args, model_args) -> None:
     """The checks that need no data: the model and reference paths, the checkpoint, the method's refusals."""
     if not model_args.model_name_or_path:
         raise UsageError("no model: pass --model_name_or_path (a Hub id or a local folder)")
-    if method in _FULL_FINE_TUNING:
-        why = _FULL_FINE_TUNING[method]
+    why = _trainers()[method].full_fine_tuning
+    if why:
         for flag in ("use_peft", "load_in_4bit", "load_in_8bit"):
             if getattr(model_args, flag, False):
                 raise UsageError(
@@ -230,7 +221,7 @@ def check_inputs(method: str, training_args, model_args) -> None:
 def check_data(method: str, dataset, split: str, training_args, assistant_only_explicit: bool) -> None:
     """The dataset's columns against the method's format, and its assistant turns."""
     text_field = getattr(training_args, "dataset_text_field", "text")
-    found = check_dataset_format(dataset, method, split, text_field, **_DATA_NEEDS.get(method, {}))
+    found = check_dataset_format(dataset, method, split, text_field, **_trainers()[method].dataset_needs)
     assistant_only = training_args.assistant_only_loss
     if method == "tl":  # TL-Training trains assistant turns only and drops rows without one itself
         assistant_only, every_row = True, False

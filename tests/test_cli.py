@@ -8,12 +8,13 @@ import pytest
 import yaml
 
 import hf_plugins
-from hf_plugins.cli import TRAIN_COMMANDS, main
+from hf_plugins.cli import main
 from hf_plugins.testing import (
     TOOL_CHAT_TEMPLATE,
     tiny_conversational_dataset,
     tiny_tool_calling_dataset,
 )
+from hf_plugins.trainers import TRAINERS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "configs"
@@ -67,10 +68,10 @@ def losses(output_dir):
 def test_help_lists_every_method(capsys):
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0
-    for name, (config, trainer, _) in TRAIN_COMMANDS.items():
+    for name, trainer in TRAINERS.items():
         assert f"  {name} " in out
-        assert hasattr(hf_plugins, config) and hasattr(hf_plugins, trainer)
-    assert {"sft", "asft", "otr", "tl", "poft", "roste"} <= set(TRAIN_COMMANDS)
+        assert hasattr(hf_plugins, trainer.config_class.__name__) and hasattr(hf_plugins, trainer.__name__)
+    assert {"sft", "asft", "otr", "tl", "poft", "roste"} <= set(TRAINERS)
 
 
 def test_method_help_lists_its_fields(capsys):
@@ -78,7 +79,7 @@ def test_method_help_lists_its_fields(capsys):
     assert code == 0 and "--kl_coef" in out and "--model_name_or_path" in out and "--dataset_name" in out
 
 
-@pytest.mark.parametrize("method", sorted(TRAIN_COMMANDS))
+@pytest.mark.parametrize("method", sorted(TRAINERS))
 def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_model_dir, data_dirs, method):
     config = EXAMPLES / f"{method}.yaml"
     assert config.is_file(), f"examples/configs/{method}.yaml is missing"
@@ -94,7 +95,7 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
     assert len(losses(out)) == 2 and all(loss == loss for loss in losses(out))
     assert (out / "model.safetensors").exists() or any(out.glob("*.safetensors"))
     card = (out / "README.md").read_text()
-    trainer_class = getattr(hf_plugins, TRAIN_COMMANDS[method][1])
+    trainer_class = TRAINERS[method]
     assert trainer_class._name in card
     if trainer_class._paper.get("id"):
         assert trainer_class._paper["id"] in card  # the model card cites the method's paper
@@ -389,7 +390,7 @@ def test_bad_input_prints_one_line_in_a_fresh_process(tmp_path, data_dirs):
 
 
 def _configs():
-    return [getattr(hf_plugins, config) for config, _, _ in TRAIN_COMMANDS.values()]
+    return [trainer.config_class for trainer in TRAINERS.values()]
 
 
 def _non_defaults(config_class):
@@ -404,7 +405,8 @@ def _non_defaults(config_class):
         "PoFTConfig": dict(beta=0.5, gamma=0.1, poft_target_scope="full"),
         "RoSTEConfig": dict(w_bits=3, a_bits=8, kv_sym=False, rotations="all", rotation_search_samples=16),
     }
-    return {**common, **own.get(config_class.__name__, {})}
+    assert config_class.__name__ in own, f"add non-default values of {config_class.__name__}'s own fields to `own`"
+    return {**common, **own[config_class.__name__]}
 
 
 def _same(a, b):
@@ -499,7 +501,7 @@ def test_accelerate_examples_cover_every_engine_and_method():
         assert config["distributed_type"] == kind, name
     assert yaml.safe_load((folder / "fsdp2.yaml").read_text())["fsdp_config"]["fsdp_version"] == 2
     assert yaml.safe_load((folder / "deepspeed_zero3.yaml").read_text())["deepspeed_config"]["zero_stage"] == 3
-    for method in TRAIN_COMMANDS:
+    for method in TRAINERS:
         script = (folder / f"launch_{method}.sh").read_text()
         assert f"examples/train.py {method} --config" in script and "accelerate launch --config_file" in script
 

@@ -30,14 +30,15 @@ import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, OTRConfig, OTRTrainer
+from hf_plugins.trainers import TRAINERS, FusedSFTTrainer
 
-#: Training method name -> (trainer class, config class). Every pair takes TRL's `SFTTrainer`/`SFTConfig` arguments,
-#: so a new method is one more line here.
+#: The methods the demo runs, by command: every trainer of the registry that trains LoRA adapters on conversations of
+#: TRL's SFT formats (not TL-Training, which reads tool-calling conversations, PoFT, which needs the aligned models'
+#: scores, nor RoSTE, which fine-tunes every weight). ASFT's reference is the same model with its adapters off.
 METHODS = {
-    "sft": (FusedSFTTrainer, FusedSFTConfig),
-    "asft": (ASFTTrainer, ASFTConfig),  # the reference is the same model with its LoRA adapters off
-    "otr": (OTRTrainer, OTRConfig),
+    command: trainer
+    for command, trainer in TRAINERS.items()
+    if issubclass(trainer, FusedSFTTrainer) and not trainer.dataset_needs and not trainer.full_fine_tuning
 }
 
 # LoRA on every linear projection of the attention and MLP blocks: all the matmul weights but the embedding matrix
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         demo_logger.addHandler(handler)
         demo_logger.setLevel(logging.INFO)
     set_seed(args.seed)
-    trainer_cls, config_cls = METHODS[args.method]
+    trainer_cls = METHODS[args.method]
+    config_cls = trainer_cls.config_class
     print(
         f"Method: {args.method} ({trainer_cls.__name__}), LoRA r={args.lora_r}, {args.max_steps} steps, "
         f"{torch.get_num_threads()} CPU thread(s)",

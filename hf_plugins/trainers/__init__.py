@@ -1,5 +1,5 @@
 """Trainer/config pairs, one per method, all drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig`; UDS online batch
-selection as a mixin for any of them (`with_uds`)."""
+selection as a mixin for any of them (`with_uds`); `TRAINERS`, the registry of the methods."""
 
 from .asft_config import ASFTConfig
 from .asft_trainer import ASFTTrainer
@@ -16,6 +16,14 @@ from .tl_trainer import TLTrainer
 from .uds_config import UDSConfig
 from .uds_trainer import UDSMixin, with_uds
 
+#: The methods: `hf-plugins <command>` -> trainer class, whose `config_class` is its config and `description` its line
+#: in `hf-plugins --help`. The command line, the demo, the top-level exports and the tests read it: a new method is
+#: one more trainer here (CONTRIBUTING.md lists the rest).
+TRAINERS = {
+    trainer.command: trainer
+    for trainer in (FusedSFTTrainer, ASFTTrainer, OTRTrainer, TLTrainer, PoFTTrainer, RoSTETrainer)
+}
+
 __all__ = [
     "ASFTConfig",
     "ASFTTrainer",
@@ -29,6 +37,7 @@ __all__ = [
     "RoSTETrainer",
     "TLConfig",
     "TLTrainer",
+    "TRAINERS",
     "UDSConfig",
     "UDSMixin",
     "with_uds",

@@ -79,6 +79,8 @@ class ASFTTrainer(FusedSFTTrainer):
 
     _tag_names = ["trl", "sft", "hf-plugins", "asft"]
     config_class = ASFTConfig
+    command = "asft"
+    description = "Anchored SFT: DFT plus a KL anchor to a frozen reference model"
     _name = "ASFT"
     _paper = {
         "title": "Anchored Supervised Fine-Tuning",

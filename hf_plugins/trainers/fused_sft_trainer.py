@@ -58,6 +58,17 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
 
     #: The config class of this trainer; `args` of another class are converted to it
     config_class = FusedSFTConfig
+    #: `hf-plugins <command>` trains with this trainer; `description` is its line in `hf-plugins --help`. Every trainer
+    #: of `hf_plugins.trainers.TRAINERS` sets both itself.
+    command = "sft"
+    description = "SFT (loss_type nll) or DFT (loss_type dft) with the fused loss head"
+    #: What `hf-plugins <command>` checks in the dataset before the model loads, beyond TRL's SFT formats: the keyword
+    #: arguments of `hf_plugins.cli_checks.check_dataset_format` (`conversations_only`, `required_columns` with how to
+    #: add each, `tokenized_columns`)
+    dataset_needs: dict = {}
+    #: Why the method fine-tunes every weight (the command then refuses `--use_peft` and quantised loading); None
+    #: when adapters and quantised models train as with `SFTTrainer`
+    full_fine_tuning: str | None = None
 
     @classmethod
     def coerce_args(cls, model, args):

@@ -40,6 +40,8 @@ class OTRTrainer(FusedSFTTrainer):
 
     _tag_names = ["trl", "sft", "hf-plugins", "otr"]
     config_class = OTRConfig
+    command = "otr"
+    description = "One-Token Rollout: a one-step policy gradient at every token"
     _name = "OTR"
     _paper = {
         "title": "One-Token Rollout: Guiding Supervised Fine-Tuning of LLMs with Policy Gradient",

@@ -90,6 +90,14 @@ class PoFTTrainer(FusedSFTTrainer):
 
     _tag_names = ["trl", "sft", "hf-plugins", "poft"]
     config_class = PoFTConfig
+    command = "poft"
+    description = "Preference-oriented SFT against aligned models' scores (`ref_score`)"
+    dataset_needs = {
+        "required_columns": {
+            "ref_score": "add the aligned models' scores with `hf_plugins.score_with_aligned_models(dataset, "
+            "aligned_models)`, save the result (`save_to_disk`) and pass that folder",
+        }
+    }
     _name = "PoFT"
     _paper = {
         "title": (

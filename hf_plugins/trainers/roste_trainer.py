@@ -58,6 +58,9 @@ class RoSTETrainer(FusedSFTTrainer):
 
     _tag_names = ["trl", "sft", "hf-plugins", "roste", "quantization"]
     config_class = RoSTEConfig
+    command = "roste"
+    description = "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"
+    full_fine_tuning = "RoSTE fine-tunes every weight with fake quantisation (full fine-tuning)"
     _name = "RoSTE"
     _paper = {
         "title": "RoSTE: An Efficient Quantization-Aware Supervised Fine-Tuning Approach for Large Language Models",

@@ -84,6 +84,9 @@ class TLTrainer(FusedSFTTrainer):
 
     _tag_names = ["trl", "sft", "hf-plugins", "tl-training"]
     config_class = TLConfig
+    command = "tl"
+    description = "TL-Training: tool-call SFT with key-token weights and bad-call masking"
+    dataset_needs = {"conversations_only": True, "tokenized_columns": ("labels", "token_weights")}
     _name = "TL-Training"
     _paper = {
         "title": "TL-Training: A Task-Feature-Based Framework for Training Large Language Models in Tool Use",
