@@ -2,6 +2,7 @@
 the command line, the demo, the exports, the docs and the examples; imports that flow one way, without cycles."""
 
 import ast
+import importlib
 import graphlib
 import pprint
 import re
@@ -101,31 +102,20 @@ def test_demo_offers_registered_methods():
 
 # ------------------------------------------------------------------------------------------------------ imports
 
-#: The layers, top to bottom, each with the modules and packages of hf_plugins in it: a module imports modules of its
-#: own layer or of the layers below, never above. (`hf_plugins` itself holds the lazy top-level exports.)
+#: The layers, top to bottom, each with the modules and packages of hf_plugins in it (a dotted name picks a module out
+#: of its package): a module imports modules of its own layer or of the layers below, never above. (`hf_plugins` itself
+#: holds the lazy top-level exports.) The fused head's entry point, `ops.dispatch`, resolves a method given by name
+#: among `hf_plugins.losses`, whose methods are written against the rest of `ops` (the method interface and backends):
+#: it sits above the method math, the rest of the head below it.
 LAYERS = {
     "entry points": ("hf_plugins", "cli", "cli_checks", "training_script", "demo", "testing"),
     "trainers": ("trainers",),
-    "method parts": ("losses", "data", "callbacks", "quantization", "rewards", "modeling", "chat_templates"),
+    "method parts": ("data", "callbacks", "quantization", "rewards", "modeling", "chat_templates"),
+    "fused loss head entry point": ("ops.dispatch",),
+    "method math": ("losses",),
     "fused loss head": ("ops",),
     "utilities": ("utils",),
 }
-
-#: Imports that break the rules today, with why. Each must still be there (the test says when one is gone, so that
-#: it leaves this list too); no other may appear.
-KNOWN_VIOLATIONS = {
-    ("hf_plugins.ops.dispatch", "hf_plugins.losses"): (
-        "`fused_linear_loss` finds a method given by name in `hf_plugins.losses.METHODS` (function-local import): "
-        "the head calls up into the methods, and hf_plugins.losses imports hf_plugins.ops (through ops.method)"
-    ),
-    ("hf_plugins.quantization.surgery", "hf_plugins.quantization.search"): (
-        "the RoSTE orchestrator `prepare_model_for_roste` lives in surgery, whose helpers search imports"
-    ),
-    ("hf_plugins.quantization.fake_quant_kernel", "hf_plugins.quantization.quantizer"): (
-        "the Triton kernel imports QuantSpec / KERNEL_DTYPES from the quantizer, which calls the kernel"
-    ),
-}
-
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
@@ -136,24 +126,45 @@ MODULES = {_module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _layer(module: str) -> str | None:
-    top = "hf_plugins" if module == "hf_plugins" else module.split(".")[1]
-    return next((layer for layer, members in LAYERS.items() if top in members), None)
+    if module == "hf_plugins":
+        return "entry points"
+    parts = module.split(".")[1:]
+    # the most specific entry first: `ops.dispatch` before `ops`
+    for depth in range(len(parts), 0, -1):
+        name = ".".join(parts[:depth])
+        layer = next((layer for layer, members in LAYERS.items() if name in members), None)
+        if layer is not None:
+            return layer
+    return None
 
 
 def _rank(module: str) -> int:
     return list(LAYERS).index(_layer(module))
 
 
-def _statements(tree):
-    """Every node, but for what is under `if TYPE_CHECKING:` (never run)."""
+def _statements(tree, package_init: bool = False):
+    """Every node, but for what is under `if TYPE_CHECKING:` (never run) and, in a package's `__init__.py`, the body
+    of its module-level `__getattr__` (its lazy exports, loaded on first use: counted where they are used)."""
     stack = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
             stack.extend(node.orelse)
             continue
+        if package_init and isinstance(node, ast.FunctionDef) and node.name == "__getattr__" and node in tree.body:
+            continue
         yield node
         stack.extend(ast.iter_child_nodes(node))
+
+
+def _lazy_exports(package: str) -> dict[str, str]:
+    """A package's lazy exports: name -> the submodule that defines it (`hf_plugins._EXPORTS`,
+    `hf_plugins.ops._LAZY_EXPORTS`)."""
+    if package == "hf_plugins":
+        return hf_plugins._EXPORTS
+    if package == "hf_plugins.ops":
+        return importlib.import_module("hf_plugins.ops")._LAZY_EXPORTS
+    return {}
 
 
 _DYNAMIC_IMPORTS = ("importlib.import_module", "import_module", "__import__")
@@ -165,7 +176,8 @@ def _imports(module: str) -> tuple[set[str], list[str]]:
     path = MODULES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     names, dynamic = [], []
-    for node in _statements(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in _statements(tree, package_init=path.name == "__init__.py"):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -176,8 +188,9 @@ def _imports(module: str) -> tuple[set[str], list[str]]:
             for alias in node.names:
                 # `from package import name` imports the submodule `package.name` when there is one; a lazy
                 # top-level export, the module it comes from
-                if base == "hf_plugins" and alias.name in hf_plugins._EXPORTS:
-                    names.append(f"hf_plugins.{hf_plugins._EXPORTS[alias.name]}")
+                lazy = _lazy_exports(base)
+                if alias.name in lazy:
+                    names.append(f"{base}.{lazy[alias.name]}")
                 else:
                     names.append(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
         elif isinstance(node, ast.Call) and ast.unparse(node.func) in _DYNAMIC_IMPORTS:
@@ -209,29 +222,20 @@ def test_imports_are_static():
     assert dynamic == []
 
 
-def test_known_violations_are_still_there():
-    gone = [edge for edge in KNOWN_VIOLATIONS if edge[1] not in GRAPH.get(edge[0], ())]
-    assert gone == [], f"fixed: remove {gone} from KNOWN_VIOLATIONS"
-
-
 def test_imports_flow_down():
     upward = [
         f"{module} ({_layer(module)}) imports {target} ({_layer(target)})"
         for module, targets in GRAPH.items()
         if _layer(module)  # the others fail test_every_module_has_a_layer
         for target in sorted(targets)
-        if _layer(target) and _rank(target) < _rank(module) and (module, target) not in KNOWN_VIOLATIONS
+        if _layer(target) and _rank(target) < _rank(module)
     ]
     assert upward == [], "\n".join(upward)
 
 
 def test_no_import_cycles():
-    graph = {
-        module: {target for target in targets if (module, target) not in KNOWN_VIOLATIONS}
-        for module, targets in GRAPH.items()
-    }
     try:
-        graphlib.TopologicalSorter(graph).prepare()
+        graphlib.TopologicalSorter(GRAPH).prepare()
     except graphlib.CycleError as error:
         # graphlib lists each module before the modules that import it
         pytest.fail(f"import cycle: {' imports '.join(reversed(error.args[1]))}")
