@@ -19,8 +19,9 @@ is linear in the final hidden states `H_i` [N, D]:
 
 `F` and `Omega` depend on the lm_head only: they are computed once per optimizer step (once per run when the head is
 frozen, e.g. under LoRA). A bias is folded in exactly by appending a constant 1 to the hidden states (a column of
-ones, zero on masked rows); a soft-capped head (`c * tanh(L / c)`) is not linear in `H`, so it is scored from logit
-tiles of a vocabulary chunk at a time instead (exact, never a `[B, N, V]` tensor).
+ones, zero on masked rows). A model that scales its logits (`s * L`: Cohere, Granite, ...) scales the nuclear norm by
+`|s|` and the sketch by `s`; a soft-capped head (`c * tanh(s * L / c)`) is not linear in `H`, so it is scored from
+logit tiles of a vocabulary chunk at a time instead (exact, never a `[B, N, V]` tensor).
 
 This module holds the readable definitions on materialised logits (`nuclear_norms_from_logits`,
 `sketches_from_logits`: the reference computation), the hidden-state scorer, the sketch memory and `UDSCallback`,
@@ -38,6 +39,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
+
+from ..ops.method import PLAIN_LOGITS, LogitTransform
 
 logger = logging.get_logger(__name__)
 
@@ -277,10 +280,11 @@ def scores_from_hidden_softcapped(
     attention_mask: torch.Tensor | None = None,
     mask_padding: bool = True,
     dtype: torch.dtype = torch.float32,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `scores_from_hidden` for a soft-capped head (`L = c tanh((H W^T + b) / c)`), which is not linear in `H`:
-    the logits are built one vocabulary tile at a time (`[B, N, tile]`, never all V) and folded into the `[B, N, N]`
-    Gram matrices and the sketch."""
+    """Like `scores_from_hidden` for a soft-capped head (`L = c tanh(scale * (H W^T + b) / c)`), which is not linear
+    in `H`: the logits are built one vocabulary tile at a time (`[B, N, tile]`, never all V) and folded into the
+    `[B, N, N]` Gram matrices and the sketch."""
     batch, n = hidden.shape[:2]
     if n > constants.length:
         raise ValueError(
@@ -294,7 +298,7 @@ def scores_from_hidden_softcapped(
         logits = rows @ weight[start:stop].to(dtype).T
         if bias is not None:
             logits = logits + bias[start:stop].to(dtype)
-        logits = softcap * torch.tanh(logits / softcap) * row_mask[..., None]
+        logits = softcap * torch.tanh(logits * (scale / softcap)) * row_mask[..., None]
         gram += (logits @ logits.mT).to(torch.float64)
         y += logits @ constants.vocab_transform(start, stop, dtype, hidden.device)
     utility = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1)
@@ -590,18 +594,22 @@ class UDSCallback(TrainerCallback):
         bias: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         step: int,
-        softcap: float | None = None,
+        logit_transform: LogitTransform | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Utility `[B]`, diversity `[B]` (mean distance to the memory) and sketches `[B, r1 * r2]` of a batch."""
+        """Utility `[B]`, diversity `[B]` (mean distance to the memory) and sketches `[B, r1 * r2]` of a batch whose
+        logits are `logit_transform(hidden @ weight.T + bias)` (`hf_plugins.modeling.logit_transform(model)`)."""
         mask_padding = self.settings.mask_padding
-        if softcap is None:
+        transform = PLAIN_LOGITS if logit_transform is None else logit_transform
+        if transform.softcap is None:
             factors = self.head_factors(weight, bias, step)
             utility, sketch = scores_from_hidden(hidden, factors, self.constants, attention_mask, mask_padding)
+            if transform.scale != 1.0:  # both scores of s * L: the nuclear norm is absolutely homogeneous
+                utility, sketch = utility * abs(transform.scale), sketch * transform.scale
         else:
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             utility, sketch = scores_from_hidden_softcapped(
-                hidden, weight.detach(), None if bias is None else bias.detach(), softcap, self.constants,
-                attention_mask, mask_padding, dtype,
+                hidden, weight.detach(), None if bias is None else bias.detach(), transform.softcap, self.constants,
+                attention_mask, mask_padding, dtype, transform.scale,
             )  # fmt: skip
         return utility, self.memory.mean_distances(sketch), sketch
 

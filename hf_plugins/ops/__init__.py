@@ -1,6 +1,6 @@
 """The fused linear loss head: one primitive, several backends, every method."""
 
 from .dispatch import BACKENDS, fused_linear_loss
-from .method import Chunk, LossMethod, Rows, Targets
+from .method import Chunk, LogitTransform, LossMethod, Rows, Targets
 
-__all__ = ["BACKENDS", "Chunk", "LossMethod", "Rows", "Targets", "fused_linear_loss"]
+__all__ = ["BACKENDS", "Chunk", "LogitTransform", "LossMethod", "Rows", "Targets", "fused_linear_loss"]
