@@ -13,6 +13,10 @@ its prefix as `past_key_values` and changes no position. The heads are told the 
 (`forward_with_head`), so every head sees positions aligned with the caller's `input_ids`: a second model's hidden
 states line up with the policy's whatever adapters either has. The one prediction the virtual tokens add, the
 caller's first token from the last virtual token, is kept, as the model's own loss keeps it.
+
+Models that transform their logits after the lm_head (Gemma 2/3's soft-cap, Cohere's `logit_scale`, Granite's
+`logits_scaling`, ...) get the same transform in every head: `logit_transform(model)` reads it from the config the way
+TRL's fused head does, and the patched forward hands it to the head with the lm_head.
 """
 
 from __future__ import annotations
@@ -29,23 +33,40 @@ import torch
 from transformers.utils import ModelOutput
 
 from .ops import fused_linear_loss
-from .ops.method import LossMethod
+from .ops.method import PLAIN_LOGITS, LogitTransform, LossMethod
 
-# Config attributes that rescale or squash the logits after the lm_head. The fused head computes plain
-# `hidden @ W.T + b`, so a model that sets one of these would silently train on the wrong logits.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+#: Config attributes that scale the logits, in the order TRL's fused head reads them: the first one set wins
+#: (Cohere's `logit_scale`; `output_multiplier`; Falcon-H1's `lm_head_multiplier`; `logits_scaling`, which Granite and
+#: MiniCPM3 divide by and HyperCLOVA X multiplies by)
+LOGIT_SCALE_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+#: Model types whose `logits_scaling` multiplies the logits (the others divide by it)
+_MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 
 
-def check_plain_lm_head(model) -> None:
-    """Raise a `ValueError` if the model transforms its logits after the lm_head (soft-capping, scaling)."""
+def logit_transform(model) -> LogitTransform:
+    """What `model` does to its lm_head's output before the softmax, read from its (text) config as TRL 1.16's fused
+    head reads it: the scale (`logit_scale`, else `output_multiplier`, else `lm_head_multiplier`, else
+    `1 / logits_scaling`, or `logits_scaling` itself for HyperCLOVA X; 1 when none is set), then the soft-cap
+    `final_logit_softcapping`. A `ValueError` names the field when its value cannot be a transform."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(
-                f"The model's config sets `{name}={value}`: its logits are transformed after the lm_head, which the "
-                "fused loss heads of hf-plugins do not support yet. Use a model without it, or TRL's SFTTrainer."
-            )
+    scale, source = 1.0, None
+    for name in LOGIT_SCALE_ATTRIBUTES:
+        if getattr(config, name, None) is not None:
+            scale, source = getattr(config, name), name
+            break
+    softcap = getattr(config, "final_logit_softcapping", None)
+    try:
+        LogitTransform(scale=scale)
+    except ValueError as error:
+        raise ValueError(f"The model's config sets `{source}={scale!r}`: {error}") from None
+    if source == "logits_scaling" and getattr(config, "model_type", None) not in _MULTIPLYING_LOGITS_SCALING:
+        if scale == 0:
+            raise ValueError("The model's config sets `logits_scaling=0`, which divides its logits: set it > 0.")
+        scale = 1.0 / scale
+    try:
+        return LogitTransform(scale=scale, softcap=softcap)
+    except ValueError as error:
+        raise ValueError(f"The model's config sets `final_logit_softcapping={softcap!r}`: {error}") from None
 
 
 def lm_head_parameters(lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -175,7 +196,8 @@ class LossHead:
         sequence_length: the caller's sequence length (set by `forward_with_head`); the leading positions beyond it
             are virtual tokens.
 
-    Called with `aux_loss` (an MoE model's router load-balancing loss), it returns it as it is in its output.
+    Called with `aux_loss` (an MoE model's router load-balancing loss), it returns it as it is in its output; the
+    model's `logit_transform` (soft-cap, scale) applies to the logits of the loss.
     """
 
     method: str | LossMethod
@@ -190,7 +212,9 @@ class LossHead:
     #: The head returns the MoE load-balancing loss when the model computes one (see `add_loss_head_forward`)
     uses_router_logits: ClassVar[bool] = True
 
-    def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool, aux_loss=None) -> FusedHeadOutput:
+    def __call__(
+        self, hidden_states, labels, lm_head, pre_shifted: bool, aux_loss=None, logit_transform=PLAIN_LOGITS
+    ) -> FusedHeadOutput:
         weight, bias = lm_head_parameters(lm_head)
         virtual = virtual_prefix_length(hidden_states, self.sequence_length)
         if virtual:
@@ -214,6 +238,7 @@ class LossHead:
                 chunk_size=self.chunk_size,
                 num_items_in_batch=self.num_items_in_batch,
                 return_metrics=True,
+                logit_transform=logit_transform,
                 **token_inputs,
                 **self.other_inputs,
             )
@@ -249,24 +274,17 @@ class LossHead:
         return hidden, labels, token_inputs
 
 
-def add_loss_head_forward(model, check_head: bool = True) -> None:
+def add_loss_head_forward(model) -> None:
     """Patch `model.forward` so that `model(..., labels=..., loss_head=head)` returns `head`'s output computed from
     the backbone's last hidden state, without ever applying the lm_head to all positions. Idempotent.
 
     On a Mixture-of-Experts model, router logits are recorded when the call or the config asks for them, as in the
     model's own forward (`output_router_logits`), and the head gets the router load-balancing loss as `aux_loss`;
-    heads that compute no loss (`uses_router_logits = False`) never make the backbone record them.
-
-    With `check_head=False` a model whose logits are transformed after the lm_head (soft-capping, scaling) is patched
-    too: for heads that read only the hidden states and apply the transform themselves (UDS scoring). A later call
-    with `check_head=True` still checks it."""
+    heads that compute no loss (`uses_router_logits = False`) never make the backbone record them. Every head gets
+    the model's `logit_transform` (read from the config at each call; checked here, before any training)."""
+    logit_transform(model)
     if getattr(model, "_hf_plugins_loss_head", False):
-        if check_head and not getattr(model, "_hf_plugins_head_checked", False):
-            check_plain_lm_head(model)
-            model._hf_plugins_head_checked = True
         return
-    if check_head:
-        check_plain_lm_head(model)
     previous_forward = model.forward
 
     # Keep the class signature: `generate` validates its model kwargs against it
@@ -290,7 +308,7 @@ def add_loss_head_forward(model, check_head: bool = True) -> None:
         # Looked up on each call: PEFT, FSDP and DeepSpeed replace modules after the patch
         backbone_outputs = self.base_model(*args, **kwargs)
         pre_shifted = shift_labels is not None
-        head_kwargs = {}
+        head_kwargs = {"logit_transform": logit_transform(self)}
         if router_logits:
             head_kwargs["aux_loss"] = router_load_balancing_loss(
                 self, backbone_outputs.router_logits, kwargs.get("attention_mask")
@@ -305,17 +323,19 @@ def add_loss_head_forward(model, check_head: bool = True) -> None:
 
     model.forward = types.MethodType(forward, model)
     model._hf_plugins_loss_head = True
-    model._hf_plugins_head_checked = check_head
 
 
 @dataclass
 class HiddenStateOutput(ModelOutput):
-    """What a forward with `loss_head=HiddenStateHead()` returns: the backbone's last hidden state (not shifted)
-    and the lm_head's weight and bias, for a second model's side of a loss (e.g. a frozen reference)."""
+    """What a forward with `loss_head=HiddenStateHead()` returns: the backbone's last hidden state (not shifted),
+    the lm_head's weight and bias and the model's logit transform (its logits are
+    `logit_transform(hidden_states @ weight.T + bias)`), for a second model's side of a loss (e.g. a frozen
+    reference)."""
 
     hidden_states: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    logit_transform: LogitTransform | None = None
 
 
 @dataclass
@@ -328,10 +348,14 @@ class HiddenStateHead:
     #: No loss, so no MoE load-balancing loss: an MoE backbone records no router logits for it
     uses_router_logits = False
 
-    def __call__(self, hidden_states, labels, lm_head, pre_shifted: bool) -> HiddenStateOutput:
+    def __call__(
+        self, hidden_states, labels, lm_head, pre_shifted: bool, logit_transform=PLAIN_LOGITS
+    ) -> HiddenStateOutput:
         weight, bias = lm_head_parameters(lm_head)
         virtual = virtual_prefix_length(hidden_states, self.sequence_length)
-        return HiddenStateOutput(hidden_states=hidden_states[:, virtual:], weight=weight, bias=bias)
+        return HiddenStateOutput(
+            hidden_states=hidden_states[:, virtual:], weight=weight, bias=bias, logit_transform=logit_transform
+        )
 
 
 def forward_with_head(model, inputs: dict[str, Any], head):
@@ -345,6 +369,6 @@ def forward_with_head(model, inputs: dict[str, Any], head):
 def forward_hidden_states(model, inputs: dict[str, Any]) -> HiddenStateOutput:
     """Run a model patched with `add_loss_head_forward` to its last hidden state (`[B, T, D]`, aligned with
     `input_ids`, also under prompt tuning and p-tuning) without building logits; returns it with the lm_head weight
-    and bias. Call under `torch.no_grad()` for a frozen reference (with PEFT, inside `model.disable_adapter()` to get
-    the base model)."""
+    and bias and the model's logit transform. Call under `torch.no_grad()` for a frozen reference (with PEFT, inside
+    `model.disable_adapter()` to get the base model)."""
     return forward_with_head(model, inputs, HiddenStateHead())

@@ -31,8 +31,14 @@ import torch
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GptOssConfig,
     GptOssForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -55,6 +61,7 @@ __all__ = [
     "EOS_TOKEN",
     "IM_END",
     "IM_START",
+    "LOGIT_TRANSFORM_ARCHS",
     "MOE_ARCHS",
     "PAD_TOKEN",
     "SPECIAL_TOKENS",
@@ -110,9 +117,20 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3_moe", "gpt_oss")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3_moe", "gpt_oss", "gemma2", "cohere", "granite")
 #: The Mixture-of-Experts architectures of `SUPPORTED_ARCHS` (their configs enable the router load-balancing loss)
 MOE_ARCHS = ("qwen3_moe", "gpt_oss")
+#: The architectures of `SUPPORTED_ARCHS` that transform their logits after the lm_head: Gemma 2 soft-caps them
+#: (`final_logit_softcapping`), Cohere multiplies them by `logit_scale`, Granite divides them by `logits_scaling`
+LOGIT_TRANSFORM_ARCHS = ("gemma2", "cohere", "granite")
+#: The transforms of the tiny models of `LOGIT_TRANSFORM_ARCHS`, chosen to act on the logits of a tiny random model
+#: (std about 0.1): Gemma 2's real cap of 30 would never bite, so it caps at 0.5; Cohere keeps its real 0.0625;
+#: Granite's `logits_scaling=0.25` multiplies by 4
+TINY_LOGIT_TRANSFORMS = {
+    "gemma2": {"final_logit_softcapping": 0.5},
+    "cohere": {"logit_scale": 0.0625},
+    "granite": {"logits_scaling": 0.25},
+}
 
 # The same ChatML with tool calling, in the `messages` + `tools` format of transformers chat templates: the shipped
 # `hf_plugins/chat_templates/chatml_tools_training.jinja` (see its header). Without tools, tool calls or tool messages
@@ -424,7 +442,9 @@ def build_tiny_model(
             `"llama"` for a [`~transformers.LlamaForCausalLM`], `"qwen2"` for a [`~transformers.Qwen2ForCausalLM`]
             (which adds biases to the q/k/v projections); the Mixture-of-Experts `"qwen3_moe"`
             ([`~transformers.Qwen3MoeForCausalLM`]) and `"gpt_oss"` ([`~transformers.GptOssForCausalLM`]), whose
-            configs keep their architecture's router load-balancing coefficient (`router_aux_loss_coef`).
+            configs keep their architecture's router load-balancing coefficient (`router_aux_loss_coef`); and
+            `"gemma2"`, `"cohere"` and `"granite"`, whose logits are transformed after the lm_head (a soft-cap of
+            0.5, a scale of 0.0625, a division by 0.25: `TINY_LOGIT_TRANSFORMS`).
         hidden_size (`int`, *optional*, defaults to `32`):
             Width of the residual stream; must be a multiple of `num_heads`.
         num_layers (`int`, *optional*, defaults to `2`):
@@ -488,11 +508,17 @@ def build_tiny_model(
             num_local_experts=num_experts, num_experts_per_tok=num_experts_per_tok, head_dim=head_dim,
             rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
         )
+    elif arch == "gemma2":
+        config_kwargs.update(head_dim=head_dim, query_pre_attn_scalar=head_dim)
+    config_kwargs.update(TINY_LOGIT_TRANSFORMS.get(arch, {}))
     config_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),
         "gpt_oss": (GptOssConfig, GptOssForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+        "cohere": (CohereConfig, CohereForCausalLM),
+        "granite": (GraniteConfig, GraniteForCausalLM),
     }[arch]
     config = config_cls(**config_kwargs)
 

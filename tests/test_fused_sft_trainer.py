@@ -278,10 +278,8 @@ def test_bad_config_values_raise(tmp_path, overrides, match):
         FusedSFTConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
 
 
-def test_label_smoothing_and_compute_loss_func_are_refused(tiny_model_dir, tmp_path):
+def test_compute_loss_func_is_refused(tiny_model_dir, tmp_path):
     dataset = tiny_conversational_dataset(8)
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
-        make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, label_smoothing_factor=0.1)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(ValueError, match="compute_loss_func"):
         FusedSFTTrainer(

@@ -189,3 +189,51 @@ def test_liger_bfloat16_on_gpu(method):
     assert abs(loss.double() - exp_loss.double()) <= 1e-2 * abs(exp_loss.double()) + 1e-4
     for grad, exp in zip(grads, exp_grads):
         assert (grad.double() - exp.double()).norm() <= 3e-2 * exp.double().norm()
+
+
+# ------------------------------------------------------------------ model logit transforms and label smoothing, GPU
+
+GPU_TRANSFORMS = {"softcap": dict(softcap=30.0), "scale+softcap": dict(scale=1.7, softcap=2.0), "scale": dict(scale=0.0625)}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transform", GPU_TRANSFORMS.values(), ids=GPU_TRANSFORMS.keys())
+@pytest.mark.parametrize("method,num_samples", GPU_METHODS, ids=[f"{m}-{k}" for m, k in GPU_METHODS])
+def test_triton_transformed_logits_float64_on_gpu(method, num_samples, transform):
+    from hf_plugins.ops import LogitTransform
+
+    transform = LogitTransform(**transform)
+    hidden, weight, labels, extras = make_inputs(700, 32017, 64, dtype=F64, device="cuda", seed=7)
+    hidden = (4 * hidden.detach()).requires_grad_(True)  # logits of std ~8: a cap of 2 or 30 both bite
+    kwargs = kwargs_for(method, extras, num_samples)
+    if method == "asft":
+        kwargs["ref_logit_transform"] = LogitTransform(scale=0.8, softcap=5.0)
+    extra = {"logit_transform": transform}
+    loss, grads, _ = loss_and_grads(method, "triton", hidden, weight, labels, kwargs, chunk_size=256, **extra)
+    exp_loss, exp_grads, _ = loss_and_grads(method, "reference", hidden, weight, labels, kwargs, **extra)
+    torch.testing.assert_close(loss, exp_loss, rtol=1e-10, atol=1e-12)
+    for grad, exp in zip(grads, exp_grads):
+        torch.testing.assert_close(grad, exp, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.gpu
+@needs_liger
+@pytest.mark.parametrize("transform", GPU_TRANSFORMS.values(), ids=GPU_TRANSFORMS.keys())
+@pytest.mark.parametrize("method", ["sft", "sft-smoothed", "dft", "weighted"])
+def test_liger_soft_cap_scale_and_smoothing_on_gpu(method, transform):
+    """Liger's own `softcap` and `label_smoothing`, the scale folded into the hidden states (float32: Liger's kernel
+    computes in float32)."""
+    from hf_plugins.ops import LogitTransform
+
+    hidden, weight, labels, extras = make_inputs(1024, 32000, 256, dtype=torch.float32, device="cuda", seed=8)
+    hidden = (4 * hidden.detach()).requires_grad_(True)
+    if method == "sft-smoothed":
+        name, kwargs = "sft", {"label_smoothing": 0.1}
+    else:
+        name, kwargs = method, kwargs_for(method, extras)
+    extra = {"logit_transform": LogitTransform(**transform)}
+    loss, grads, _ = loss_and_grads(name, "liger", hidden, weight, labels, kwargs, **extra)
+    exp_loss, exp_grads, _ = loss_and_grads(name, "reference", hidden, weight, labels, kwargs, **extra)
+    torch.testing.assert_close(loss.double(), exp_loss.double(), rtol=1e-5, atol=1e-6)
+    for grad, exp in zip(grads, exp_grads):
+        torch.testing.assert_close(grad.double(), exp.double(), rtol=1e-4, atol=1e-6)

@@ -182,7 +182,7 @@ def test_chat_template_passes_trl_checks(tokenizer):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3_moe", "gpt_oss", "gemma2", "cohere", "granite"])
 def test_build_tiny_model(tokenizer, arch):
     model = build_tiny_model(tokenizer, arch=arch)
     assert model.config.model_type == arch

@@ -22,11 +22,13 @@ from hf_plugins.losses.uds import (
     scores_from_hidden_softcapped,
     sketches_from_logits,
 )
+from hf_plugins.modeling import logit_transform
 from hf_plugins.testing import (
     CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
-    build_tokenizer,
+    LOGIT_TRANSFORM_ARCHS,
     logged_values as logged,
+    save_tiny_model,
     tiny_conversational_dataset,
     tiny_lora_config,
     train_and_list_changed_parameters,
@@ -146,10 +148,12 @@ def test_singular_head_gram_falls_back_to_eigh():
     torch.testing.assert_close(sketch, sketches_from_logits(logits, constants), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.7], ids=["cap", "scale+cap"])
 @pytest.mark.parametrize("mask_padding", [True, False], ids=["masked", "unmasked"])
-def test_softcapped_head_scored_from_logit_tiles(mask_padding, monkeypatch):
+def test_softcapped_head_scored_from_logit_tiles(mask_padding, scale, monkeypatch):
     """A soft-capped head is not linear in the hidden states: the tiled fallback equals the reference on the capped
-    logits (tiles of a few vocabulary rows, so several tiles are combined)."""
+    logits (tiles of a few vocabulary rows, so several tiles are combined), the model's scale applied before the
+    cap."""
     from hf_plugins.losses import uds
 
     monkeypatch.setattr(uds, "_TILE_ELEMENTS", 4 * 12 * 7)  # 7 vocabulary rows per tile
@@ -158,8 +162,8 @@ def test_softcapped_head_scored_from_logit_tiles(mask_padding, monkeypatch):
     mask = padded_mask([12, 4, 9, 1], 12)
     constants = SketchConstants.draw(16, 60, 4, 8, gen(8))
     cap = 1.5
-    utility, sketch = scores_from_hidden_softcapped(hidden, weight, b, cap, constants, mask, mask_padding, F64)
-    logits = reference_logits(hidden, weight, b, mask, mask_padding, lambda z: cap * torch.tanh(z / cap))
+    utility, sketch = scores_from_hidden_softcapped(hidden, weight, b, cap, constants, mask, mask_padding, F64, scale)
+    logits = reference_logits(hidden, weight, b, mask, mask_padding, lambda z: cap * torch.tanh(scale * z / cap))
     torch.testing.assert_close(utility, nuclear_norms_from_logits(logits), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(sketch, sketches_from_logits(logits, constants), rtol=1e-9, atol=1e-9)
     # and the cap matters: the linear shortcut would give other values
@@ -570,46 +574,32 @@ def test_gradient_checkpointing_and_evaluation(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------- refused inputs
 
 
-def test_soft_capped_model_uses_the_tiled_fallback_with_trl_sft(tmp_path):
-    """TRL's SFTTrainer trains a soft-capped Gemma2; UDS scores it from logit tiles, equal to svdvals of the model's
-    own (capped) logits. FusedSFTTrainer refuses such a model (its loss head does not cap)."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM
-
-    tokenizer = build_tokenizer()
-    config = Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model_dir = str(tmp_path / "gemma2")
-    Gemma2ForCausalLM(config).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=F64)
-    trainer = make_trainer(model_dir, tmp_path / "out", SFTTrainer, model=model, uds_mask_padding=False)
-    assert trainer._uds_softcap == 2.0
+@pytest.mark.parametrize("arch", LOGIT_TRANSFORM_ARCHS)
+@pytest.mark.parametrize("trainer_cls", [SFTTrainer, FusedSFTTrainer], ids=["trl", "fused"])
+def test_models_that_transform_their_logits_are_scored_on_their_own_logits(tmp_path, arch, trainer_cls):
+    """A soft-capped Gemma 2 (scored from logit tiles), a Cohere scaling by 0.0625 and a Granite dividing by 0.25
+    (scored from the hidden-state factors, times the scale): UDS's scores equal svdvals and sketches of the model's
+    own logits, with TRL's SFTTrainer and with FusedSFTTrainer, whose head applies the same transform."""
+    model_dir = save_tiny_model(tmp_path / arch, arch=arch, dtype=F64)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = make_trainer(model_dir, tmp_path / "out", trainer_cls, model=model, uds_mask_padding=False)
+    assert trainer._uds_logit_transform == logit_transform(model) and not trainer._uds_logit_transform.is_identity
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     hidden, weight, bias = trainer._uds_hidden_states(batch)
-    utility, _, sketch = trainer.uds_callback.score(hidden, weight, bias, batch["attention_mask"], 0, softcap=2.0)
+    utility, _, sketch = trainer.uds_callback.score(
+        hidden, weight, bias, batch["attention_mask"], 0, trainer._uds_logit_transform
+    )
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert logits.abs().max() <= 2.0
     # capped logits have many small singular values; each is read from a float64 Gram eigenvalue, to ~1e-8 sigma_max
     torch.testing.assert_close(utility, nuclear_norms_from_logits(logits), rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(sketch, sketches_from_logits(logits, trainer.uds_callback.constants), rtol=1e-9, atol=1e-7)
+    expected_sketch = sketches_from_logits(logits, trainer.uds_callback.constants)
+    torch.testing.assert_close(sketch, expected_sketch, rtol=1e-9, atol=1e-7)
+    # the transform matters: the lm_head's plain output scores otherwise
+    plain, _, _ = trainer.uds_callback.score(hidden, weight, bias, batch["attention_mask"], 0)
+    assert not torch.allclose(plain, utility, rtol=1e-3)
     trainer.train()
     assert all(math.isfinite(x) for x in logged(trainer))
-
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        make_trainer(model_dir, tmp_path / "fused", FusedSFTTrainer)
-
-
-def test_rescaled_logits_are_refused(tiny_model_dir, tmp_path):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.config.logit_scale = 0.5
-    with pytest.raises(ValueError, match="logit_scale=0.5"):
-        make_trainer(tiny_model_dir, tmp_path, SFTTrainer, model=model)
 
 
 def test_packed_batch_is_refused_at_run_time(tiny_model_dir, tmp_path):

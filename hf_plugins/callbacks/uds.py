@@ -29,6 +29,7 @@ from ..losses.uds import (
     scores_from_hidden,
     scores_from_hidden_softcapped,
 )
+from ..ops.method import PLAIN_LOGITS, LogitTransform
 
 logger = logging.get_logger(__name__)
 
@@ -330,18 +331,22 @@ class UDSCallback(TrainerCallback):
         bias: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
         step: int,
-        softcap: float | None = None,
+        logit_transform: LogitTransform | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Utility `[B]`, diversity `[B]` (mean distance to the memory) and sketches `[B, r1 * r2]` of a batch."""
+        """Utility `[B]`, diversity `[B]` (mean distance to the memory) and sketches `[B, r1 * r2]` of a batch whose
+        logits are `logit_transform(hidden @ weight.T + bias)` (`hf_plugins.modeling.logit_transform(model)`)."""
         mask_padding = self.settings.mask_padding
-        if softcap is None:
+        transform = PLAIN_LOGITS if logit_transform is None else logit_transform
+        if transform.softcap is None:
             factors = self.head_factors(weight, bias, step)
             utility, sketch = scores_from_hidden(hidden, factors, self.constants, attention_mask, mask_padding)
+            if transform.scale != 1.0:  # both scores of s * L: the nuclear norm is absolutely homogeneous
+                utility, sketch = utility * abs(transform.scale), sketch * transform.scale
         else:
             dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
             utility, sketch = scores_from_hidden_softcapped(
-                hidden, weight.detach(), None if bias is None else bias.detach(), softcap, self.constants,
-                attention_mask, mask_padding, dtype,
+                hidden, weight.detach(), None if bias is None else bias.detach(), transform.softcap, self.constants,
+                attention_mask, mask_padding, dtype, transform.scale,
             )  # fmt: skip
         return utility, self.memory.mean_distances(sketch), sketch
 

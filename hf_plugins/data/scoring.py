@@ -145,7 +145,8 @@ def tokenize_response(
 def score_batch(model, batch_ids: Sequence[Sequence[int]], batch_scored: Sequence[Sequence[bool]], pad_token_id: int,
                 chunk_size: int | None = None) -> list[float]:
     """Mean log-prob of the scored tokens of each example (NaN for an example without one), from the model's last
-    hidden state and the chunked head: never more than a `[chunk, V]` tile of logits."""
+    hidden state and the chunked head (with the model's logit soft-cap and scale): never more than a `[chunk, V]`
+    tile of logits."""
     from ..ops.chunked import chunked_label_log_probs, default_chunk_size
     from ..modeling import add_loss_head_forward, forward_hidden_states
 
@@ -169,7 +170,8 @@ def score_batch(model, batch_ids: Sequence[Sequence[int]], batch_scored: Sequenc
     rows = scored[:, 1:]
     labels = input_ids[:, 1:][rows]
     log_probs = chunked_label_log_probs(
-        hidden[:, :-1][rows], weight, bias, labels, chunk_size or default_chunk_size(weight.shape[0])
+        hidden[:, :-1][rows], weight, bias, labels, chunk_size or default_chunk_size(weight.shape[0]),
+        transform=outputs.logit_transform,
     )
     sequence = torch.arange(len(batch_ids), device=device).unsqueeze(1).expand_as(rows)[rows]
     sums = torch.zeros(len(batch_ids), dtype=torch.float64, device=device).index_add(0, sequence, log_probs.double())

@@ -21,7 +21,7 @@ from numbers import Real
 
 import torch
 
-from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets
+from ..ops.method import PLAIN_LOGITS, Chunk, KernelSpec, KernelStats, LogitTransform, LossMethod, Rows, Targets
 from ._common import compute_dtype, label_log_probs, reduce_sum
 
 
@@ -103,8 +103,9 @@ class ASFTMethod(LossMethod):
     Inputs: `ref_hidden` (`[B, T, D_ref]` shaped like the hidden states, or `[N, D_ref]`), `ref_weight` (`[V, D_ref]`,
     the reference lm_head), `ref_bias` (`[V]`, *optional*), `kl_coef` and `ref_mask` (*optional*, shaped like the
     labels: False where the reference has no prediction, which gets no KL term; the fused head passes it when the
-    policy's forward prepends virtual tokens). The reference logits are computed one chunk of rows at a time, in the
-    head's compute dtype, and never get a gradient.
+    policy's forward prepends virtual tokens) and `ref_logit_transform` (*optional*, a `LogitTransform`: the
+    reference model's soft-cap and scale, `hf_plugins.modeling.logit_transform(ref_model)`). The reference logits are
+    computed one chunk of rows at a time, in the head's compute dtype, and never get a gradient.
     """
 
     name = "asft"
@@ -117,8 +118,13 @@ class ASFTMethod(LossMethod):
         ref_bias: torch.Tensor | None = None,
         kl_coef: float = 0.05,
         ref_mask: torch.Tensor | None = None,
+        ref_logit_transform: LogitTransform | None = None,
     ) -> dict[str, torch.Tensor]:
         self.kl_coef = check_kl_coef(kl_coef)
+        if ref_logit_transform is not None and not isinstance(ref_logit_transform, LogitTransform):
+            kind = type(ref_logit_transform).__name__
+            raise ValueError(f"`ref_logit_transform` must be a `LogitTransform` (or None), got {kind}.")
+        self._ref_transform = PLAIN_LOGITS if ref_logit_transform is None else ref_logit_transform
         if not isinstance(ref_hidden, torch.Tensor) or not isinstance(ref_weight, torch.Tensor):
             raise ValueError(
                 "Method 'asft' needs `ref_hidden` (the reference model's hidden states, shaped like `hidden`) and "
@@ -164,6 +170,7 @@ class ASFTMethod(LossMethod):
         weight, bias = self._reference_head(dtype)
         ref_hidden = chunk.inputs["ref_hidden"].to(dtype)
         ref_logits = torch.addmm(bias, ref_hidden, weight.t()) if bias is not None else ref_hidden @ weight.t()
+        ref_logits = self._ref_transform(ref_logits)
         ref_log_probs = torch.log_softmax(ref_logits, dim=-1)
         del ref_logits
         ref_probs = ref_log_probs.exp()
@@ -195,7 +202,10 @@ class ASFTMethod(LossMethod):
         # The reference tile is computed also at kl_coef = 0: the KL is reported either way
         reference = (row_inputs["ref_hidden"], self._ref_weight, self._ref_bias)
         weights = row_inputs.get("kl_weight")
-        return KernelSpec(dft=True, reference=reference, kl_coef=self.kl_coef, reference_weight=weights)
+        return KernelSpec(
+            dft=True, reference=reference, kl_coef=self.kl_coef, reference_weight=weights,
+            reference_transform=self._ref_transform,
+        )  # fmt: skip
 
     def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
         kl = stats.aux if "kl_weight" not in row_inputs else stats.aux * row_inputs["kl_weight"].to(stats.aux.dtype)

@@ -18,8 +18,9 @@ is linear in the final hidden states `H_i` [N, D]:
 
 `F` and `Omega` depend on the lm_head only (`head_factors`): the callback computes them once per optimizer step (once
 per run when the head is frozen, e.g. under LoRA). A bias is folded in exactly by appending a constant 1 to the hidden
-states (a column of ones, zero on masked rows); a soft-capped head (`c * tanh(L / c)`) is not linear in `H`, so it is
-scored from logit tiles of a vocabulary chunk at a time instead (exact, never a `[B, N, V]` tensor).
+states (a column of ones, zero on masked rows). A model that scales its logits (`s * L`: Cohere, Granite, ...) scales
+the nuclear norm by `|s|` and the sketch by `s`; a soft-capped head (`c * tanh(s * L / c)`) is not linear in `H`, so it
+is scored from logit tiles of a vocabulary chunk at a time instead (exact, never a `[B, N, V]` tensor).
 
 This module holds the readable definitions on materialised logits (`nuclear_norms_from_logits`,
 `sketches_from_logits`: the reference computation) and the hidden-state scorer. The state UDS keeps between steps
@@ -260,10 +261,11 @@ def scores_from_hidden_softcapped(
     attention_mask: torch.Tensor | None = None,
     mask_padding: bool = True,
     dtype: torch.dtype = torch.float32,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `scores_from_hidden` for a soft-capped head (`L = c tanh((H W^T + b) / c)`), which is not linear in `H`:
-    the logits are built one vocabulary tile at a time (`[B, N, tile]`, never all V) and folded into the `[B, N, N]`
-    Gram matrices and the sketch."""
+    """Like `scores_from_hidden` for a soft-capped head (`L = c tanh(scale * (H W^T + b) / c)`), which is not linear
+    in `H`: the logits are built one vocabulary tile at a time (`[B, N, tile]`, never all V) and folded into the
+    `[B, N, N]` Gram matrices and the sketch."""
     batch, n = hidden.shape[:2]
     if n > constants.length:
         raise ValueError(
@@ -277,7 +279,7 @@ def scores_from_hidden_softcapped(
         logits = rows @ weight[start:stop].to(dtype).T
         if bias is not None:
             logits = logits + bias[start:stop].to(dtype)
-        logits = softcap * torch.tanh(logits / softcap) * row_mask[..., None]
+        logits = softcap * torch.tanh(logits * (scale / softcap)) * row_mask[..., None]
         gram += (logits @ logits.mT).to(torch.float64)
         y += logits @ constants.vocab_transform(start, stop, dtype, hidden.device)
     utility = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum(-1)

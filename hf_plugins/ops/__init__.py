@@ -6,12 +6,12 @@
 use, and importing the interface (as every method module does) never imports the methods back.
 """
 
-from .method import Chunk, LossMethod, Rows, Targets
+from .method import Chunk, LogitTransform, LossMethod, Rows, Targets
 
 #: Names loaded on first use, and the module of this package that defines each
 _LAZY_EXPORTS = {"BACKENDS": "dispatch", "fused_linear_loss": "dispatch"}
 
-__all__ = ["BACKENDS", "Chunk", "LossMethod", "Rows", "Targets", "fused_linear_loss"]
+__all__ = ["BACKENDS", "Chunk", "LogitTransform", "LossMethod", "Rows", "Targets", "fused_linear_loss"]
 
 
 def __getattr__(name):

@@ -4,13 +4,17 @@ Rows are processed `chunk_size` at a time, so at most two `[chunk_size, V]` tile
 the probabilities, which then become the logits gradient in place). Because every method's target weights are known
 in the forward pass, the gradients w.r.t. hidden, weight and bias are computed there too and only scaled by the
 incoming gradient in backward: three matmuls per tile (logits, grad_hidden, grad_weight), no recompute.
+
+A model's logit transform (`LogitTransform`: a scale, then a soft-cap `c * tanh(z / c)`) is applied to each tile in
+place; its Jacobian is diagonal, `scale * (1 - (z' / c)^2)`, so the logits gradient is multiplied by it elementwise,
+from the log-probabilities tile (`z' = log p + logsumexp`): still two tiles and three matmuls.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .method import Chunk, LossMethod
+from .method import PLAIN_LOGITS, Chunk, LogitTransform, LossMethod
 from .precomputed import precomputed_gradient_loss
 
 #: Default tile budget in elements (16 MiB of float32 per buffer; the call keeps two). Measured on CPU
@@ -52,6 +56,17 @@ def tile_slices(n_rows: int, chunk_size: int, groups: torch.Tensor | None = None
     return tiles
 
 
+def transform_logits_(logits: torch.Tensor, transform: LogitTransform, post_scale: float = 1.0) -> torch.Tensor:
+    """`post_scale * softcap(scale * logits)` in place (a method's `logit_scale` is the post-scale)."""
+    if transform.softcap is None:
+        factor = transform.scale * post_scale
+        if factor != 1.0:
+            logits.mul_(factor)
+        return logits
+    cap = transform.softcap
+    return logits.mul_(transform.scale / cap).tanh_().mul_(cap * post_scale)
+
+
 def run_chunks(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -63,8 +78,9 @@ def run_chunks(
     grad_scale: float | None,
     want_metrics: bool,
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
+    transform: LogitTransform = PLAIN_LOGITS,
 ):
-    """One pass over the supervised rows.
+    """One pass over the supervised rows of the logits `logit_scale * transform(hidden @ weight.T + bias)`.
 
     Returns `(loss_sum, grads, metric_sums)`: the summed per-row loss, `(grad_hidden, grad_weight, grad_bias)` of
     `grad_scale * loss_sum` (None when `grad_scale` is None or `needs_grad` says that input needs none: a frozen
@@ -77,8 +93,9 @@ def run_chunks(
     want_grad = grad_scale is not None and any(needs_grad)
     need_hidden, need_weight, need_bias = (want_grad and flag for flag in needs_grad)
     logit_scale = method.logit_scale
-    if want_grad:  # the loss is a function of logit_scale * z: its z-gradient carries the factor
-        grad_scale = grad_scale * logit_scale
+    softcap = transform.softcap
+    if want_grad:  # the loss is a function of logit_scale * softcap(scale * z): its z-gradient carries both factors
+        grad_scale = grad_scale * logit_scale * transform.scale
 
     grad_hidden = torch.empty((n_rows, hidden.shape[1]), dtype=dtype, device=hidden.device) if need_hidden else None
     grad_weight = torch.zeros_like(w) if need_weight else None
@@ -108,11 +125,13 @@ def run_chunks(
             torch.addmm(b, h, w.t(), out=logits)
         else:
             torch.mm(h, w.t(), out=logits)
-        if logit_scale != 1.0:
-            logits.mul_(logit_scale)
+        transform_logits_(logits, transform, logit_scale)
         torch.ops.aten._log_softmax.out(logits, -1, False, out=log_probs)
-        probs = torch.exp(log_probs, out=logits)
         label_log_probs = log_probs.gather(1, y.unsqueeze(-1)).squeeze(-1)
+        if softcap is not None and want_grad:
+            # logsumexp of the row, to read the capped logits back from the log-probabilities for the gradient
+            log_normaliser = logits.gather(1, y.unsqueeze(-1)).squeeze(-1) - label_log_probs
+        probs = torch.exp(log_probs, out=logits)
         chunk = Chunk(
             log_probs=log_probs,
             probs=probs,
@@ -130,32 +149,41 @@ def run_chunks(
             add_metric("token_accuracy", (log_probs.argmax(-1) == y).to(dtype))
             for name, per_row in method.metrics(chunk, targets).items():
                 add_metric(name, per_row.to(dtype))
-        del log_probs, chunk
+        del chunk
 
         if want_grad:
             # dl/dz = (sum_v w) * p - w, scaled by the reduction; built in place in the probabilities tile
             grad_logits = probs.mul_((targets.total() * grad_scale).unsqueeze(-1))
             targets.value = targets.value * grad_scale if targets.value is not None else None
             targets.dense = targets.dense * grad_scale if targets.dense is not None else None
+            if targets.uniform_mass is not None:
+                targets.uniform_mass = targets.uniform_mass * grad_scale
             targets.subtract_from(grad_logits)
+            if softcap is not None:
+                # times d softcap(x) / dx = 1 - tanh^2 = 1 - (z' / c)^2, z' rebuilt in the (now free) log-probs tile
+                tanh = log_probs.add_(log_normaliser.unsqueeze(-1)).div_(softcap * logit_scale)
+                grad_logits.mul_(tanh.square_().neg_().add_(1.0))
             if grad_hidden is not None:
                 torch.mm(grad_logits, w, out=grad_hidden[rows])
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-        del probs, targets
+        del probs, log_probs, targets
 
     return loss_sum, (grad_hidden, grad_weight, grad_bias), metric_sums
 
 
-def chunked_linear_loss(hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out):
-    """`loss_sum / denominator` of a method over `hidden @ weight.T + bias`, gradients computed in the forward."""
+def chunked_linear_loss(
+    hidden, weight, bias, labels, method, row_inputs, chunk_size, denominator, metrics_out, transform=PLAIN_LOGITS
+):
+    """`loss_sum / denominator` of a method over `transform(hidden @ weight.T + bias)`, gradients computed in the
+    forward."""
 
     def compute(grad_scale, needs_grad):
         loss_sum, grads, metric_sums = run_chunks(
             hidden, weight, bias, labels, method, row_inputs, chunk_size, grad_scale, metrics_out is not None,
-            needs_grad,
+            needs_grad, transform,
         )
         if metrics_out is not None:
             metrics_out.update(metric_sums)
@@ -165,9 +193,11 @@ def chunked_linear_loss(hidden, weight, bias, labels, method, row_inputs, chunk_
 
 
 @torch.no_grad()
-def chunked_label_log_probs(hidden, weight, bias, labels, chunk_size, logit_scale: float = 1.0) -> torch.Tensor:
-    """`log p(label)` per row of `softmax(logit_scale * z)`, without gradient and without the full logits (for
-    sequence-level methods)."""
+def chunked_label_log_probs(
+    hidden, weight, bias, labels, chunk_size, logit_scale: float = 1.0, transform: LogitTransform = PLAIN_LOGITS
+) -> torch.Tensor:
+    """`log p(label)` per row of `softmax(logit_scale * transform(z))`, without gradient and without the full logits
+    (for sequence-level methods and scoring)."""
     dtype = chunk_compute_dtype(hidden, weight, bias)
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
@@ -176,7 +206,6 @@ def chunked_label_log_probs(hidden, weight, bias, labels, chunk_size, logit_scal
         rows = slice(start, min(start + chunk_size, hidden.shape[0]))
         h = hidden[rows].to(dtype)
         logits = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
-        if logit_scale != 1.0:
-            logits.mul_(logit_scale)
+        transform_logits_(logits, transform, logit_scale)
         out[rows] = logits.gather(1, labels[rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .chunked import chunked_label_log_probs, chunked_linear_loss, default_chunk_size
-from .method import IGNORE_INDEX, LossMethod, Rows
+from .method import IGNORE_INDEX, PLAIN_LOGITS, LogitTransform, LossMethod, Rows
 from .reference import reference_linear_loss
 from ..utils import triton_usable
 
@@ -96,6 +96,7 @@ def fused_linear_loss(
     chunk_size: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     return_metrics: bool = False,
+    logit_transform: LogitTransform | None = None,
     **method_inputs,
 ):
     """A method's loss over `hidden @ weight.T (+ bias)` without materialising the logits.
@@ -121,6 +122,10 @@ def fused_linear_loss(
         return_metrics (`bool`): also return a dict of per-token means: `label_prob` (mean p(label)),
             `token_accuracy` (argmax == label), `entropy`, plus the method's own (e.g. `dft_weight`), and
             `num_tokens`, the number of supervised tokens. They cost no extra pass.
+        logit_transform (`LogitTransform`, *optional*): what the model does to `hidden @ weight.T + bias` before its
+            softmax (`scale`, then the soft-cap `softcap * tanh(z / softcap)`); the loss and every target weight are
+            those of the transformed logits, as the functional losses on the model's own logits. Default: none.
+            `hf_plugins.modeling.logit_transform(model)` reads it from a model's config.
         **method_inputs: the method's inputs (e.g. `token_weights` [B, T] for `"weighted"`).
 
     Returns:
@@ -128,6 +133,11 @@ def fused_linear_loss(
     """
     method = resolve_method(method)
     backend = resolve_backend(backend, hidden.device, method)
+    transform = PLAIN_LOGITS if logit_transform is None else logit_transform
+    if not isinstance(transform, LogitTransform):
+        raise ValueError(
+            f"`logit_transform` must be a `LogitTransform` (or None), got {type(logit_transform).__name__}."
+        )
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0):
         raise ValueError(f"`chunk_size` must be a positive integer number of rows, got {chunk_size!r}.")
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, torch.Tensor)):
@@ -146,7 +156,7 @@ def fused_linear_loss(
         sequence_index=sequence_index,
         num_sequences=num_sequences,
         label_log_probs=lambda: chunked_label_log_probs(
-            row_hidden, weight, bias, row_labels, chunk_size, method.logit_scale
+            row_hidden, weight, bias, row_labels, chunk_size, method.logit_scale, transform
         ),
         vocab_size=weight.shape[0],
         # chunked honours `LossMethod.tile_groups`; reference is one tile; triton needs every weight before its kernel,
@@ -177,21 +187,24 @@ def fused_linear_loss(
     metric_sums = {} if return_metrics else None
     if backend == "reference":
         loss = reference_linear_loss(
-            row_hidden, weight, bias, row_labels, method, row_inputs, denominator, metric_sums
+            row_hidden, weight, bias, row_labels, method, row_inputs, denominator, metric_sums, transform
         )
     elif backend == "triton":
         from .triton.head import triton_linear_loss
 
         loss = triton_linear_loss(
-            row_hidden, weight, bias, row_labels, method, row_inputs, spec, chunk_size_arg, denominator, metric_sums
+            row_hidden, weight, bias, row_labels, method, row_inputs, spec, chunk_size_arg, denominator, metric_sums,
+            transform,
         )
     elif backend == "liger":
         from .liger import liger_linear_loss
 
-        loss = liger_linear_loss(row_hidden, weight, bias, row_labels, method, row_inputs, denominator, metric_sums)
+        loss = liger_linear_loss(
+            row_hidden, weight, bias, row_labels, method, row_inputs, denominator, metric_sums, transform
+        )
     else:
         loss = chunked_linear_loss(
-            row_hidden, weight, bias, row_labels, method, row_inputs, chunk_size, denominator, metric_sums
+            row_hidden, weight, bias, row_labels, method, row_inputs, chunk_size, denominator, metric_sums, transform
         )
     if not return_metrics:
         return loss

@@ -5,6 +5,11 @@
 - `weighted`: the per-token losses (`reduction="none"`) times the token weights. Liger defers the gradient to
   backward for that reduction (one more matmul per tile); its gradients are right only from liger-kernel 0.8.2.
 
+A model's logit transform: Liger's own `softcap` argument caps the logits; a scale is folded into the hidden states
+and the bias (`softcap(s * (h @ W.T + b)) = softcap((s * h) @ W.T + s * b)`, an `[N, D]` product autograd carries
+back). Label smoothing (`sft` with `label_smoothing`) is Liger's `label_smoothing`, the same target
+`(1 - eps) * one_hot(y) + eps / V`.
+
 Liger reports no label probability or entropy: with `return_metrics=True` this backend reports `token_accuracy`
 (where the installed Liger returns it) and the number of tokens, nothing else.
 """
@@ -15,7 +20,7 @@ import inspect
 
 import torch
 
-from .method import LossMethod
+from .method import PLAIN_LOGITS, LogitTransform, LossMethod
 
 LIGER_METHODS = ("sft", "dft", "weighted")
 
@@ -28,12 +33,25 @@ def liger_available() -> bool:
     return True
 
 
-def liger_linear_loss(hidden, weight, bias, labels, method: LossMethod, row_inputs, denominator, metrics_out):
+def liger_linear_loss(
+    hidden, weight, bias, labels, method: LossMethod, row_inputs, denominator, metrics_out,
+    transform: LogitTransform = PLAIN_LOGITS,
+):  # fmt: skip
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
+    if method.logit_scale != 1.0:
+        raise ValueError(f"loss backend 'liger' has no logit scale for method {method.name!r}: use 'triton'.")
+    if transform.scale != 1.0:
+        hidden = hidden * transform.scale
+        bias = bias * transform.scale if bias is not None else None
     kwargs = {"bias": bias, "reduction": "none" if method.name == "weighted" else "sum"}
+    if transform.softcap is not None:
+        kwargs["softcap"] = transform.softcap
     if method.name == "dft":
         kwargs["use_token_scaling"] = True
+    smoothing = row_inputs.get("label_smoothing")
+    if smoothing is not None and smoothing.numel():
+        kwargs["label_smoothing"] = float(smoothing[0])
     want_accuracy = (
         metrics_out is not None
         and "return_token_accuracy" in inspect.signature(liger_fused_linear_cross_entropy).parameters

@@ -12,12 +12,59 @@ e.g. the label) plus an optional dense part (`dense`: a full [rows, V] distribut
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Callable
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model does to `hidden @ W.T + b` before its softmax: `z' = softcap * tanh(scale * z / softcap)`, or
+    `scale * z` without a soft-cap (Gemma 2/3's `final_logit_softcapping`, Cohere's `logit_scale`, Granite's
+    `1 / logits_scaling`, ...; `hf_plugins.modeling.logit_transform` reads it from a model's config).
+
+    Every target weight of a method applies to `z'`. A method's own `LossMethod.logit_scale` (GRPO's 1 / temperature)
+    multiplies `z'` after the soft-cap, as TRL's fused head divides the soft-capped logits by the temperature.
+
+    Attributes:
+        scale (`float`): the factor on the lm_head's output.
+        softcap (`float`, *optional*): the soft-cap `c > 0`, applied after the scale; None for none.
+    """
+
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def __post_init__(self):
+        scale, softcap = self.scale, self.softcap
+        if isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale):
+            raise ValueError(f"The logit scale must be a finite number, got {scale!r}.")
+        if softcap is not None and (
+            isinstance(softcap, bool) or not isinstance(softcap, Real) or not math.isfinite(softcap) or softcap <= 0
+        ):
+            raise ValueError(f"The logit soft-cap must be a finite number > 0 (or None for none), got {softcap!r}.")
+        object.__setattr__(self, "scale", float(scale))
+        object.__setattr__(self, "softcap", None if softcap is None else float(softcap))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.softcap is None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """`z'` of `logits` (out of place, differentiable): the readable definition the backends follow."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+#: The identity transform: plain `hidden @ W.T + b` logits
+PLAIN_LOGITS = LogitTransform()
 
 
 @dataclass
@@ -31,12 +78,16 @@ class Targets:
         constant (`torch.Tensor` of shape `[C]`, *optional*): a detached per-row value added to the loss, so that a
             loss that is a weighted cross-entropy only up to a constant (a KL divergence: the target's negative
             entropy) has its exact value. It changes no gradient.
+        uniform_mass (`torch.Tensor` of shape `[C]`, *optional*): a per-row weight spread evenly over the
+            vocabulary, `uniform_mass / V` on every token (label smoothing: `eps`), kept as one number per row
+            instead of a dense `[C, V]` tile.
     """
 
     index: torch.Tensor | None = None
     value: torch.Tensor | None = None
     dense: torch.Tensor | None = None
     constant: torch.Tensor | None = None
+    uniform_mass: torch.Tensor | None = None
 
     def total(self) -> torch.Tensor:
         """`sum_v w[t, v]` per row, the factor of `softmax(z_t)` in the logits gradient."""
@@ -45,6 +96,8 @@ class Targets:
             total = self.value.sum(-1)
         if self.dense is not None:
             total = total + self.dense.sum(-1)
+        if self.uniform_mass is not None:
+            total = total + self.uniform_mass
         return total
 
     def weighted_log_prob(self, log_probs: torch.Tensor) -> torch.Tensor:
@@ -54,6 +107,8 @@ class Targets:
             out = out + (self.value * log_probs.gather(1, self.index)).sum(-1)
         if self.dense is not None:
             out = out + torch.linalg.vecdot(self.dense, log_probs)
+        if self.uniform_mass is not None:
+            out = out + self.uniform_mass * log_probs.mean(-1)
         return out
 
     def row_loss(self, log_probs: torch.Tensor) -> torch.Tensor:
@@ -67,6 +122,8 @@ class Targets:
             grad.scatter_add_(1, self.index, -self.value)
         if self.dense is not None:
             grad.sub_(self.dense)
+        if self.uniform_mass is not None:
+            grad.sub_((self.uniform_mass / grad.shape[-1]).unsqueeze(-1))
         return grad
 
 
@@ -137,7 +194,8 @@ class KernelSpec:
 
     `w = label_weight * [sg(p(y)) if dft] * one_hot(y)` (when `label_target`), plus one of: K sampled tokens from
     `softmax(z / temperature)` weighted `R(a, y) / K` (R = 1 on the label, `miss_reward` elsewhere); the exact
-    expectation of that (`tempered_dense`); `kl_coef * softmax(z_ref)` with `z_ref` from a reference head.
+    expectation of that (`tempered_dense`); `kl_coef * softmax(z_ref)` with `z_ref` from a reference head; plus
+    `uniform_mass / V` on every token (label smoothing).
 
     Attributes:
         label_target (`bool`): the label gets a sparse weight.
@@ -151,6 +209,10 @@ class KernelSpec:
             adds `kl_coef * softmax(ref_hidden @ ref_weight.T + ref_bias)` and the reference's negative entropy.
         reference_weight (`torch.Tensor` of shape `[N]`, *optional*): a per-row factor of `kl_coef` (0 where the
             reference has no prediction); default 1.
+        reference_transform (`LogitTransform`): what the reference model does to its lm_head's output before its
+            softmax (its soft-cap and scale).
+        uniform_mass (`torch.Tensor` of shape `[N]`, *optional*): a per-row weight spread evenly over the
+            vocabulary, `uniform_mass / V` on every token (label smoothing: `eps`).
         constant (`torch.Tensor` of shape `[N]`, *optional*): detached per-row values added to the loss (as
             `Targets.constant`): the loss gets its exact value, no gradient changes.
         row_targets (`Callable`, *optional*): two launches per tile, for weights that depend on the row's own
@@ -173,6 +235,8 @@ class KernelSpec:
     reference: tuple | None = None
     kl_coef: float = 0.0
     reference_weight: torch.Tensor | None = None
+    reference_transform: LogitTransform = PLAIN_LOGITS
+    uniform_mass: torch.Tensor | None = None
     constant: torch.Tensor | None = None
     row_targets: Callable | None = None
 
@@ -200,8 +264,9 @@ class LossMethod:
     #: The method builds its whole reduction into its targets (GRPO's per-loss-type normalisers): the head hands the
     #: caller's `num_items_in_batch` to `prepare` as an input instead of dividing by it, and divides by `num_items`.
     reduces_itself: bool = False
-    #: The head's softmax is over `logit_scale * z` (GRPO: 1 / temperature); `prepare` may set it, and the label
-    #: log-probs pass (`Rows.label_log_probs`) already uses the value it set.
+    #: The head's softmax is over `logit_scale * z'` (GRPO: 1 / temperature), with `z'` the model's logits (after its
+    #: `LogitTransform`); `prepare` may set it, and the label log-probs pass (`Rows.label_log_probs`) already uses
+    #: the value it set.
     logit_scale: float = 1.0
     #: The method's `kernel_spec` also works on tiles that keep its `tile_groups` whole (its `row_targets` forms the
     #: whole-sequence terms from the tile), so the triton backend keeps them whole too (`Rows.whole_sequence_tiles`).

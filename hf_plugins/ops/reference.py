@@ -7,14 +7,18 @@ from __future__ import annotations
 import torch
 
 from .chunked import chunk_compute_dtype
-from .method import Chunk, LossMethod
+from .method import PLAIN_LOGITS, Chunk, LogitTransform, LossMethod
 
 
-def reference_linear_loss(hidden, weight, bias, labels, method: LossMethod, row_inputs, denominator, metrics_out):
+def reference_linear_loss(
+    hidden, weight, bias, labels, method: LossMethod, row_inputs, denominator, metrics_out,
+    transform: LogitTransform = PLAIN_LOGITS,
+):  # fmt: skip
     dtype = chunk_compute_dtype(hidden, weight, bias)
     logits = hidden.to(dtype) @ weight.to(dtype).t()
     if bias is not None:
         logits = logits + bias.to(dtype)
+    logits = transform(logits)
     if method.logit_scale != 1.0:
         logits = logits * method.logit_scale
     log_probs = torch.log_softmax(logits, dim=-1)

@@ -207,7 +207,7 @@ class ASFTTrainer(FusedSFTTrainer):
 
     @torch.no_grad()
     def reference_forward(self, model, inputs: dict[str, Any]):
-        """The reference's last hidden state and lm_head for a batch (no gradient, no logits)."""
+        """The reference's last hidden state, lm_head and logit transform for a batch (no gradient, no logits)."""
         if self.ref_model is None:
             # (a) Through the wrapped model (DDP/FSDP hooks fire as for the policy), with the adapters of the
             # unwrapped PEFT model disabled; a `modules_to_save` lm_head falls back to its original copy too
@@ -221,15 +221,18 @@ class ASFTTrainer(FusedSFTTrainer):
             with gather_lm_head(weight, bias):
                 weight = weight.detach().clone()
                 bias = bias.detach().clone() if bias is not None else None
-        return reference.hidden_states, weight, bias
+        return reference.hidden_states, weight, bias, reference.logit_transform
 
     # ------------------------------------------------------------------ hooks of FusedSFTTrainer
     def loss_method(self) -> str:
         return "asft"
 
     def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        ref_hidden, ref_weight, ref_bias = self.reference_forward(model, inputs)
+        ref_hidden, ref_weight, ref_bias, ref_transform = self.reference_forward(model, inputs)
         return {
             "hidden_inputs": {"ref_hidden": ref_hidden},
-            "other_inputs": {"ref_weight": ref_weight, "ref_bias": ref_bias, "kl_coef": self.args.kl_coef},
-        }
+            "other_inputs": {
+                "ref_weight": ref_weight, "ref_bias": ref_bias, "kl_coef": self.args.kl_coef,
+                "ref_logit_transform": ref_transform,
+            },
+        }  # fmt: skip

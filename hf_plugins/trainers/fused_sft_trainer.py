@@ -95,18 +95,18 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
                 f"`compute_loss_func` cannot be used with {type(self).__name__}: the trainer computes the loss with "
                 "its fused head. Subclass it and override `loss_method` to change the loss."
             )
-        if args.label_smoothing_factor > 0:
-            raise ValueError(
-                f"`label_smoothing_factor={args.label_smoothing_factor}` is not supported by {type(self).__name__}: "
-                "label smoothing needs the full logits. Set it to 0."
-            )
+        self._label_smoothing = self._check_label_smoothing(args)
         self._check_packing_strategy(args)
         if self.token_columns or self.example_columns:
             # TRL drops every column the model's forward does not name; ours must reach the collator
             args.remove_unused_columns = False
         # Known templates without generation markers get their training version before TRL judges the template
         with use_training_chat_template(model, args, positional, kwargs) as (positional, kwargs):
-            super().__init__(model, args, *positional, **kwargs)
+            with warnings.catch_warnings():
+                # SFTTrainer warns that label smoothing costs an extra forward that builds the full logits: not
+                # here, the fused head smooths
+                warnings.filterwarnings("ignore", "`label_smoothing_factor` is deprecated", FutureWarning)
+                super().__init__(model, args, *positional, **kwargs)
         destroy_process_group_at_exit()
 
         parallelism = getattr(self.accelerator, "parallelism_config", None)
@@ -139,8 +139,40 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
         `"token_inputs"` (`[B, T]` tensors aligned with `input_ids`, shifted like the labels),
         `"hidden_inputs"` (`[B, T, D]` tensors such as a reference model's hidden states, shifted like the hidden
         states) and `"other_inputs"` (per-sequence tensors, scalars, weights: passed as they are). The extra columns
-        are already popped from `inputs` and can be read from `self._extra_batch`."""
+        are already popped from `inputs` and can be read from `self._extra_batch`. Here: label smoothing for
+        `loss_type="nll"` with `label_smoothing_factor > 0`."""
+        if self._label_smoothing:
+            return {"other_inputs": {"label_smoothing": self._label_smoothing}}
         return {}
+
+    def _check_label_smoothing(self, args) -> float:
+        """The label smoothing the loss applies: `label_smoothing_factor` for `loss_type="nll"`, as TRL's SFTTrainer
+        applies transformers' `LabelSmoother` (the same target, `(1 - eps) * one_hot(y) + eps / V`, built in the
+        fused head); none for `"dft"`, which SFTTrainer trains unsmoothed. Refused for trainers that replace the
+        loss, whose targets label smoothing is not defined for."""
+        eps = args.label_smoothing_factor
+        if eps == 0:
+            return 0.0
+        if not 0 < eps <= 1:
+            raise ValueError(
+                f"`label_smoothing_factor={eps}` must be in [0, 1]: the share of each token's target spread evenly "
+                "over the vocabulary (0: none)."
+            )
+        if type(self).loss_method is not FusedSFTTrainer.loss_method:
+            raise ValueError(
+                f"`label_smoothing_factor={eps}` cannot be used with {type(self).__name__}: label smoothing is "
+                "defined for the cross-entropy of `loss_type='nll'` (as in TRL's SFTTrainer), and this trainer "
+                "replaces that loss with its method's own targets. Set `label_smoothing_factor=0`."
+            )
+        if args.loss_type != "nll":
+            warnings.warn(
+                f"`label_smoothing_factor={eps}` is ignored with `loss_type={args.loss_type!r}`: TRL's SFTTrainer "
+                "smooths only `loss_type='nll'` and trains DFT unsmoothed, and so does this trainer.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return 0.0
+        return float(eps)
 
     def whole_sequence_loss(self, args) -> str | None:
         """For trainers whose loss needs each sequence whole (a per-sequence mean or weight): why, as a phrase

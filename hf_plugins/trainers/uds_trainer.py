@@ -25,30 +25,17 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl import SFTConfig, SFTTrainer
 
 from ..callbacks.uds import DEFAULT_SKETCH_LENGTH, UDSCallback, UDSSettings, settings_from_config
-from ..modeling import _LOGIT_TRANSFORMS, add_loss_head_forward, forward_hidden_states, gather_lm_head, lm_head_parameters
+from ..modeling import (
+    add_loss_head_forward,
+    forward_hidden_states,
+    gather_lm_head,
+    lm_head_parameters,
+    logit_transform,
+)
 from .uds_config import UDSConfig
 
 # Keys of a batch that are not model inputs for the scoring forward
 _NOT_MODEL_INPUTS = ("labels", "shift_labels")
-
-
-def _logit_softcap(model) -> float | None:
-    """The soft-cap of the model's logits (scored by the tiled fallback), None without one; a `ValueError` for the
-    other logit transforms, which the hidden-state scorer does not reproduce."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    softcap = None
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value in (None, 1, 1.0):
-            continue
-        if name == "final_logit_softcapping":
-            softcap = float(value)
-            continue
-        raise ValueError(
-            f"The model's config sets `{name}={value}`: its logits are rescaled after the lm_head, which UDS's "
-            "hidden-state scoring does not reproduce. Use a model without it."
-        )
-    return softcap
 
 
 class UDSMixin:
@@ -121,8 +108,9 @@ class UDSMixin:
         self.uds_callback = callback
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self._uds_softcap = _logit_softcap(base)
-        add_loss_head_forward(base, check_head=False)
+        # The logits UDS scores are the model's own: soft-capped or scaled where its config says so
+        self._uds_logit_transform = logit_transform(base)
+        add_loss_head_forward(base)
         weight, _ = lm_head_parameters(base.get_output_embeddings())
         vocab_size = int(getattr(weight, "ds_shape", weight.shape)[0])
         length = settings.sketch_length or getattr(self.args, "max_length", None) or DEFAULT_SKETCH_LENGTH
@@ -163,7 +151,8 @@ class UDSMixin:
                 hidden, weight, bias = self._uds_hidden_states(batch)
                 with gather_lm_head(weight, bias):
                     utility, diversity, sketch = callback.score(
-                        hidden, weight, bias, batch.get("attention_mask"), self.state.global_step, self._uds_softcap
+                        hidden, weight, bias, batch.get("attention_mask"), self.state.global_step,
+                        self._uds_logit_transform,
                     )
                 selection = callback.select_from_scores(utility, diversity, sketch)
                 stats[0] += utility.sum()

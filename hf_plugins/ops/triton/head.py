@@ -6,7 +6,9 @@ place (and, for ASFT, reads a reference tile computed the same way), then `grad_
 (four for ASFT, whose reference logits are one more), never a `[N, V]` tensor, one `[rows, V]` tile (two for ASFT).
 
 Tiles hold the compute dtype (the autocast dtype under autocast, else the inputs' dtype): bf16 tiles are what
-cuBLAS writes at full speed, and the kernel upcasts every value it reads to float32.
+cuBLAS writes at full speed, and the kernel upcasts every value it reads to float32. A model's logit transform (scale,
+soft-cap) is applied by the kernel to every value it reads, and its Jacobian to the gradient it writes: the tile
+holds the lm_head's plain output.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import torch
 
 from ..chunked import tile_slices
-from ..method import KernelSpec, KernelStats, LossMethod
+from ..method import PLAIN_LOGITS, KernelSpec, KernelStats, LogitTransform, LossMethod
 from ..precomputed import precomputed_gradient_loss
 
 #: Vocabulary block per kernel iteration and warps per row program (OTR's sampled targets have their own pair: the
@@ -67,8 +69,9 @@ def run_tiles(
     needs_grad: tuple[bool, bool, bool] = (True, True, True),
     logit_scale: float = 1.0,
     groups: torch.Tensor | None = None,
+    transform: LogitTransform = PLAIN_LOGITS,
 ):
-    """One pass over the supervised rows of the logits `logit_scale * (hidden @ weight.T + bias)`. Returns
+    """One pass over the supervised rows of the logits `logit_scale * transform(hidden @ weight.T + bias)`. Returns
     `(loss_sum, (grad_hidden, grad_weight, grad_bias), stats)` with `stats` the kernel's `[N, NUM_STATS]` per-row
     values (float32, float64 for float64 inputs). With `groups` (per-row ids, `LossMethod.tile_groups`) no tile splits
     a group (a group longer than the tile gets a tile of its own)."""
@@ -108,15 +111,23 @@ def run_tiles(
         ref_b = ref_bias.to(dtype) if ref_bias is not None else None
         ref_buffer = torch.empty((rows_per_tile, vocab_size), dtype=dtype, device=device)
 
-    # The z-gradient of a loss of logit_scale * z carries the factor (the kernel scales every logit it reads)
-    scaled_grad = grad_scale * logit_scale if want_grad else 0.0
-    values = [scaled_grad, 1.0 / spec.temperature, spec.miss_reward, spec.kl_coef, logit_scale]
+    # The z-gradient of a loss of logit_scale * softcap(scale * z) carries both factors (the kernel applies the cap's
+    # Jacobian elementwise)
+    scaled_grad = grad_scale * logit_scale * transform.scale if want_grad else 0.0
+    ref_transform = spec.reference_transform
+    values = [
+        scaled_grad, 1.0 / spec.temperature, spec.miss_reward, spec.kl_coef, logit_scale, transform.scale,
+        transform.softcap or 1.0, ref_transform.scale, ref_transform.softcap or 1.0,
+    ]  # fmt: skip
     params = torch.tensor(values + [0.0] * (NUM_PARAMS - len(values)), dtype=acc_dtype, device=device)
     label_weight = spec.label_weight.to(device=device, dtype=acc_dtype) if spec.label_weight is not None else None
     reference_weight = spec.reference_weight
     if reference_weight is not None:
         reference_weight = reference_weight.to(device=device, dtype=acc_dtype)
     uniforms = spec.uniforms.to(device=device, dtype=acc_dtype).contiguous() if spec.num_samples else None
+    uniform_mass = spec.uniform_mass
+    if uniform_mass is not None:
+        uniform_mass = uniform_mass.to(device=device, dtype=acc_dtype).contiguous()
     k_pad = 1 << max(0, (max(spec.num_samples, 1) - 1).bit_length())
     block_v = SAMPLING_BLOCK_V if spec.num_samples else DEFAULT_BLOCK_V
     num_warps = SAMPLING_NUM_WARPS if spec.num_samples else DEFAULT_NUM_WARPS
@@ -134,6 +145,7 @@ def run_tiles(
             row_label_weight if row_label_weight is not None else stats,
             reference_weight[rows] if reference_weight is not None else stats,
             row_entropy_weight if row_entropy_weight is not None else stats,
+            uniform_mass[rows] if uniform_mass is not None else stats,
             row_uniforms,
             row_uniforms.stride(0),
             stats[rows],
@@ -149,6 +161,9 @@ def run_tiles(
             REFERENCE=reference is not None,
             HAS_REFERENCE_WEIGHT=reference_weight is not None,
             HAS_ENTROPY_WEIGHT=row_entropy_weight is not None,
+            HAS_UNIFORM=uniform_mass is not None,
+            SOFTCAP=transform.softcap is not None,
+            REF_SOFTCAP=ref_transform.softcap is not None,
             WRITE_GRAD=write_grad,
             LAST_PASS=last_pass,
             ACC=tl.float64 if acc_dtype == torch.float64 else tl.float32,
@@ -217,14 +232,17 @@ def _metric_sums(method: LossMethod, row_inputs, stats: torch.Tensor) -> dict[st
     return sums
 
 
-def triton_linear_loss(hidden, weight, bias, labels, method, row_inputs, spec, chunk_size, denominator, metrics_out):
-    """`loss_sum / denominator` over `hidden @ weight.T + bias`, gradients computed in the forward pass and scaled in
-    place in backward (the weight-sized gradient is never copied)."""
+def triton_linear_loss(
+    hidden, weight, bias, labels, method, row_inputs, spec, chunk_size, denominator, metrics_out,
+    transform=PLAIN_LOGITS,
+):  # fmt: skip
+    """`loss_sum / denominator` over `transform(hidden @ weight.T + bias)`, gradients computed in the forward pass and
+    scaled in place in backward (the weight-sized gradient is never copied)."""
 
     def compute(grad_scale, needs_grad):
         loss_sum, grads, stats = run_tiles(
             hidden, weight, bias, labels, spec, chunk_size, grad_scale, needs_grad, method.logit_scale,
-            method.tile_groups(row_inputs),
+            method.tile_groups(row_inputs), transform,
         )
         if metrics_out is not None:
             metrics_out.update(_metric_sums(method, row_inputs, stats))

@@ -14,9 +14,13 @@ arithmetic happens in bf16).
 
 Per-row outputs (`stats[row, :]`): loss, log p(label), entropy, top-1 hit, then two method values: the KL to the
 reference (REFERENCE) or the number of sampled hits (NUM_SAMPLES) or the tempered label probability
-(TEMPERED_DENSE), and the DFT weight `p(label)`. The row's logits are `logit_scale * z` throughout (GRPO's
-temperature). With HAS_ENTROPY_WEIGHT the gradient also gets GRPO's entropy bonus `kappa * p (log p + H)` (the
-loss statistic then leaves the bonus out: the caller supplies the exact row loss).
+(TEMPERED_DENSE), and the DFT weight `p(label)`. The row's logits are `logit_scale * softcap(scale * z)`
+throughout: the model's logit transform (`scale`, then `softcap * tanh(x / softcap)` with SOFTCAP, as `tanh(x) =
+2 sigmoid(2x) - 1`: libdevice's tanh is a stub under the interpreter) and the method's `logit_scale` (GRPO's
+temperature); the gradient is taken through both (`scale * logit_scale * (1 - tanh^2)`). A reference's logits get
+its own transform (REF_SOFTCAP and its scale). With HAS_UNIFORM every token also gets a per-row weight
+`uniform_mass / V` (label smoothing). With HAS_ENTROPY_WEIGHT the gradient also gets GRPO's entropy bonus
+`kappa * p (log p + H)` (the loss statistic then leaves the bonus out: the caller supplies the exact row loss).
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ PARAM_INV_TEMPERATURE = tl.constexpr(1)
 PARAM_MISS_REWARD = tl.constexpr(2)
 PARAM_DENSE_COEF = tl.constexpr(3)
 PARAM_LOGIT_SCALE = tl.constexpr(4)
-NUM_PARAMS = 5
+PARAM_MODEL_SCALE = tl.constexpr(5)
+PARAM_SOFTCAP = tl.constexpr(6)
+PARAM_REF_SCALE = tl.constexpr(7)
+PARAM_REF_SOFTCAP = tl.constexpr(8)
+NUM_PARAMS = 9
 NUM_STATS_C = tl.constexpr(NUM_STATS)
 
 
@@ -48,6 +56,18 @@ def _online_update(m, s, x, mask):
 
 
 @triton.jit
+def _transformed(raw, mask, scale, softcap, post_scale, SOFTCAP: tl.constexpr):
+    """The logits `post_scale * softcap(scale * raw)` of a block (-inf where masked) and, with SOFTCAP, the tanh of the
+    cap (for the gradient's `1 - tanh^2`; 0 without)."""
+    z = raw * scale
+    th = z * 0.0
+    if SOFTCAP:
+        th = 2.0 * tl.sigmoid(2.0 * z / softcap) - 1.0
+        z = softcap * th
+    return tl.where(mask, z * post_scale, -float("inf")), th
+
+
+@triton.jit
 def weighted_target_ce_kernel(
     logits_ptr,
     logits_stride,
@@ -57,6 +77,7 @@ def weighted_target_ce_kernel(
     label_weight_ptr,
     reference_weight_ptr,
     entropy_weight_ptr,
+    uniform_mass_ptr,
     uniforms_ptr,
     uniforms_stride,
     stats_ptr,
@@ -72,6 +93,9 @@ def weighted_target_ce_kernel(
     REFERENCE: tl.constexpr,  # ASFT: dense target kl_coef * softmax(z_ref)
     HAS_REFERENCE_WEIGHT: tl.constexpr,  # the reference's coefficient is scaled per row (0: no reference there)
     HAS_ENTROPY_WEIGHT: tl.constexpr,  # GRPO's entropy bonus: dense target -kappa * p (log p + H), kappa per row
+    HAS_UNIFORM: tl.constexpr,  # a per-row weight uniform_mass / V on every token (label smoothing)
+    SOFTCAP: tl.constexpr,  # the model soft-caps its logits
+    REF_SOFTCAP: tl.constexpr,  # the reference model soft-caps its logits
     WRITE_GRAD: tl.constexpr,
     LAST_PASS: tl.constexpr,  # WRITE_GRAD or a dense target (whose loss needs the pass even without gradients)
     ACC: tl.constexpr,
@@ -86,10 +110,16 @@ def weighted_target_ce_kernel(
     dense_coef = tl.load(params_ptr + PARAM_DENSE_COEF)
     if HAS_REFERENCE_WEIGHT:
         dense_coef = dense_coef * tl.load(reference_weight_ptr + row).to(ACC)
-    logit_scale = tl.load(params_ptr + PARAM_LOGIT_SCALE)  # the row's logits are logit_scale * z (GRPO: 1 / tau)
+    logit_scale = tl.load(params_ptr + PARAM_LOGIT_SCALE)  # the method's factor after the cap (GRPO: 1 / tau)
+    model_scale = tl.load(params_ptr + PARAM_MODEL_SCALE)
+    softcap = tl.load(params_ptr + PARAM_SOFTCAP)
+    ref_scale = tl.load(params_ptr + PARAM_REF_SCALE)
+    ref_softcap = tl.load(params_ptr + PARAM_REF_SOFTCAP)
 
     label = tl.load(labels_ptr + row)
-    z_label = tl.load(z_row + label).to(ACC) * logit_scale
+    z_label, _th = _transformed(
+        tl.load(z_row + label).to(ACC), label >= 0, model_scale, softcap, logit_scale, SOFTCAP
+    )
 
     zero = grad_scale * 0.0  # a scalar of the accumulation dtype (the params tensor is in ACC)
     m = zero + ninf
@@ -100,19 +130,27 @@ def weighted_target_ce_kernel(
     st = zero
     mr = zero + ninf
     sr = zero
+    z_sum = zero  # sum of the logits, for the uniform weight's loss
 
     # ---- pass 1: online statistics
     for start in range(0, vocab_size, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < vocab_size
-        z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC) * logit_scale
+        z, _th = _transformed(
+            tl.load(z_row + offs, mask=mask, other=0.0).to(ACC), mask, model_scale, softcap, logit_scale, SOFTCAP
+        )
         m, s, e, rescale = _online_update(m, s, z, mask)
         sz = sz * rescale + tl.sum(e * tl.where(e > 0, z, 0.0), axis=0)  # e = 0 where z = -inf: no 0 * inf
         max_before = tl.maximum(max_before, tl.max(tl.where(offs < label, z, ninf), axis=0))
         if TEMPERED:
             mt, st, _et, _rt = _online_update(mt, st, z * inv_t, mask)
+        if HAS_UNIFORM:
+            z_sum = z_sum + tl.sum(tl.where(mask, z, 0.0), axis=0)
         if REFERENCE:
-            zr = tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=ninf).to(ACC)
+            zr, _thr = _transformed(
+                tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=0.0).to(ACC), mask, ref_scale,
+                ref_softcap, 1.0, REF_SOFTCAP,
+            )
             mr, sr, _er, _rr = _online_update(mr, sr, zr, mask)
 
     lse = m + tl.log(s)
@@ -154,7 +192,9 @@ def weighted_target_ce_kernel(
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < vocab_size
-            z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC) * logit_scale
+            z, _th = _transformed(
+                tl.load(z_row + offs, mask=mask, other=0.0).to(ACC), mask, model_scale, softcap, logit_scale, SOFTCAP
+            )
             e = tl.where(mask & (z > ninf), tl.exp(z * inv_t - mt), 0.0)
             block_mass = tl.sum(e, axis=0)
             # Only a block that holds a pending point needs prefix sums and the K x BLOCK comparison: at most K
@@ -176,7 +216,10 @@ def weighted_target_ce_kernel(
         hits = (samples == label) & kmask
         rewards = tl.where(hits, 1.0, miss_reward) / NUM_SAMPLES
         rewards = tl.where(kmask, rewards, 0.0)
-        z_samples = tl.load(z_row + tl.maximum(samples, 0), mask=kmask, other=0.0).to(ACC) * logit_scale
+        z_samples, _ths = _transformed(
+            tl.load(z_row + tl.maximum(samples, 0), mask=kmask, other=0.0).to(ACC), kmask, model_scale, softcap,
+            logit_scale, SOFTCAP,
+        )
         total = total + tl.sum(rewards, axis=0)
         loss = loss + tl.sum(tl.where(kmask, rewards * (lse - z_samples), 0.0), axis=0)
         aux = tl.sum(hits.to(ACC), axis=0)
@@ -186,6 +229,13 @@ def weighted_target_ce_kernel(
         aux = tl.exp(z_label * inv_t - lse_t)
     if REFERENCE:
         total = total + dense_coef
+    uniform = zero  # the weight of every token
+    if HAS_UNIFORM:
+        uniform_mass = tl.load(uniform_mass_ptr + row).to(ACC)
+        uniform = uniform_mass / vocab_size
+        total = total + uniform_mass
+        # -uniform_mass * mean_v log p_v
+        loss = loss + uniform_mass * (lse - z_sum / vocab_size)
 
     kappa = zero
     if HAS_ENTROPY_WEIGHT:
@@ -199,7 +249,9 @@ def weighted_target_ce_kernel(
         for start in range(0, vocab_size, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < vocab_size
-            z = tl.load(z_row + offs, mask=mask, other=ninf).to(ACC) * logit_scale
+            z, th = _transformed(
+                tl.load(z_row + offs, mask=mask, other=0.0).to(ACC), mask, model_scale, softcap, logit_scale, SOFTCAP
+            )
             live = mask & (z > ninf)
             log_p = z - lse
             p = tl.where(live, tl.exp(log_p), 0.0)
@@ -214,8 +266,13 @@ def weighted_target_ce_kernel(
                 d = tl.where(live, miss_reward * tl.exp(z * inv_t - lse_t), 0.0)
                 dense_loss = dense_loss - tl.sum(d * tl.where(d != 0, log_p, 0.0), axis=0)
                 w = w + d
+            if HAS_UNIFORM:
+                w = w + tl.where(mask, uniform, 0.0)
             if REFERENCE:
-                zr = tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=ninf).to(ACC)
+                zr, _thr = _transformed(
+                    tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=0.0).to(ACC), mask, ref_scale,
+                    ref_softcap, 1.0, REF_SOFTCAP,
+                )
                 log_q = zr - lse_r
                 q = tl.where(mask & (zr > ninf), tl.exp(log_q), 0.0)
                 # q * (log q - log p) term by term: exactly 0 when the policy equals the reference
@@ -230,6 +287,8 @@ def weighted_target_ce_kernel(
                     # sum_v of the dense target is 0, so it enters as -w only; p = 0 where z = -inf (no 0 * inf)
                     grad = grad + kappa * p * (tl.where(live, log_p, 0.0) + entropy)
                 grad = grad_scale * grad
+                if SOFTCAP:
+                    grad = grad * (1.0 - th * th)
                 tl.store(z_row + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
         loss = loss + dense_loss
         if REFERENCE:
