@@ -168,12 +168,14 @@ def _mask_name(hidden_input: str) -> str:
 
 @dataclass
 class FusedHeadOutput(ModelOutput):
-    """What a forward with `loss_head=` returns: the loss and the head's metrics (per-token means), and on an MoE
-    model asked for its router logits the unweighted router load-balancing loss (`aux_loss`), which the caller
-    weights and adds like TRL's SFTTrainer does (it is not in `loss`)."""
+    """What a forward with `loss_head=` returns: the loss, the head's metrics still on the device (`metric_sums`, as
+    `fused_linear_loss(..., return_metrics="sums")` gives them: `num_tokens`, the sum of each token mean over the
+    supervised tokens, a `(sum, count)` pair for each metric with its own count), and on an MoE model asked for its
+    router logits the unweighted router load-balancing loss (`aux_loss`), which the caller weights and adds like
+    TRL's SFTTrainer does (it is not in `loss`)."""
 
     loss: torch.Tensor | None = None
-    metrics: dict[str, Any] | None = None
+    metric_sums: dict[str, Any] | None = None
     aux_loss: torch.Tensor | None = None
 
 
@@ -237,12 +239,12 @@ class LossHead:
                 backend=self.backend,
                 chunk_size=self.chunk_size,
                 num_items_in_batch=self.num_items_in_batch,
-                return_metrics=True,
+                return_metrics="sums",
                 logit_transform=logit_transform,
                 **token_inputs,
                 **self.other_inputs,
             )
-        return FusedHeadOutput(loss=loss, metrics=metrics, aux_loss=aux_loss)
+        return FusedHeadOutput(loss=loss, metric_sums=metrics, aux_loss=aux_loss)
 
     def _past_virtual_tokens(self, hidden_states, labels, virtual: int, pre_shifted: bool):
         """Hidden states, labels and method inputs, one row per caller position t, for a forward that prepended

@@ -59,8 +59,8 @@ class TokenWeightedTrainer(FusedSFTTrainer):
     def loss_method(self):
         return "weighted"
 
-    def loss_method_inputs(self, model, inputs):
-        return {"token_inputs": {"token_weights": self._extra_batch["token_weights"]}}
+    def loss_method_inputs(self, model, inputs, extra_columns):
+        return {"token_inputs": {"token_weights": extra_columns["token_weights"]}}
 
 
 def _tokenized_dataset(tokenizer, weight_fn):

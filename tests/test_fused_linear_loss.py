@@ -120,6 +120,51 @@ def test_method_object_equals_method_name():
     torch.testing.assert_close(by_name, by_object, rtol=0, atol=0)
 
 
+def _stateful_method_calls(name, shape, seed):
+    """Two calls' inputs for `name` with different per-call settings (a method's call-level inputs)."""
+    from hf_plugins.losses import METHODS as REGISTERED
+
+    hidden, weight, b, labels, token_weights = make_inputs(shape, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+
+    def reference(kl_coef):
+        ref_hidden = torch.randn(*shape, 5, generator=g, dtype=F64)
+        return {"ref_hidden": ref_hidden, "ref_weight": torch.randn(37, 5, generator=g, dtype=F64), "kl_coef": kl_coef}
+
+    inputs = {
+        "weighted": [{"token_weights": token_weights}] * 2,
+        "asft": [reference(0.3), reference(0.0)],
+        "otr": [{"num_samples": 4, "temperature": 0.7, "generator": torch.Generator().manual_seed(1)},
+                {"num_samples": None, "temperature": 1.3}],
+        "poft": [{"ref_scores": -3 * torch.rand(shape[0], generator=g, dtype=F64), "beta": beta, "gamma": gamma}
+                 for beta, gamma in ((2.0, 0.5), (0.5, -0.2))],
+    }.get(name, [{}, {}])
+    return REGISTERED[name], (hidden, weight, b, labels), inputs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["sft", "dft", "weighted", "asft", "otr", "poft"])
+def test_a_method_object_keeps_no_state_between_calls(name, backend):
+    """A method's attributes are its configuration: a call writes none of them, and a second call on the same object
+    (other inputs, other per-call settings) gives exactly what a fresh object gives."""
+    method_class, (hidden, weight, b, labels), calls = _stateful_method_calls(name, (3, 7), seed=21)
+    method = method_class()
+    attributes = dict(vars(method))
+    results = []
+    for inputs in calls:
+        loss, metrics = fused_linear_loss(
+            hidden, weight, labels, method, bias=b, backend=backend, chunk_size=4, return_metrics=True, **inputs
+        )
+        assert vars(method).keys() == attributes.keys()
+        assert all(vars(method)[key] is value for key, value in attributes.items())
+        results.append((loss.detach(), metrics))
+    loss, metrics = fused_linear_loss(
+        hidden, weight, labels, method_class(), bias=b, backend=backend, chunk_size=4, return_metrics=True, **calls[1]
+    )
+    torch.testing.assert_close(results[1][0], loss.detach(), rtol=0, atol=0)
+    assert results[1][1] == metrics
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("upstream", [3.0, -0.25])

@@ -2,10 +2,13 @@
 
 import math
 import os
+import traceback
+from collections import defaultdict
 
 import pytest
 import torch
 from datasets import Dataset
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -13,10 +16,12 @@ from hf_plugins import FusedSFTConfig, FusedSFTTrainer, sft_loss
 from hf_plugins.testing import (
     CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
+    TOOL_CHAT_TEMPLATE,
     logged_values as logged,
     tiny_conversational_dataset,
     tiny_lora_config,
     tiny_prompt_completion_dataset,
+    tiny_tool_calling_dataset,
     train_and_list_changed_parameters,
     train_and_resume,
 )
@@ -372,3 +377,105 @@ def test_liger_backend_refuses_methods_it_does_not_cover(tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match="`loss_backend='liger'` covers the losses sft, dft, weighted; OTRTrainer"):
         make_trainer(OTRTrainer, OTRConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(4),
                      loss_backend="liger")
+
+
+class HostReads(TorchDispatchMode):
+    """Records each place that reads a tensor's value on the host, i.e. waits for the GPU there: `.item()`, `float()`,
+    `int()` and `bool()` of a tensor (`_local_scalar_dense`), `.tolist()`, `nonzero` and boolean-mask indexing (whose
+    result size is a host value). Each read is named by the innermost `hf_plugins` frame that made it."""
+
+    SYNCING_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def record(self):
+        frames = [f for f in traceback.extract_stack() if f"{os.sep}hf_plugins{os.sep}" in f.filename]
+        if frames:
+            where = frames[-1]
+            self.reads.append(f"{where.filename.split(os.sep + 'hf_plugins' + os.sep)[-1]}:{where.name}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        boolean_index = func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        )
+        if func in self.SYNCING_OPS or boolean_index:
+            self.record()
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        mode = self
+
+        def tolist(tensor):
+            mode.record()
+            return mode._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def _method_trainer(kind, model_dir, tmp_path):
+    from hf_plugins import PoFTConfig, PoFTTrainer, TLConfig, TLTrainer
+
+    if kind == "sft":
+        return make_trainer(FusedSFTTrainer, FusedSFTConfig, model_dir, tmp_path, tiny_conversational_dataset(8))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if kind == "tl":
+        tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+        trainer_cls, config_cls, dataset = TLTrainer, TLConfig, tiny_tool_calling_dataset(8)
+    else:
+        scores = [-2.0 - 0.1 * i for i in range(8)]
+        trainer_cls, config_cls = PoFTTrainer, PoFTConfig
+        dataset = tiny_conversational_dataset(8).add_column("ref_score", scores)
+    args = config_cls(output_dir=str(tmp_path / kind), **CPU_ARGS, max_steps=1, per_device_train_batch_size=4)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["sft", "tl", "poft"])
+def test_a_training_step_reads_no_value_on_the_host_for_its_hooks_and_metrics(tiny_model_dir, tmp_path, kind):
+    """Within a training step the trainers' own code (the hooks, the metric reduction) never waits for the device:
+    the step's metrics stay device values until `log`, which reads them back as floats."""
+    trainer = _method_trainer(kind, tiny_model_dir, tmp_path)
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with HostReads() as mode:
+        num_items = trainer._get_num_items_in_batch([batch], trainer.args.device)
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
+        loss.backward()
+    assert [read for read in mode.reads if read.startswith("trainers")] == []
+    assert any(read.startswith("ops") for read in mode.reads)  # the counter sees the head's own reads
+    trainer.log({})
+    logs = trainer.state.log_history[-1]
+    names = {"sft": [], "tl": ["token_weight"], "poft": ["reward_margin", "poft_weight", "policy_score", "nll"]}[kind]
+    for name in ["entropy", "mean_token_accuracy", "num_tokens", *names]:
+        assert isinstance(logs[name], (float, int)) and math.isfinite(logs[name]), name
+
+
+def test_device_metrics_are_read_back_as_trl_would_average_them():
+    """`read_on_host` gives TRL's lists of floats: a token mean of a step without tokens is 0.0 (as TRL logs it), a
+    mean over sequences of a step without sequences is left out, and a metric left without values disappears."""
+    from hf_plugins.trainers.metric_logging import StepMean, read_on_host
+
+    def mean(total, count, empty=0.0):
+        return StepMean(torch.tensor(float(total)), torch.tensor(float(count)), empty)
+
+    metrics = defaultdict(list)
+    metrics["entropy"] += [mean(3.0, 2.0), mean(0.0, 0.0)]
+    metrics["reward_margin"] += [mean(1.0, 4.0, None), mean(0.0, 0.0, None), mean(-3.0, 3.0, None)]
+    metrics["policy_score"] += [mean(0.0, 0.0, None)]
+    metrics["num_tokens"] = [torch.tensor(12345678901)]
+    metrics["uds/selected_fraction"] = [0.25]
+    read_on_host(metrics)
+    assert metrics == {
+        "entropy": [1.5, 0.0], "reward_margin": [0.25, -1.0], "num_tokens": [12345678901],
+        "uds/selected_fraction": [0.25],
+    }
+    assert type(metrics["num_tokens"][0]) is int

@@ -18,7 +18,7 @@ from hf_plugins import OTRConfig, OTRTrainer, dft_loss, otr_loss
 from hf_plugins.losses import METHODS, OTRMethod
 from hf_plugins.losses.otr import draw_uniforms, sample_tokens
 from hf_plugins.ops import fused_linear_loss
-from hf_plugins.ops.method import Chunk, Rows
+from hf_plugins.ops.method import Chunk, Rows, chunk_inputs
 from hf_plugins.testing import (
     CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
@@ -157,7 +157,7 @@ def test_recomputing_a_tile_reuses_the_samples():
             labels=labels[rows_slice],
             label_log_probs=log_probs[rows_slice].gather(1, labels[rows_slice, None])[:, 0],
             rows=rows_slice,
-            inputs={name: value[rows_slice] for name, value in inputs.items()},
+            inputs=chunk_inputs(inputs, rows_slice),
         )
 
     first = method.targets(chunk(slice(2, 7)))

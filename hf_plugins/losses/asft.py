@@ -16,8 +16,9 @@ term alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
+from typing import Any
 
 import torch
 
@@ -91,6 +92,25 @@ def _checked_ref_mask(ref_mask, labels: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class ReferenceHead:
+    """The reference lm_head of one call (detached), a per-call value of `ASFTMethod.prepare`'s result. `targets`
+    reads it in the tile's compute dtype, cast on first use and kept for the call's other tiles; the triton kernel
+    reads it as it is."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    #: what the reference model does to its logits (soft-cap, scale)
+    transform: LogitTransform = PLAIN_LOGITS
+    _cast: tuple | None = field(default=None, repr=False)
+
+    def in_dtype(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._cast is None or self._cast[0].dtype != dtype:
+            bias = self.bias.to(dtype) if self.bias is not None else None
+            self._cast = (self.weight.to(dtype), bias)
+        return self._cast
+
+
+@dataclass
 class ASFTTargets(Targets):
     """ASFT's targets, carrying the chunk's per-row `KL(ref || policy)` for the metrics (also when `kl_coef=0`)."""
 
@@ -105,7 +125,8 @@ class ASFTMethod(LossMethod):
     labels: False where the reference has no prediction, which gets no KL term; the fused head passes it when the
     policy's forward prepends virtual tokens) and `ref_logit_transform` (*optional*, a `LogitTransform`: the
     reference model's soft-cap and scale, `hf_plugins.modeling.logit_transform(ref_model)`). The reference logits are
-    computed one chunk of rows at a time, in the head's compute dtype, and never get a gradient.
+    computed one chunk of rows at a time, in the head's compute dtype, and never get a gradient. `prepare` returns the
+    per-row `ref_hidden` (and `kl_weight`) with the call's `kl_coef` and `ReferenceHead`.
     """
 
     name = "asft"
@@ -119,12 +140,11 @@ class ASFTMethod(LossMethod):
         kl_coef: float = 0.05,
         ref_mask: torch.Tensor | None = None,
         ref_logit_transform: LogitTransform | None = None,
-    ) -> dict[str, torch.Tensor]:
-        self.kl_coef = check_kl_coef(kl_coef)
+    ) -> dict[str, Any]:
+        kl_coef = check_kl_coef(kl_coef)
         if ref_logit_transform is not None and not isinstance(ref_logit_transform, LogitTransform):
             kind = type(ref_logit_transform).__name__
             raise ValueError(f"`ref_logit_transform` must be a `LogitTransform` (or None), got {kind}.")
-        self._ref_transform = PLAIN_LOGITS if ref_logit_transform is None else ref_logit_transform
         if not isinstance(ref_hidden, torch.Tensor) or not isinstance(ref_weight, torch.Tensor):
             raise ValueError(
                 "Method 'asft' needs `ref_hidden` (the reference model's hidden states, shaped like `hidden`) and "
@@ -148,29 +168,30 @@ class ASFTMethod(LossMethod):
             )
         device = rows.labels.device
         # Detached: the reference side is a constant of the loss (it must get no gradient on any backend)
-        self._ref_weight = ref_weight.detach().to(device)
-        self._ref_bias = ref_bias.detach().to(device) if ref_bias is not None else None
-        self._cast = None
-        row_inputs = {"ref_hidden": ref_hidden.detach().to(device)[rows.mask.to(device)]}
+        reference = ReferenceHead(
+            ref_weight.detach().to(device),
+            ref_bias.detach().to(device) if ref_bias is not None else None,
+            PLAIN_LOGITS if ref_logit_transform is None else ref_logit_transform,
+        )
+        row_inputs = {
+            "ref_hidden": ref_hidden.detach().to(device)[rows.mask.to(device)],
+            "reference": reference,
+            "kl_coef": kl_coef,
+        }
         if ref_mask is not None:
             anchored = rows.gather("ref_mask", _checked_ref_mask(ref_mask, rows.mask))
             # A per-row factor of kl_coef: 1 where the reference predicts, 0 where it has nothing to anchor to
             row_inputs["kl_weight"] = anchored.float()
         return row_inputs
 
-    def _reference_head(self, dtype: torch.dtype):
-        """The reference lm_head in the compute dtype, cast once per call rather than once per chunk."""
-        if self._cast is None or self._cast[0].dtype != dtype:
-            bias = self._ref_bias.to(dtype) if self._ref_bias is not None else None
-            self._cast = (self._ref_weight.to(dtype), bias)
-        return self._cast
-
     def targets(self, chunk: Chunk) -> ASFTTargets:
         dtype = chunk.log_probs.dtype
-        weight, bias = self._reference_head(dtype)
+        kl_coef = chunk.inputs["kl_coef"]
+        # cast once per call rather than once per chunk
+        weight, bias = chunk.inputs["reference"].in_dtype(dtype)
         ref_hidden = chunk.inputs["ref_hidden"].to(dtype)
         ref_logits = torch.addmm(bias, ref_hidden, weight.t()) if bias is not None else ref_hidden @ weight.t()
-        ref_logits = self._ref_transform(ref_logits)
+        ref_logits = chunk.inputs["reference"].transform(ref_logits)
         ref_log_probs = torch.log_softmax(ref_logits, dim=-1)
         del ref_logits
         ref_probs = ref_log_probs.exp()
@@ -186,11 +207,11 @@ class ASFTMethod(LossMethod):
         targets = ASFTTargets(
             index=chunk.labels.unsqueeze(-1), value=chunk.label_log_probs.exp().unsqueeze(-1), kl=kl
         )
-        if self.kl_coef and kl_weight is None:  # kl_coef = 0 is exactly DFT: no dense target, no constant
-            targets.dense = ref_probs.mul_(self.kl_coef)
-            targets.constant = self.kl_coef * neg_entropy
-        elif self.kl_coef:
-            coef = self.kl_coef * kl_weight
+        if kl_coef and kl_weight is None:  # kl_coef = 0 is exactly DFT: no dense target, no constant
+            targets.dense = ref_probs.mul_(kl_coef)
+            targets.constant = kl_coef * neg_entropy
+        elif kl_coef:
+            coef = kl_coef * kl_weight
             targets.dense = ref_probs.mul_(coef.unsqueeze(-1))
             targets.constant = coef * neg_entropy
         return targets
@@ -200,11 +221,12 @@ class ASFTMethod(LossMethod):
 
     def kernel_spec(self, row_inputs) -> KernelSpec:
         # The reference tile is computed also at kl_coef = 0: the KL is reported either way
-        reference = (row_inputs["ref_hidden"], self._ref_weight, self._ref_bias)
+        head = row_inputs["reference"]
+        reference = (row_inputs["ref_hidden"], head.weight, head.bias)
         weights = row_inputs.get("kl_weight")
         return KernelSpec(
-            dft=True, reference=reference, kl_coef=self.kl_coef, reference_weight=weights,
-            reference_transform=self._ref_transform,
+            dft=True, reference=reference, kl_coef=row_inputs["kl_coef"], reference_weight=weights,
+            reference_transform=head.transform,
         )  # fmt: skip
 
     def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:

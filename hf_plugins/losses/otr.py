@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -186,9 +187,10 @@ class OTRMethod(LossMethod):
     """Target rule of OTR for the fused head.
 
     Inputs (keyword arguments of `fused_linear_loss`, each overriding the constructor's value for that call):
-    `num_samples`, `temperature`, `negative_reward`, `generator`. The uniforms are drawn once per call in `prepare`,
-    over the supervised rows in order, and handed to each tile with its rows; a tile computed twice samples the same
-    tokens again.
+    `num_samples`, `temperature`, `negative_reward`, `generator`. The constructor's values are the method's
+    configuration; a call's own settings live in `prepare`'s result (`"settings"`), with the uniforms, drawn once per
+    call over the supervised rows in order and handed to each tile with its rows; a tile computed twice samples the
+    same tokens again.
 
     Metrics: `hit_rate` (mean fraction of samples equal to the label; its expectation `softmax(z / tau)[y]` in exact
     mode) and `no_hit_fraction` (positions whose K samples all miss the label; sampling mode only).
@@ -206,7 +208,6 @@ class OTRMethod(LossMethod):
         check_generator(generator)
         self.defaults = OTRSettings(num_samples, temperature, negative_reward)
         self.generator = generator
-        self.settings = self.defaults
 
     def prepare(
         self,
@@ -216,24 +217,24 @@ class OTRMethod(LossMethod):
         temperature=_UNSET,
         negative_reward=_UNSET,
         generator=_UNSET,
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, Any]:
         def pick(value, default):
             return default if value is _UNSET else value
 
-        self.settings = OTRSettings(
+        settings = OTRSettings(
             pick(num_samples, self.defaults.num_samples),
             pick(temperature, self.defaults.temperature),
             pick(negative_reward, self.defaults.negative_reward),
         )
         generator = pick(generator, self.generator)
         check_generator(generator)
-        if self.settings.num_samples is None:
-            return {}
-        uniforms = draw_uniforms(rows.labels.numel(), self.settings.num_samples, generator, rows.labels.device)
-        return {"uniforms": uniforms}
+        if settings.num_samples is None:
+            return {"settings": settings}
+        uniforms = draw_uniforms(rows.labels.numel(), settings.num_samples, generator, rows.labels.device)
+        return {"settings": settings, "uniforms": uniforms}
 
     def targets(self, chunk: Chunk) -> Targets:
-        settings = self.settings
+        settings = chunk.inputs["settings"]
         beta, labels = settings.negative_reward, chunk.labels.unsqueeze(-1)
         if settings.num_samples is None:
             # softmax(z/tau) * R = beta * softmax(z/tau) + (1 - beta) * softmax(z/tau)[y] * one_hot(y): a dense part
@@ -247,15 +248,16 @@ class OTRMethod(LossMethod):
         return Targets(index=samples, value=rewards / settings.num_samples)
 
     def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
-        if self.settings.num_samples is None:
+        settings = chunk.inputs["settings"]
+        if settings.num_samples is None:
             # the label's entry is (1 - beta) * softmax(z/tau)[y], and beta < 1: recover the expected hit rate
-            return {"hit_rate": targets.value.squeeze(-1) / (1.0 - self.settings.negative_reward)}
+            return {"hit_rate": targets.value.squeeze(-1) / (1.0 - settings.negative_reward)}
         hits = targets.index == chunk.labels.unsqueeze(-1)
         dtype = chunk.log_probs.dtype
         return {"hit_rate": hits.to(dtype).mean(-1), "no_hit_fraction": (~hits.any(-1)).to(dtype)}
 
     def kernel_spec(self, row_inputs) -> KernelSpec:
-        settings = self.settings
+        settings = row_inputs["settings"]
         if settings.num_samples is None:
             return KernelSpec(
                 tempered_dense=True, temperature=settings.temperature, miss_reward=settings.negative_reward
@@ -269,7 +271,8 @@ class OTRMethod(LossMethod):
         )
 
     def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
-        if self.settings.num_samples is None:
+        settings = row_inputs["settings"]
+        if settings.num_samples is None:
             return {"hit_rate": stats.aux}
         hits = stats.aux
-        return {"hit_rate": hits / self.settings.num_samples, "no_hit_fraction": (hits == 0).to(hits.dtype)}
+        return {"hit_rate": hits / settings.num_samples, "no_hit_fraction": (hits == 0).to(hits.dtype)}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Real
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,11 +137,34 @@ def poft_loss(
     return reduce_sum(per_sequence.sum(), int((counts > 0).sum()), num_items_in_batch)
 
 
+#: PoFT's per-sequence metrics: means over the trained sequences, not over tokens (`PoFTMethod.metric_counts`)
+SEQUENCE_METRICS = ("reward_margin", "poft_weight", "policy_score")
+
+
 @dataclass
 class PoFTTargets(Targets):
     """PoFT's targets, carrying the per-row metric values of the tile's sequences."""
 
     row_metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SequenceScores:
+    """The per-sequence values of one call, a per-call value of `PoFTMethod.prepare`'s result: the aligned models'
+    scores (`[S]`, float64), each sequence's number of supervised rows (`[S]`) and the number of sequences that have
+    one (0-d: a tensor, read on the host only where it divides the loss, without `num_items_in_batch`)."""
+
+    ref_scores: torch.Tensor
+    counts: torch.Tensor
+    num_trained: torch.Tensor
+
+
+def sequence_metric_rows(r, ref_scores, weight, row_sequence, row_count) -> dict[str, torch.Tensor]:
+    """The per-sequence metrics spread over the rows: each row of sequence i carries `value_i / T_i`, so the rows of
+    a sequence sum to its value and the head's sum over rows, divided by the number of trained sequences, is the
+    mean over sequences."""
+    values = {"reward_margin": r - ref_scores, "poft_weight": weight, "policy_score": r}
+    return {name: values[name][row_sequence] / row_count for name in SEQUENCE_METRICS}
 
 
 class PoFTMethod(LossMethod):
@@ -152,13 +176,13 @@ class PoFTMethod(LossMethod):
     `labels`, aligned with them). A sequence's weight needs its whole `r_i` before its gradient: on backends that keep
     sequences whole within a tile (`chunked`, `reference`: `tile_groups`) each tile scores its own sequences first,
     so the head costs SFT's three matmuls (a sequence longer than the tile gets a tile of its own); on `triton`, whose
-    kernel needs every weight up front, `prepare` runs a no-grad pass of the head (`Rows.label_log_probs`) first. Without `num_items_in_batch` the loss is
-    the mean over the sequences that have a supervised token.
+    kernel needs every weight up front, `prepare` runs a no-grad pass of the head (`Rows.label_log_probs`) first.
+    Without `num_items_in_batch` the loss is the mean over the sequences that have a supervised token.
 
     Metrics (besides the head's per-token ones): `nll`, the plain mean NLL per supervised token; and per-sequence
-    means `reward_margin` (`r_i - ref_i`), `poft_weight` (`sigmoid(beta (ref_i - r_i) - gamma)`, in (0, 1)) and
-    `policy_score` (`r_i`). The head averages metrics over tokens, so each row carries its sequence's value times
-    `N / (S * T_i)` (N rows, S trained sequences): the token mean of those is exactly the mean over sequences.
+    means over the trained sequences (`metric_counts`) `reward_margin` (`r_i - ref_i`), `poft_weight`
+    (`sigmoid(beta (ref_i - r_i) - gamma)`, in (0, 1)) and `policy_score` (`r_i`): each row carries its sequence's
+    value divided by `T_i`, and the head divides their sum by the number of trained sequences.
     """
 
     name = "poft"
@@ -170,105 +194,78 @@ class PoFTMethod(LossMethod):
         beta: float = 1.0,
         gamma: float = 0.0,
         position_ids: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        self.beta, self.gamma = check_beta_gamma(beta, gamma)
-        labels_shape = rows.mask
+    ) -> dict[str, Any]:
+        beta, gamma = check_beta_gamma(beta, gamma)
         if position_ids is None:
             row_sequence, num_sequences = rows.sequence_index, rows.num_sequences
         else:
-            ids, num_sequences = sequence_ids(labels_shape, position_ids)
+            ids, num_sequences = sequence_ids(rows.mask, position_ids)
             row_sequence = ids.to(rows.mask.device)[rows.mask]
         device = rows.labels.device
         row_sequence = row_sequence.to(device)
         counts = torch.zeros(num_sequences, dtype=torch.long, device=device).index_add(
             0, row_sequence, torch.ones_like(row_sequence)
         )
-        self.num_trained_sequences = int((counts > 0).sum())
-        trained = counts > 0
         # the scores are kept in float64 and cast to each tile's compute dtype
         scores = check_ref_scores(ref_scores, num_sequences, device, torch.float64)
-        # share: each row carries its sequence's metric value times N / (S * T_i), so that the head's token mean of
-        # those is exactly the mean over sequences
-        share = rows.labels.numel() / max(self.num_trained_sequences, 1) / counts.clamp(min=1)[row_sequence].double()
+        call = {"beta": beta, "gamma": gamma, "sequences": SequenceScores(scores, counts, (counts > 0).sum())}
 
         if rows.whole_sequence_tiles:
             # Every tile holds whole sequences (`tile_groups`): each tile scores its own sequences before forming its
             # gradient, so the head makes three matmuls, with no first pass
-            self._deferred = (scores, counts, trained)
-            self._policy_score = torch.zeros(num_sequences, dtype=torch.float64, device=device)
-            self._weight = torch.zeros(num_sequences, dtype=torch.float64, device=device)
-            return {"row_sequence": row_sequence, "share": share.to(torch.float64)}
+            return {**call, "row_sequence": row_sequence}
 
-        self._deferred = None
         log_probs = rows.label_log_probs()
         dtype = log_probs.dtype
         scores = scores.to(dtype)
         sums = torch.zeros(num_sequences, dtype=dtype, device=device).index_add(0, row_sequence, log_probs)
-        r, loss, coefficient, weight = sequence_coefficients(sums, counts, scores, self.beta, self.gamma)
-        # Per-sequence values kept for callers that log them exactly (the trainer reduces them across processes)
-        self._sequence_stats = {
-            "policy_score": r[trained], "ref_score": scores[trained], "poft_weight": weight[trained]
-        }
+        r, loss, coefficient, weight = sequence_coefficients(sums, counts, scores, beta, gamma)
         count = counts.to(dtype).clamp(min=1)[row_sequence]
         row_coefficient = coefficient[row_sequence]
         # sum_t (-c_i log p_t + k_t) over sequence i must be L_i: k_t = L_i / T_i + c_i * r_i
         constant = loss[row_sequence] / count + row_coefficient * r[row_sequence]
-        share = share.to(dtype)
         return {
+            **call,
             "label_weight": row_coefficient,
             "constant": constant,
-            "reward_margin": (r - scores)[row_sequence] * share,
-            "poft_weight": weight[row_sequence] * share,
-            "policy_score": r[row_sequence] * share,
+            **sequence_metric_rows(r, scores, weight, row_sequence, count),
         }
 
-    @property
-    def sequence_stats(self) -> dict[str, torch.Tensor]:
-        """Per trained sequence: `policy_score` (r_i), `ref_score` and `poft_weight`, for exact logging."""
-        if self._deferred is None:
-            return self._sequence_stats
-        scores, _, trained = self._deferred
-        return {
-            "policy_score": self._policy_score[trained], "ref_score": scores[trained],
-            "poft_weight": self._weight[trained],
-        }
-
-    def tile_groups(self, row_inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def tile_groups(self, row_inputs: dict[str, Any]) -> torch.Tensor | None:
         return row_inputs.get("row_sequence")
 
-    def num_items(self, rows: Rows, row_inputs: dict[str, torch.Tensor]) -> int:
-        return self.num_trained_sequences
+    def num_items(self, rows: Rows, row_inputs: dict[str, Any]) -> torch.Tensor:
+        return row_inputs["sequences"].num_trained
+
+    def metric_counts(self, rows: Rows, row_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {name: row_inputs["sequences"].num_trained for name in SEQUENCE_METRICS}
 
     def targets(self, chunk: Chunk) -> Targets:
         dtype = chunk.log_probs.dtype
-        if self._deferred is None:
-            targets = PoFTTargets(index=chunk.labels.unsqueeze(-1), value=chunk.inputs["label_weight"].to(dtype).unsqueeze(-1))
-            targets.constant = chunk.inputs["constant"].to(dtype)
-            targets.row_metrics = {name: chunk.inputs[name] for name in ("reward_margin", "poft_weight", "policy_score")}
+        inputs = chunk.inputs
+        if "label_weight" in inputs:  # the weights of a first pass (`prepare`)
+            weight, constant = inputs["label_weight"].to(dtype).unsqueeze(-1), inputs["constant"].to(dtype)
+            targets = PoFTTargets(index=chunk.labels.unsqueeze(-1), value=weight, constant=constant)
+            targets.row_metrics = {name: inputs[name] for name in SEQUENCE_METRICS}
             return targets
         # Whole sequences in this tile: score them from the tile's own log-probs
-        scores, counts, _ = self._deferred
-        sequence = chunk.inputs["row_sequence"]
+        scores, counts = inputs["sequences"].ref_scores, inputs["sequences"].counts
+        sequence = inputs["row_sequence"]
         local, inverse = torch.unique_consecutive(sequence, return_inverse=True)
-        sums = torch.zeros(local.numel(), dtype=dtype, device=sequence.device).index_add(0, inverse, chunk.label_log_probs)
+        sums = torch.zeros(local.numel(), dtype=dtype, device=sequence.device)
+        sums = sums.index_add(0, inverse, chunk.label_log_probs)
         seen = torch.zeros_like(local).index_add(0, inverse, torch.ones_like(inverse))
         if not torch.equal(seen, counts[local]):
             raise RuntimeError("PoFT: a tile split a sequence; the backend must honour `tile_groups`.")
+        local_scores = scores[local].to(dtype)
         r, loss, coefficient, weight = sequence_coefficients(
-            sums, counts[local], scores[local].to(dtype), self.beta, self.gamma
+            sums, counts[local], local_scores, inputs["beta"], inputs["gamma"]
         )
-        self._policy_score[local] = r.double()
-        self._weight[local] = weight.double()
         count = counts[local].to(dtype).clamp(min=1)[inverse]
         row_coefficient = coefficient[inverse]
         targets = PoFTTargets(index=chunk.labels.unsqueeze(-1), value=row_coefficient.unsqueeze(-1))
         targets.constant = loss[inverse] / count + row_coefficient * r[inverse]
-        share = chunk.inputs["share"].to(dtype)
-        targets.row_metrics = {
-            "reward_margin": (r - scores[local].to(dtype))[inverse] * share,
-            "poft_weight": weight[inverse] * share,
-            "policy_score": r[inverse] * share,
-        }
+        targets.row_metrics = sequence_metric_rows(r, local_scores, weight, inverse, count)
         return targets
 
     def metrics(self, chunk: Chunk, targets: "PoFTTargets") -> dict[str, torch.Tensor]:
@@ -278,7 +275,4 @@ class PoFTMethod(LossMethod):
         return KernelSpec(label_weight=row_inputs["label_weight"], constant=row_inputs["constant"])
 
     def kernel_metrics(self, stats: KernelStats, row_inputs) -> dict[str, torch.Tensor]:
-        return {
-            "nll": -stats.label_log_probs,
-            **{name: row_inputs[name] for name in ("reward_margin", "poft_weight", "policy_score")},
-        }
+        return {"nll": -stats.label_log_probs, **{name: row_inputs[name] for name in SEQUENCE_METRICS}}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .method import PLAIN_LOGITS, Chunk, LogitTransform, LossMethod
+from .method import PLAIN_LOGITS, Chunk, LogitTransform, LossMethod, chunk_inputs
 from .precomputed import precomputed_gradient_loss
 
 #: Default tile budget in elements (16 MiB of float32 per buffer; the call keeps two). Measured on CPU
@@ -138,7 +138,7 @@ def run_chunks(
             labels=y,
             label_log_probs=label_log_probs,
             rows=rows,
-            inputs={name: value[rows] for name, value in row_inputs.items()},
+            inputs=chunk_inputs(row_inputs, rows),
         )
         targets = method.targets(chunk)
         loss_sum += targets.row_loss(log_probs).sum()

@@ -119,9 +119,13 @@ def fused_linear_loss(
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): divide the summed loss by this count; default:
             the mean over supervised tokens (`"poft"`: over sequences, see `LossMethod.num_items`). A method that
             builds its own reduction (`"grpo"`: `LossMethod.reduces_itself`) takes it as an input instead.
-        return_metrics (`bool`): also return a dict of per-token means: `label_prob` (mean p(label)),
-            `token_accuracy` (argmax == label), `entropy`, plus the method's own (e.g. `dft_weight`), and
-            `num_tokens`, the number of supervised tokens. They cost no extra pass.
+        return_metrics (`bool` or `"sums"`): also return a dict of metrics. `True`: means as floats: `label_prob`
+            (mean p(label)), `token_accuracy` (argmax == label), `entropy`, plus the method's own (e.g.
+            `dft_weight`; per-token means, or means over the count `LossMethod.metric_counts` gives, e.g. PoFT's
+            per-sequence means), and `num_tokens`, the number of supervised tokens. `"sums"`: the same metrics left
+            on the device, for callers that reduce them across processes and read them later (no host sync):
+            `num_tokens` (an int), each token mean as its sum over the supervised tokens (a 0-d tensor), and each
+            metric with its own count as a `(sum, count)` pair. They cost no extra pass.
         logit_transform (`LogitTransform`, *optional*): what the model does to `hidden @ weight.T + bias` before its
             softmax (`scale`, then the soft-cap `softcap * tanh(z / softcap)`); the loss and every target weight are
             those of the transformed logits, as the functional losses on the model's own logits. Default: none.
@@ -129,7 +133,7 @@ def fused_linear_loss(
         **method_inputs: the method's inputs (e.g. `token_weights` [B, T] for `"weighted"`).
 
     Returns:
-        The scalar loss (float32, float64 for float64 inputs), or `(loss, metrics)` with `return_metrics=True`.
+        The scalar loss (float32, float64 for float64 inputs), or `(loss, metrics)` with `return_metrics`.
     """
     method = resolve_method(method)
     backend = resolve_backend(backend, hidden.device, method)
@@ -140,6 +144,8 @@ def fused_linear_loss(
         )
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0):
         raise ValueError(f"`chunk_size` must be a positive integer number of rows, got {chunk_size!r}.")
+    if return_metrics not in (False, True, "sums"):
+        raise ValueError(f"`return_metrics` must be True, False or 'sums', got {return_metrics!r}.")
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, torch.Tensor)):
         raise ValueError(f"`num_items_in_batch` must be a number or a tensor, got {type(num_items_in_batch)}.")
 
@@ -208,6 +214,10 @@ def fused_linear_loss(
         )
     if not return_metrics:
         return loss
-    metrics = {name: float(value) / max(num_rows, 1) for name, value in metric_sums.items()}
+    counts = method.metric_counts(rows, row_inputs)
+    if return_metrics == "sums":
+        sums = {name: (value, counts[name]) if name in counts else value for name, value in metric_sums.items()}
+        return loss, {**sums, "num_tokens": num_rows}
+    metrics = {name: float(value) / max(float(counts.get(name, num_rows)), 1.0) for name, value in metric_sums.items()}
     metrics["num_tokens"] = num_rows
     return loss, metrics

@@ -8,6 +8,13 @@ Every loss in this library is a weighted-target cross-entropy on the logits `z_t
 A method only says what `w` is, one chunk of rows at a time, and which metrics it wants; the backends own the loop
 over chunks, the matmuls and the gradients. `w` is given as a sparse part (`index`, `value`: a few tokens per row,
 e.g. the label) plus an optional dense part (`dense`: a full [rows, V] distribution, e.g. a reference model's).
+
+State: a `LossMethod`'s attributes are its configuration, set when it is built and never written by a call. The
+result of `prepare` is the only per-call state: every later hook of the call (`targets` and `metrics` through
+`Chunk.inputs`, `num_items`, `metric_counts`, `tile_groups`, `kernel_spec`, `kernel_metrics`) reads what it needs
+from it, so one method object serves any number of calls, in any order, and keeps nothing of a call once it returns.
+What a caller wants to know about a call (per-sequence statistics) comes back as metrics (see `LossMethod.metrics`
+and `LossMethod.metric_counts`), not as attributes read off the method afterwards.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -137,7 +144,8 @@ class Chunk:
         labels (`torch.LongTensor` of shape `[C]`): the label of each row (all supervised).
         label_log_probs (`torch.Tensor` of shape `[C]`): `log_probs` at the label.
         rows (`slice`): where the chunk lies among the supervised rows.
-        inputs (`dict[str, torch.Tensor]`): the method's per-row inputs, sliced to the chunk.
+        inputs (`dict[str, Any]`): the result of the method's `prepare` for this call: its per-row tensors sliced to
+            the chunk, its other values (per-call settings) as they are (see `chunk_inputs`).
     """
 
     log_probs: torch.Tensor
@@ -253,11 +261,26 @@ class KernelStats:
     aux: torch.Tensor
 
 
+def chunk_inputs(row_inputs: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """`prepare`'s result as one chunk sees it: every tensor is per-row (first dimension N) and is sliced to `rows`;
+    any other value (a number, a settings dataclass, a tuple holding per-call tensors such as a reference lm_head)
+    is per-call and passed as it is."""
+    return {
+        name: value[rows] if isinstance(value, torch.Tensor) else value for name, value in row_inputs.items()
+    }
+
+
 class LossMethod:
     """Base class of the methods the fused head understands.
 
     Subclasses set `name`, implement `prepare` (validate and gather the method's inputs once per call) and `targets`
-    (the detached target weights of one chunk), and may add per-row metric sums in `metrics`.
+    (the detached target weights of one chunk), and may add per-row metric values in `metrics`.
+
+    A method object keeps no state between calls (see the module docstring): its attributes are configuration (e.g.
+    OTR's default settings and its generator, which each call draws from), set in `__init__`; everything a call needs
+    after `prepare` is in the dict `prepare` returns. Its tensors are per-row inputs, sliced to each chunk; its other
+    values are per-call settings (the call's `kl_coef`, `beta`, a reference head wrapped in a small dataclass), handed
+    whole to every hook.
     """
 
     name: str = "base"
@@ -265,15 +288,17 @@ class LossMethod:
     #: caller's `num_items_in_batch` to `prepare` as an input instead of dividing by it, and divides by `num_items`.
     reduces_itself: bool = False
     #: The head's softmax is over `logit_scale * z'` (GRPO: 1 / temperature), with `z'` the model's logits (after its
-    #: `LogitTransform`); `prepare` may set it, and the label log-probs pass (`Rows.label_log_probs`) already uses
-    #: the value it set.
+    #: `LogitTransform`); the backends and the label log-probs pass (`Rows.label_log_probs`) read it after `prepare`.
+    #: GRPO's `prepare` still sets it from the call's options: the one attribute a call writes, until the head takes
+    #: the scale as a per-call value.
     logit_scale: float = 1.0
     #: The method's `kernel_spec` also works on tiles that keep its `tile_groups` whole (its `row_targets` forms the
     #: whole-sequence terms from the tile), so the triton backend keeps them whole too (`Rows.whole_sequence_tiles`).
     whole_sequence_kernel_tiles: bool = False
 
-    def prepare(self, rows: Rows, **method_inputs) -> dict[str, torch.Tensor]:
-        """Validate the method's inputs and return its per-row tensors (first dimension N, sliced per chunk)."""
+    def prepare(self, rows: Rows, **method_inputs) -> dict[str, Any]:
+        """Validate the method's inputs and return the call's state: per-row tensors (first dimension N, sliced per
+        chunk) and per-call values (any non-tensor, passed whole; see `chunk_inputs`). Must not write to `self`."""
         if method_inputs:
             names = ", ".join(sorted(method_inputs))
             raise ValueError(f"Method '{self.name}' takes no inputs, got: {names}.")
@@ -283,25 +308,35 @@ class LossMethod:
         raise NotImplementedError
 
     def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
-        """Per-row values to average over the supervised rows and report (name -> `[C]` tensor)."""
+        """Per-row values to report (name -> `[C]` tensor). The head sums each over the call's rows and divides the
+        sum by the number of supervised rows (a token mean), or by the count `metric_counts` gives for it."""
         return {}
 
-    def num_items(self, rows: Rows, row_inputs: dict[str, torch.Tensor]) -> int:
+    def metric_counts(self, rows: Rows, row_inputs: dict[str, Any]) -> dict[str, int | torch.Tensor]:
+        """The metrics that are not token means, each with the count its summed per-row values are divided by (name
+        -> count). A per-sequence mean spreads each sequence's value over its rows (value / T_i per row, so that the
+        rows of sequence i sum to its value) and gives the number of sequences as the count (PoFT). The head returns
+        such a metric with its count (`fused_linear_loss(return_metrics="sums")`), so that callers reduce it across
+        processes as a mean over sequences, not over tokens. Default: none (every metric is a token mean)."""
+        return {}
+
+    def num_items(self, rows: Rows, row_inputs: dict[str, Any]) -> int | torch.Tensor:
         """What the summed loss is divided by when the caller gives no `num_items_in_batch`: the number of supervised
-        rows (the mean over tokens). Sequence-level methods (PoFT) return their number of sequences instead."""
+        rows (the mean over tokens). Sequence-level methods (PoFT) return their number of sequences instead (a 0-d
+        tensor is read only when needed)."""
         return rows.labels.numel()
 
-    def tile_groups(self, row_inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def tile_groups(self, row_inputs: dict[str, Any]) -> torch.Tensor | None:
         """Per-row group ids (non-decreasing) that a backend with `Rows.whole_sequence_tiles` must not split across
         tiles, or None. A group larger than the tile gets a tile of its own."""
         return None
 
-    def kernel_spec(self, row_inputs: dict[str, torch.Tensor]) -> KernelSpec | None:
+    def kernel_spec(self, row_inputs: dict[str, Any]) -> KernelSpec | None:
         """The method's targets in the fused kernels' closed form, or None when they have none (then the GPU
-        backends fall back to `chunked`). Called after `prepare`, with its per-row tensors."""
+        backends fall back to `chunked`). Called after `prepare`, with its result."""
         return None
 
-    def kernel_metrics(self, stats: KernelStats, row_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def kernel_metrics(self, stats: KernelStats, row_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The method's own per-row metrics (the same names as `metrics`) from a fused kernel's per-row values."""
         return {}
 

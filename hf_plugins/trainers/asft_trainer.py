@@ -227,7 +227,7 @@ class ASFTTrainer(FusedSFTTrainer):
     def loss_method(self) -> str:
         return "asft"
 
-    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def loss_method_inputs(self, model, inputs: dict[str, Any], extra_columns) -> dict[str, dict[str, Any]]:
         ref_hidden, ref_weight, ref_bias, ref_transform = self.reference_forward(model, inputs)
         return {
             "hidden_inputs": {"ref_hidden": ref_hidden},

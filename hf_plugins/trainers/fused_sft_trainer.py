@@ -2,10 +2,35 @@
 
 Everything TRL does (dataset preparation, chat templates, completion-only and assistant-only masks, PEFT, packing,
 accelerate) is inherited unchanged; only `compute_loss` changes, and, with assistant-only loss, the chat templates of
-the families TRL cannot patch get their training versions from `hf_plugins.chat_templates`. It runs the backbone to hidden states, keeps the
-supervised positions and calls `hf_plugins.ops.fused_linear_loss`, which never builds the `[tokens, vocab]` logits
-and computes the gradients in the same pass. Method trainers (ASFT, OTR, PoFT, TL, ...) subclass this class and
-override only `loss_method` / `loss_method_inputs` (and declare their extra columns).
+the families TRL cannot patch get their training versions from `hf_plugins.chat_templates`. It runs the backbone to
+hidden states, keeps the supervised positions and calls `hf_plugins.ops.fused_linear_loss`, which never builds the
+`[tokens, vocab]` logits and computes the gradients in the same pass. Method trainers (ASFT, OTR, PoFT, TL, ...)
+subclass this class and override only `loss_method` / `loss_method_inputs` (and declare their extra columns).
+
+Hooks for method trainers, in the order they run. Each gets what it needs as arguments and returns its result; no
+hook leaves data on `self` for another one to read.
+
+At construction:
+    1. `whole_sequence_loss(args)` -> reason or None: packing strategies that cut sequences are refused when set.
+    2. `loss_method()` (only with `loss_backend="liger"`): its name is checked against what Liger covers.
+For each optimizer step, before its forward passes (`_get_num_items_in_batch`):
+    3. `trained_sequences(batch)` for each micro-batch of the step, with the extra columns still in it -> `[B]` bool
+       or None: the loss is then divided by the global count of trained sequences instead of tokens.
+For each micro-batch (`compute_loss(model, inputs, num_items_in_batch=...)`; evaluation and direct calls without a
+count first call `trained_sequences(inputs)` for the batch's own count):
+    4. The extra columns (`token_columns`, `example_columns`) are popped from a shallow copy of `inputs`, the call's
+       own: `extra_columns` (name -> tensor as collated, only the columns the batch has).
+    5. `loss_method_inputs(model, inputs, extra_columns)` -> the head's input groups (`token_inputs`,
+       `hidden_inputs`, `other_inputs`). It may replace entries of that copy of `inputs` (PoFT replaces the labels
+       by the ones its score averages over); the forward and step 8 see the replaced ones.
+    6. `loss_method()` -> the method's name or a `LossMethod` (stateless: it keeps nothing of the call).
+    7. The model's forward with the head: the loss and the head's metrics as device sums
+       (`FusedHeadOutput.metric_sums`: `num_tokens`, the token means' sums, `(sum, count)` pairs of the metrics with
+       their own count, such as PoFT's per-sequence means).
+    8. `_log_head_metrics(mode, metric_sums, inputs, extra_columns)`: reduces them over the processes and appends the
+       step's values to `self._metrics[mode]` without a host sync; a subclass may replace an entry of `metric_sums`
+       first (TL reports the raw PKT weights instead of the normalised ones the head saw) and call the parent.
+When TRL logs (`log`), the pending device values are read back at once and TRL averages them as usual.
 """
 
 from __future__ import annotations
@@ -26,13 +51,11 @@ from ..utils import destroy_process_group_at_exit
 from ..modeling import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
 from .chat_template_setup import use_training_chat_template
 from .fused_sft_config import FusedSFTConfig
+from .metric_logging import read_on_host, reduce_head_metrics
 from .model_card import ModelCardMixin
 
 # TRL's `loss_type` names mapped to the fused head's method names
 _LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
-
-# Metric names as TRL's SFTTrainer logs them, for the metrics both compute
-_METRIC_NAMES = {"token_accuracy": "mean_token_accuracy", "entropy": "entropy", "label_prob": "mean_label_prob"}
 
 
 class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
@@ -47,7 +70,8 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
             packing moves them with their tokens;
         example_columns (`tuple[str, ...]`): per-example dataset columns the collator keeps; packed or padding-free
             batches bring them per token (`hf_plugins.data.packing.sequence_values` reads one per sequence);
-    and override `loss_method` and `loss_method_inputs` (and `whole_sequence_loss` for a per-sequence loss).
+    and override `loss_method` and `loss_method_inputs` (and `whole_sequence_loss` for a per-sequence loss). The
+    module docstring lists the hooks in the order they run and what each receives.
     """
 
     _tag_names = ["trl", "sft", "hf-plugins"]
@@ -134,13 +158,21 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
         """The fused head's method for this trainer (from `loss_type` here)."""
         return _LOSS_TYPE_TO_METHOD[self.args.loss_type]
 
-    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def loss_method_inputs(
+        self, model, inputs: dict[str, Any], extra_columns: dict[str, torch.Tensor]
+    ) -> dict[str, dict[str, Any]]:
         """The method's inputs for one batch, as `LossHead` input groups: a dict with any of
         `"token_inputs"` (`[B, T]` tensors aligned with `input_ids`, shifted like the labels),
         `"hidden_inputs"` (`[B, T, D]` tensors such as a reference model's hidden states, shifted like the hidden
-        states) and `"other_inputs"` (per-sequence tensors, scalars, weights: passed as they are). The extra columns
-        are already popped from `inputs` and can be read from `self._extra_batch`. Here: label smoothing for
-        `loss_type="nll"` with `label_smoothing_factor > 0`."""
+        states) and `"other_inputs"` (per-sequence tensors, scalars, weights: passed as they are).
+
+        Args:
+            model: the model being trained (wrapped as the trainer runs it), e.g. to run a reference through it.
+            inputs: this call's own shallow copy of the batch the model's forward gets, without the extra columns;
+                replacing an entry (e.g. the labels) changes what the forward sees.
+            extra_columns: the batch's `token_columns` and `example_columns`, as the collator gave them.
+
+        Here: label smoothing for `loss_type="nll"` with `label_smoothing_factor > 0`."""
         if self._label_smoothing:
             return {"other_inputs": {"label_smoothing": self._label_smoothing}}
         return {}
@@ -278,7 +310,7 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
         stand_ins = []
         for sequences in trained:
             labels = torch.full((sequences.shape[0], 2), -100, dtype=torch.long, device=sequences.device)
-            labels[sequences, 1] = 0
+            labels[:, 1] = torch.where(sequences, 0, -100)  # not `labels[sequences, 1]`: a boolean index syncs
             stand_ins.append({"labels": labels})
         return super()._get_num_items_in_batch(stand_ins, device)
 
@@ -295,9 +327,10 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
     def _compute_head_loss(self, model, inputs, return_outputs, num_items_in_batch, global_count: bool):
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
-        self._extra_batch = {name: inputs.pop(name) for name in (*self.token_columns, *self.example_columns) if name in inputs}
+        columns = (*self.token_columns, *self.example_columns)
+        extra_columns = {name: inputs.pop(name) for name in columns if name in inputs}
         inputs["use_cache"] = False
-        input_groups = self.loss_method_inputs(model, inputs)
+        input_groups = self.loss_method_inputs(model, inputs, extra_columns)
         if self.aux_loss_enabled:
             # MoE models: the router logits for the load-balancing loss (TRL passes the flag, which vision-language
             # wrappers honour only as a forward argument)
@@ -320,10 +353,10 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
             # count, gradient accumulation is left to the loss, so it is averaged over the accumulation steps
             steps = self.current_gradient_accumulation_steps if global_count else 1
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss / steps
-            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean().item()
-            self._metrics[mode]["aux_loss"].append(aux_loss)
+            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss.detach()).mean()
+            self._metrics[mode]["aux_loss"].append(aux_loss)  # read at `log`
 
-        self._log_head_metrics(mode, outputs.metrics, inputs)
+        self._log_head_metrics(mode, outputs.metric_sums, inputs, extra_columns)
 
         if return_outputs:
             warnings.warn(
@@ -336,16 +369,15 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
             return loss, logits_outputs
         return loss
 
-    def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
-        """Token-weighted means across processes, under TRL's metric names (`entropy`, `mean_token_accuracy`)."""
-        device = self.accelerator.device
-        num_tokens = metrics.pop("num_tokens")
-        names = sorted(metrics)
-        local = torch.tensor([num_tokens, *(metrics[name] * num_tokens for name in names)], device=device)
-        total = self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0)
-        count = total[0].item()
-        for name, value in zip(names, total[1:].tolist()):
-            self._metrics[mode][_METRIC_NAMES.get(name, name)].append(value / count if count > 0 else 0.0)
+    def _log_head_metrics(
+        self, mode: str, metric_sums: dict[str, Any], inputs: dict[str, Any], extra_columns: dict[str, torch.Tensor]
+    ) -> None:
+        """The head's metrics (`FusedHeadOutput.metric_sums`) as means over every process, under TRL's metric names
+        (`entropy`, `mean_token_accuracy`): token means weighted by each process's tokens, metrics with their own
+        count (e.g. PoFT's per-sequence means) weighted by it. `inputs` and `extra_columns` are the batch as
+        `loss_method_inputs` left them. Appended as device values, read when TRL logs: no host sync per step."""
+        for name, value in reduce_head_metrics(self.accelerator, metric_sums).items():
+            self._metrics[mode][name].append(value)
 
         if mode == "train":
             # Same count as SFTTrainer: every real token of the batch, prompt included
@@ -355,5 +387,12 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
                 local_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
             else:
                 raise ValueError("Expected 'attention_mask' or 'position_ids' in the batch.")
-            self._total_train_tokens += self.accelerator.gather_for_metrics(local_tokens).sum().item() // self._tp_size
+            # A device tensor after the first step (TRL keeps an int and syncs each step for it)
+            tokens = self.accelerator.gather_for_metrics(local_tokens).sum() // self._tp_size
+            self._total_train_tokens = self._total_train_tokens + tokens
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # The steps' metrics are device values until here: read them all at once, then TRL averages them
+        read_on_host(self._metrics["train" if self.model.training else "eval"])
+        super().log(logs, start_time)

@@ -62,7 +62,7 @@ class OTRTrainer(FusedSFTTrainer):
     def loss_method(self) -> str:
         return "otr"
 
-    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def loss_method_inputs(self, model, inputs: dict[str, Any], extra_columns) -> dict[str, dict[str, Any]]:
         settings = {"temperature": self.args.temperature, "negative_reward": self.args.negative_reward}
         if not self.model.training:
             return {"other_inputs": {**settings, "num_samples": None}}

@@ -21,7 +21,7 @@ from transformers.utils import logging
 from trl.data_utils import get_dataset_column_names
 
 from ..data.packing import any_per_sequence, batch_sequences, packed_position_ids, sequence_values
-from ..losses.poft import SCORER, PoFTMethod
+from ..losses.poft import SCORER
 from ..ops.method import IGNORE_INDEX
 from .fused_sft_trainer import FusedSFTTrainer
 from .poft_config import PoFTConfig
@@ -29,7 +29,6 @@ from .poft_config import PoFTConfig
 logger = logging.get_logger(__name__)
 
 REF_SCORE_COLUMN = "ref_score"
-_SEQUENCE_METRICS = ("reward_margin", "poft_weight", "policy_score")
 
 
 def scoped_labels(batch: dict[str, Any], scope: str) -> torch.Tensor:
@@ -112,7 +111,6 @@ class PoFTTrainer(FusedSFTTrainer):
         args = self.coerce_args(model, args)
         train_dataset = kwargs.get("train_dataset", positional[1] if len(positional) > 1 else None)
         self._resolve_assistant_only_loss(args, train_dataset)
-        self._poft_method = None
         super().__init__(model, args, *positional, **kwargs)
 
     @staticmethod
@@ -165,13 +163,12 @@ class PoFTTrainer(FusedSFTTrainer):
         return dataset
 
     # ------------------------------------------------------------------ loss
-    def loss_method(self) -> PoFTMethod:
-        # A fresh method object per call: it keeps the batch's per-sequence values for the metrics
-        self._poft_method = PoFTMethod()
-        return self._poft_method
+    def loss_method(self) -> str:
+        # The per-sequence metrics come back with the head's metrics (`PoFTMethod.metric_counts`)
+        return "poft"
 
-    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        if REF_SCORE_COLUMN not in self._extra_batch:
+    def loss_method_inputs(self, model, inputs: dict[str, Any], extra_columns: dict[str, torch.Tensor]):
+        if REF_SCORE_COLUMN not in extra_columns:
             raise ValueError(
                 f"The batch has no `{REF_SCORE_COLUMN}` column: add it to the dataset with `{SCORER}`."
             )
@@ -179,7 +176,7 @@ class PoFTTrainer(FusedSFTTrainer):
         inputs["labels"] = scoped_labels(inputs, self.args.poft_target_scope)
         # One score per sequence: per row, or per packed sequence (the collator's per-token form, read back at the
         # sequences the head finds from the position ids it is given)
-        ref_scores = sequence_values(self._extra_batch[REF_SCORE_COLUMN], inputs, REF_SCORE_COLUMN)
+        ref_scores = sequence_values(extra_columns[REF_SCORE_COLUMN], inputs, REF_SCORE_COLUMN)
         groups = {
             "other_inputs": {
                 "ref_scores": ref_scores.to(inputs["labels"].device), "beta": self.args.beta, "gamma": self.args.gamma
@@ -198,26 +195,3 @@ class PoFTTrainer(FusedSFTTrainer):
 
     def whole_sequence_loss(self, args) -> str | None:
         return "its loss compares each sequence's mean log-prob with the aligned models' score of the whole response"
-
-    def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
-        """The per-sequence metrics as means over every process's sequences; the rest as the parent logs them."""
-        for name in _SEQUENCE_METRICS:
-            metrics.pop(name, None)
-        stats = self._poft_method.sequence_stats if self._poft_method is not None else None
-        if stats is not None:
-            device = self.accelerator.device
-            margin = stats["policy_score"] - stats["ref_score"]
-            local = torch.stack(
-                [
-                    torch.tensor(float(margin.numel()), dtype=torch.float64),
-                    margin.sum().double().cpu(),
-                    stats["poft_weight"].sum().double().cpu(),
-                    stats["policy_score"].sum().double().cpu(),
-                ]
-            ).to(device)
-            total = self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0).tolist()
-            count = total[0]
-            if count > 0:  # a batch without a trained sequence anywhere has no per-sequence value to log
-                for name, value in zip(_SEQUENCE_METRICS, total[1:]):
-                    self._metrics[mode][name].append(value / count)
-        super()._log_head_metrics(mode, metrics, inputs)

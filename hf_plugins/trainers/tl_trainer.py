@@ -154,11 +154,9 @@ class TLTrainer(FusedSFTTrainer):
     def loss_method(self) -> str:
         return "weighted"
 
-    def loss_method_inputs(self, model, inputs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    def loss_method_inputs(self, model, inputs: dict[str, Any], extra_columns: dict[str, torch.Tensor]):
         labels = inputs["labels"]
-        weights = self._extra_batch["token_weights"].to(labels.device)
-        supervised = labels[:, 1:] != IGNORE_INDEX
-        self._raw_weight_mean = (weights[:, 1:] * supervised).sum().item() / max(int(supervised.sum()), 1)
+        weights = extra_columns["token_weights"].to(labels.device)
         if self.args.weight_normalization == "sample":
             weights = per_sequence_normalized(weights, labels, batch_sequences(inputs))
         return {"token_inputs": {"token_weights": weights}}
@@ -175,8 +173,12 @@ class TLTrainer(FusedSFTTrainer):
             return None
         return "weight_normalization='sample' divides each sequence's weights by their sum; 'token' packs any way"
 
-    def _log_head_metrics(self, mode: str, metrics: dict[str, float], inputs: dict[str, Any]) -> None:
-        if "token_weight" in metrics:
-            # The head sees the normalised weights under "sample": report the PKT weights themselves
-            metrics["token_weight"] = self._raw_weight_mean
-        super()._log_head_metrics(mode, metrics, inputs)
+    def _log_head_metrics(self, mode: str, metric_sums, inputs: dict[str, Any], extra_columns) -> None:
+        if "token_weight" in metric_sums:
+            # The head sees the normalised weights under "sample": report the PKT weights themselves, summed over the
+            # head's supervised tokens (a label after the shift) like the head's own sum
+            labels = inputs["labels"]
+            supervised = labels[:, 1:] != IGNORE_INDEX
+            raw = extra_columns["token_weights"][:, 1:].to(labels.device)
+            metric_sums = {**metric_sums, "token_weight": (raw * supervised).sum()}
+        super()._log_head_metrics(mode, metric_sums, inputs, extra_columns)
