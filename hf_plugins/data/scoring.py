@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
-from contextlib import ExitStack
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from ..utils import get_logger, is_integer
+
+logger = get_logger(__name__)
 
 #: Bumped whenever what a score means changes, so that older cache files are not reused
 SCORING_VERSION = "poft-aligned-score-v1"
@@ -270,25 +270,9 @@ def _as_list(value, name: str) -> list:
 
 
 def _default_device() -> torch.device:
-    try:
-        from accelerate import PartialState
+    from accelerate import PartialState
 
-        return PartialState().device
-    except Exception:  # pragma: no cover - accelerate is a dependency of transformers' Trainer
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _first_processes(stack: ExitStack) -> None:
-    """Under several processes, the global main process runs the body first (and writes the cache), then each node's
-    local main, then the rest (which read the cache)."""
-    try:
-        from accelerate import PartialState
-    except ImportError:  # pragma: no cover
-        return
-    state = PartialState()
-    if state.num_processes > 1:
-        stack.enter_context(state.main_process_first())
-        stack.enter_context(state.local_main_process_first())
+    return PartialState().device
 
 
 def score_with_aligned_models(
@@ -339,6 +323,7 @@ def score_with_aligned_models(
     from datasets import Dataset
     from datasets import config as datasets_config
     from datasets.fingerprint import is_caching_enabled
+    from trl.trainer.utils import global_then_local_main_first
 
     if not isinstance(dataset, Dataset):
         raise ValueError(
@@ -350,9 +335,9 @@ def score_with_aligned_models(
             f"The dataset already has a `{column}` column: remove it (`dataset.remove_columns('{column}')`) or pass "
             "another `column=` name."
         )
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+    if not is_integer(batch_size) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+    if max_length is not None and (not is_integer(max_length) or max_length < 2):
         raise ValueError(f"`max_length` must be an integer >= 2 or None, got {max_length!r}.")
     models = _as_list(models, "models")
     if not models:
@@ -414,8 +399,8 @@ def score_with_aligned_models(
         if caching:
             os.makedirs(cache_dir, exist_ok=True)
             map_kwargs["cache_file_name"] = os.path.join(cache_dir, f"aligned-scores-{fingerprint}.arrow")
-        with ExitStack() as stack:
-            _first_processes(stack)
+        # The global main process scores first and writes the cache, then each node's local main, then the rest
+        with global_then_local_main_first():
             scores = dataset.map(score, **map_kwargs)
         per_model.append(np.asarray(scores["score"], dtype=np.float64))
 

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from ..ops.method import Chunk, KernelSpec, LossMethod, Rows, Targets
+from ..utils import is_integer
 from ._common import check_labels, compute_dtype
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -79,7 +80,7 @@ def _is_real(value) -> bool:
 
 
 def _is_count(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return is_integer(value) and value >= 1
 
 
 @dataclass(frozen=True)

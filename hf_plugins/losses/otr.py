@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets
+from ..utils import is_integer
 from ._common import check_labels, compute_dtype, reduce_sum
 
 DEFAULT_NUM_SAMPLES = 8
@@ -52,9 +53,7 @@ def _is_real(value) -> bool:
 
 def check_otr_settings(num_samples, temperature, negative_reward) -> None:
     """Raise a `ValueError` naming the field unless the OTR hyperparameters make sense."""
-    if num_samples is not None and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1
-    ):
+    if num_samples is not None and (not is_integer(num_samples) or num_samples < 1):
         raise ValueError(
             f"`num_samples` must be a positive integer (tokens sampled per position) or None for the exact "
             f"expectation, got {num_samples!r}."

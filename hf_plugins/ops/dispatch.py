@@ -7,7 +7,7 @@ import torch
 from .chunked import chunked_label_log_probs, chunked_linear_loss, default_chunk_size
 from .method import IGNORE_INDEX, LossMethod, Rows
 from .reference import reference_linear_loss
-from ..utils import triton_usable
+from ..utils import is_integer, triton_usable
 
 BACKENDS = ("auto", "chunked", "reference", "triton", "liger")
 
@@ -128,7 +128,7 @@ def fused_linear_loss(
     """
     method = resolve_method(method)
     backend = resolve_backend(backend, hidden.device, method)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0):
+    if chunk_size is not None and (not is_integer(chunk_size) or chunk_size <= 0):
         raise ValueError(f"`chunk_size` must be a positive integer number of rows, got {chunk_size!r}.")
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, (int, float, torch.Tensor)):
         raise ValueError(f"`num_items_in_batch` must be a number or a tensor, got {type(num_items_in_batch)}.")

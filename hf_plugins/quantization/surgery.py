@@ -9,16 +9,16 @@ model's; passing it to `prepare_model_for_roste` again re-applies the saved rota
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
 from torch import nn
 
 from .hadamard import HadamardTransform, random_sign_hadamard_matrix
+from ..utils import get_logger
 from .modules import QuantConfig, QuantLinear, RoSTEAttentionMixin, convert_attention
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: `config.model_type` values whose block structure RoSTE's surgery knows
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -155,10 +155,7 @@ def _switch_to_supported_attention(model, quant: QuantConfig) -> None:
         "'eager'. Load the model with `attn_implementation='eager'` (or 'sdpa') to silence this warning.",
         stacklevel=3,
     )
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    else:  # pragma: no cover - older transformers
-        model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
 
 
 def patch_model(model, quant: QuantConfig) -> None:
