@@ -1,6 +1,7 @@
 """hf-plugins: drop-in TRL trainers for recent fine-tuning research, with loss heads that never build the logits."""
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0.dev0"
 
@@ -52,3 +53,28 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (tests/test_packaging.py keeps them true)
+    from .callbacks import UDSCallback
+    from .data import score_with_aligned_models
+    from .losses import asft_loss, dft_loss, grpo_loss, otr_loss, poft_loss, sft_loss, weighted_sft_loss
+    from .ops import fused_linear_loss
+    from .rewards import classify_tool_call, tool_call_reward
+    from .trainers import (
+        ASFTConfig,
+        ASFTTrainer,
+        FusedSFTConfig,
+        FusedSFTTrainer,
+        OTRConfig,
+        OTRTrainer,
+        PoFTConfig,
+        PoFTTrainer,
+        RoSTEConfig,
+        RoSTETrainer,
+        TLConfig,
+        TLTrainer,
+        UDSConfig,
+        UDSMixin,
+        with_uds,
+    )

@@ -25,12 +25,12 @@ import functools
 import inspect
 import sys
 import types
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from transformers.utils import ModelOutput
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .ops import fused_linear_loss
 from .ops.method import PLAIN_LOGITS, LogitTransform, LossMethod
@@ -93,10 +93,6 @@ def lm_head_parameters(lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.Te
 def gather_lm_head(weight, bias):
     """Under DeepSpeed ZeRO-3 the head is sharded and only gathered by its own forward hook, which the fused head
     never calls: gather it for the duration of the loss (TRL's helper, reused)."""
-    try:
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-    except ImportError:  # pragma: no cover - older TRL
-        return nullcontext()
     return maybe_gather_lm_head_ctx(weight, bias)
 
 

@@ -15,6 +15,7 @@ with a one-line error and exit status 2, before any model is loaded where possib
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import sys
@@ -205,6 +206,9 @@ def check_inputs(method: str, training_args, model_args) -> None:
                     f"--{flag} ({flag}: true in a YAML) cannot be used with `hf-plugins {method}`: {why}; drop --{flag}"
                     + (" and the --lora_* options" if flag == "use_peft" else "")
                 )
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        if getattr(model_args, flag, False) and importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError(f"--{flag} needs bitsandbytes, which is not installed: pip install 'hf-plugins[qlora]'")
     init_kwargs = training_args.model_init_kwargs or {}
     cache_dir = init_kwargs.get("cache_dir")
     check_model_path(

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.utils import logging
 
 from ..losses.uds import (
     HeadFactors,
@@ -30,8 +29,9 @@ from ..losses.uds import (
     scores_from_hidden_softcapped,
 )
 from ..ops.method import PLAIN_LOGITS, LogitTransform
+from ..utils import get_logger, is_integer
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 #: Name of the file, inside a checkpoint folder, that holds the UDS state (one per process when distributed)
 UDS_STATE_NAME = "uds_state"
@@ -186,10 +186,7 @@ class UDSSettings:
 def check_uds_settings(settings: UDSSettings, batch_size: int | None = None) -> None:
     """Raise a `ValueError` naming the `uds_*` field and the fix for any invalid setting."""
 
-    def is_int(value):
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if not is_int(settings.keep) or settings.keep < 1:
+    if not is_integer(settings.keep) or settings.keep < 1:
         raise ValueError(
             f"`uds_keep={settings.keep!r}` must be a positive number of examples to keep from each candidate "
             "micro-batch (the reference keeps 1 of 4)."
@@ -205,19 +202,19 @@ def check_uds_settings(settings: UDSSettings, batch_size: int | None = None) -> 
         raise ValueError(f"`uds_alpha={settings.alpha!r}` must be a finite number >= 0 (the reference uses 1.5e-3).")
     for name in ("memory_size", "sketch_rows", "sketch_cols"):
         value = getattr(settings, name)
-        if not is_int(value) or value < 1:
+        if not is_integer(value) or value < 1:
             raise ValueError(f"`uds_{name}={value!r}` must be a positive integer.")
-    if settings.sketch_length is not None and (not is_int(settings.sketch_length) or settings.sketch_length < 1):
+    if settings.sketch_length is not None and (not is_integer(settings.sketch_length) or settings.sketch_length < 1):
         raise ValueError(
             f"`uds_sketch_length={settings.sketch_length!r}` must be a positive number of tokens (at least the "
             "longest padded batch), or None for `max_length`."
         )
-    if not is_int(settings.start_step) or settings.start_step < 0:
+    if not is_integer(settings.start_step) or settings.start_step < 0:
         raise ValueError(f"`uds_start_step={settings.start_step!r}` must be an optimizer step >= 0.")
     if settings.mode not in MODES:
         choices = ", ".join(map(repr, MODES))
         raise ValueError(f"`uds_mode={settings.mode!r}` is not a UDS mode: choose one of {choices}.")
-    if settings.seed is not None and not is_int(settings.seed):
+    if settings.seed is not None and not is_integer(settings.seed):
         raise ValueError(f"`uds_seed={settings.seed!r}` must be an integer or None (then `seed` is used).")
 
 

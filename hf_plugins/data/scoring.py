@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
-from contextlib import ExitStack
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-logger = logging.getLogger(__name__)
+from ..utils import get_logger, is_integer
+
+logger = get_logger(__name__)
 
 #: Bumped whenever what a score means changes, so that older cache files are not reused
 SCORING_VERSION = "poft-aligned-score-v1"
@@ -272,25 +272,9 @@ def _as_list(value, name: str) -> list:
 
 
 def _default_device() -> torch.device:
-    try:
-        from accelerate import PartialState
+    from accelerate import PartialState
 
-        return PartialState().device
-    except Exception:  # pragma: no cover - accelerate is a dependency of transformers' Trainer
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _first_processes(stack: ExitStack) -> None:
-    """Under several processes, the global main process runs the body first (and writes the cache), then each node's
-    local main, then the rest (which read the cache)."""
-    try:
-        from accelerate import PartialState
-    except ImportError:  # pragma: no cover
-        return
-    state = PartialState()
-    if state.num_processes > 1:
-        stack.enter_context(state.main_process_first())
-        stack.enter_context(state.local_main_process_first())
+    return PartialState().device
 
 
 def _check_scoring_arguments(dataset, column: str, batch_size, max_length) -> None:
@@ -307,9 +291,9 @@ def _check_scoring_arguments(dataset, column: str, batch_size, max_length) -> No
             f"The dataset already has a `{column}` column: remove it (`dataset.remove_columns('{column}')`) or pass "
             "another `column=` name."
         )
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+    if not is_integer(batch_size) or batch_size <= 0:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-    if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
+    if max_length is not None and (not is_integer(max_length) or max_length < 2):
         raise ValueError(f"`max_length` must be an integer >= 2 or None, got {max_length!r}.")
 
 
@@ -437,6 +421,7 @@ def score_with_aligned_models(
         [`~datasets.Dataset`]: `dataset` with the `column` column (float64) added.
     """
     from datasets.fingerprint import is_caching_enabled
+    from trl.trainer.utils import global_then_local_main_first
 
     _check_scoring_arguments(dataset, column, batch_size, max_length)
     aligned = _aligned_models(models, tokenizers, model_init_kwargs, device)
@@ -458,8 +443,8 @@ def score_with_aligned_models(
         if caching:
             os.makedirs(cache_dir, exist_ok=True)
             map_kwargs["cache_file_name"] = os.path.join(cache_dir, f"aligned-scores-{fingerprint}.arrow")
-        with ExitStack() as stack:
-            _first_processes(stack)
+        # The global main process scores first and writes the cache, then each node's local main, then the rest
+        with global_then_local_main_first():
             scores = dataset.map(score, **map_kwargs)
         per_model.append(np.asarray(scores["score"], dtype=np.float64))
 

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE_INDEX = -100
+from ..ops.method import IGNORE_INDEX
 
 #: Error patterns of the official MAE code: a tool response containing any of them (after normalisation, see
 #: `normalize_for_matching`) marks the call before it as erroneous. Note that `'error'` and `"error":` both normalise

@@ -19,7 +19,6 @@ declared dependencies build llama-cpp-python from source.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import shutil
 import tempfile
@@ -27,8 +26,9 @@ import time
 from pathlib import Path
 
 from ..chat_templates import load_template, training_chat_template
+from ..utils import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: The name that selects the embedded model; `None` selects it too.
 DEFAULT_MODEL = "smollm2"

@@ -29,13 +29,13 @@ them (four matmuls, like TRL).
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
 
 from ..ops.method import Chunk, KernelSpec, LossMethod, Rows, Targets
+from ..utils import is_integer, is_real
 from ._common import check_labels, compute_dtype
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
@@ -74,12 +74,8 @@ SEQUENCE_TILE_BUDGET = 1 << 26
 # ------------------------------------------------------------------------------------------------------- options
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _is_count(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return is_integer(value) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -133,7 +129,7 @@ class GRPOOptions:
             elif name in ("num_processes", "steps_per_generation", "gradient_accumulation_steps"):
                 if not _is_count(value):
                     raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-            elif not _is_real(value) or not math.isfinite(value):
+            elif not is_real(value) or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if self.temperature <= 0:
             raise ValueError(

@@ -18,13 +18,13 @@ draw exactly the same tokens for the same generator state, and a row costs O(V +
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets
+from ..utils import is_integer, is_real
 from ._common import check_labels, compute_dtype, reduce_sum
 
 DEFAULT_NUM_SAMPLES = 8
@@ -47,25 +47,19 @@ class OTRSettings:
         check_otr_settings(self.num_samples, self.temperature, self.negative_reward)
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def check_otr_settings(num_samples, temperature, negative_reward) -> None:
     """Raise a `ValueError` naming the field unless the OTR hyperparameters make sense."""
-    if num_samples is not None and (
-        isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1
-    ):
+    if num_samples is not None and (not is_integer(num_samples) or num_samples < 1):
         raise ValueError(
             f"`num_samples` must be a positive integer (tokens sampled per position) or None for the exact "
             f"expectation, got {num_samples!r}."
         )
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    if not is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(
             f"`temperature` must be a finite number > 0 (the paper samples at tau > 1; default "
             f"{DEFAULT_TEMPERATURE}), got {temperature!r}."
         )
-    if not _is_real(negative_reward) or not math.isfinite(negative_reward):
+    if not is_real(negative_reward) or not math.isfinite(negative_reward):
         raise ValueError(f"`negative_reward` must be a finite number < 1, got {negative_reward!r}.")
     if negative_reward >= 1:
         raise ValueError(

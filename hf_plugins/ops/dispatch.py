@@ -7,7 +7,7 @@ import torch
 from .chunked import chunked_label_log_probs, chunked_linear_loss, default_chunk_size
 from .method import IGNORE_INDEX, PLAIN_LOGITS, LogitTransform, LossMethod, Rows
 from .reference import reference_linear_loss
-from ..utils import triton_usable
+from ..utils import is_integer, triton_usable
 
 BACKENDS = ("auto", "chunked", "reference", "triton", "liger")
 
@@ -142,7 +142,7 @@ def fused_linear_loss(
         raise ValueError(
             f"`logit_transform` must be a `LogitTransform` (or None), got {type(logit_transform).__name__}."
         )
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0):
+    if chunk_size is not None and (not is_integer(chunk_size) or chunk_size <= 0):
         raise ValueError(f"`chunk_size` must be a positive integer number of rows, got {chunk_size!r}.")
     if return_metrics not in (False, True, "sums"):
         raise ValueError(f"`return_metrics` must be True, False or 'sums', got {return_metrics!r}.")

@@ -9,8 +9,6 @@ model's; passing it to `prepare_model_for_roste` again re-applies the saved rota
 
 from __future__ import annotations
 
-import logging
-
 from .modules import QuantConfig
 from .search import search_rotations
 from .surgery import (
@@ -23,8 +21,9 @@ from .surgery import (
     set_rotations,
     uniform_rotations,
 )
+from ..utils import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 #: Values of `rotations` (and of `RoSTEConfig.rotations`)
 ROTATION_MODES = ("adaptive", "all", "none")

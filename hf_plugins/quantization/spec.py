@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..utils import is_integer
+
 #: Bits at or above which a quantiser is the identity
 OFF_BITS = 16
 MIN_BITS = 2
@@ -18,7 +20,7 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def check_bits(bits, name: str = "bits") -> int:
     """`bits` as an int in [2, 16] (16 = quantisation off), or a `ValueError` naming `name`."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= OFF_BITS:
+    if not is_integer(bits) or not MIN_BITS <= bits <= OFF_BITS:
         raise ValueError(
             f"`{name}={bits!r}` is out of range: use an integer number of bits from {MIN_BITS} to {OFF_BITS} "
             f"({OFF_BITS} turns that quantiser off)."

@@ -153,10 +153,7 @@ def _switch_to_supported_attention(model, quant: QuantConfig) -> None:
         "'eager'. Load the model with `attn_implementation='eager'` (or 'sdpa') to silence this warning.",
         stacklevel=3,
     )
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    else:  # pragma: no cover - older transformers
-        model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
 
 
 def patch_model(model, quant: QuantConfig) -> None:

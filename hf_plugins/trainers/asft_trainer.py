@@ -13,7 +13,6 @@ Where the reference comes from:
 from __future__ import annotations
 
 import copy
-import logging
 import textwrap
 from typing import Any
 
@@ -26,9 +25,10 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from .asft_config import ASFTConfig
 from ..modeling import add_loss_head_forward, forward_hidden_states, gather_lm_head, lm_head_parameters
+from ..utils import get_logger
 from .fused_sft_trainer import FusedSFTTrainer
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 def _vocab_rows(model) -> int:

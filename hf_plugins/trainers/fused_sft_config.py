@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from ..ops.dispatch import BACKENDS
+from ..utils import is_integer
 from .hub_config import HubConfigMixin
 
 
@@ -76,9 +77,7 @@ class FusedSFTConfig(HubConfigMixin, SFTConfig):
                 f"`loss_backend={self.loss_backend!r}` is not a loss backend: choose one of "
                 f"{', '.join(map(repr, BACKENDS))}."
             )
-        if self.loss_chunk_size is not None and (
-            not isinstance(self.loss_chunk_size, int) or isinstance(self.loss_chunk_size, bool) or self.loss_chunk_size <= 0
-        ):
+        if self.loss_chunk_size is not None and (not is_integer(self.loss_chunk_size) or self.loss_chunk_size <= 0):
             raise ValueError(
                 f"`loss_chunk_size={self.loss_chunk_size!r}` must be a positive number of tokens, or None for the "
                 "default."

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..losses.otr import DEFAULT_NEGATIVE_REWARD, DEFAULT_NUM_SAMPLES, DEFAULT_TEMPERATURE, check_otr_settings
+from ..utils import is_integer
 from .fused_sft_config import FusedSFTConfig
 
 #: Spellings of "no sampling, exact expectation" accepted for `num_samples` from a command line, where None cannot be
@@ -71,7 +72,7 @@ class OTRConfig(FusedSFTConfig):
     def __post_init__(self):
         self.num_samples = _parse_num_samples(self.num_samples)
         check_otr_settings(self.num_samples, self.temperature, self.negative_reward)
-        if self.otr_seed is not None and (isinstance(self.otr_seed, bool) or not isinstance(self.otr_seed, int)):
+        if self.otr_seed is not None and not is_integer(self.otr_seed):
             raise ValueError(f"`otr_seed` must be an integer or None (use `seed`), got {self.otr_seed!r}.")
         super().__post_init__()
 

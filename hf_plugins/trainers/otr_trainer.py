@@ -12,12 +12,12 @@ import os
 from typing import Any
 
 import torch
-from transformers.utils import logging
 
+from ..utils import get_logger
 from .fused_sft_trainer import FusedSFTTrainer
 from .otr_config import OTRConfig
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 #: Name of the file, inside a checkpoint folder, that holds the OTR generator state (one per process when distributed)
 OTR_RNG_STATE_NAME = "otr_rng_state"

@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 from datasets import Dataset
-from transformers.utils import logging
 from trl.data_utils import get_dataset_column_names
 
 from ..data.packing import any_per_sequence, batch_sequences, packed_position_ids, sequence_values
 from ..losses.poft import SCORER
 from ..ops.method import IGNORE_INDEX
+from ..utils import get_logger
 from .fused_sft_trainer import FusedSFTTrainer
 from .poft_config import PoFTConfig
 
-logger = logging.get_logger(__name__)
+logger = get_logger(__name__)
 
 REF_SCORE_COLUMN = "ref_score"
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..quantization.modules import QuantConfig
 from ..quantization.prepare import ROTATION_MODES
 from ..quantization.spec import QuantSpec, check_bits, check_clip_ratio
+from ..utils import is_integer
 from .fused_sft_config import FusedSFTConfig
 
 
@@ -115,7 +116,7 @@ class RoSTEConfig(FusedSFTConfig):
             )
         for name in ("rotation_search_samples", "rotation_search_max_length"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_integer(value) or value <= 0:
                 raise ValueError(f"`{name}={value!r}` must be a positive integer.")
         if self.export_quantized is not None:
             self.export_quantized = os.fspath(self.export_quantized)

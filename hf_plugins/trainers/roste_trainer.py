@@ -11,7 +11,6 @@ is then plain SFT through the fused head of `FusedSFTTrainer` (the embeddings an
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 
@@ -21,10 +20,11 @@ from transformers import PreTrainedModel
 from ..quantization.export import export_roste
 from ..quantization.prepare import prepare_model_for_roste
 from ..quantization.surgery import check_supported_model, set_rotations
+from ..utils import get_logger
 from .fused_sft_trainer import FusedSFTTrainer
 from .roste_config import RoSTEConfig
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class RoSTETrainer(FusedSFTTrainer):
