@@ -119,7 +119,8 @@ def run_chunks(
             labels=y,
             label_log_probs=label_log_probs,
             rows=rows,
-            inputs={name: value[rows] for name, value in row_inputs.items()},
+            # per-row tensors sliced to the tile; anything else (a method's per-call context) as it is
+            inputs={name: value[rows] if torch.is_tensor(value) else value for name, value in row_inputs.items()},
         )
         targets = method.targets(chunk)
         loss_sum += targets.row_loss(log_probs).sum()

@@ -120,7 +120,8 @@ def fused_linear_loss(
             builds its own reduction (`"grpo"`: `LossMethod.reduces_itself`) takes it as an input instead.
         return_metrics (`bool`): also return a dict of per-token means: `label_prob` (mean p(label)),
             `token_accuracy` (argmax == label), `entropy`, plus the method's own (e.g. `dft_weight`), and
-            `num_tokens`, the number of supervised tokens. They cost no extra pass.
+            `num_tokens`, the number of supervised tokens, and what the method adds (`LossMethod.call_metrics`;
+            `"grpo"`: TRL's statistics as a `GRPOStatistics` under `"grpo_statistics"`). They cost no extra pass.
         **method_inputs: the method's inputs (e.g. `token_weights` [B, T] for `"weighted"`).
 
     Returns:
@@ -195,6 +196,6 @@ def fused_linear_loss(
         )
     if not return_metrics:
         return loss
-    metrics = {name: float(value) / max(num_rows, 1) for name, value in metric_sums.items()}
+    metrics = method.call_metrics(metric_sums, num_rows, row_inputs)
     metrics["num_tokens"] = num_rows
     return loss, metrics

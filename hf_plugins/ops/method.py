@@ -208,7 +208,11 @@ class LossMethod:
     whole_sequence_kernel_tiles: bool = False
 
     def prepare(self, rows: Rows, **method_inputs) -> dict[str, torch.Tensor]:
-        """Validate the method's inputs and return its per-row tensors (first dimension N, sliced per chunk)."""
+        """Validate the method's inputs and return its per-row tensors (first dimension N, sliced per chunk).
+
+        The result is the call's only state: a value that is not a tensor (e.g. an object holding the call's
+        settings and what the tiles produce) is handed to every chunk as it is, and reaches `call_metrics` at the
+        end of the call. Nothing is kept on the method object from one call to the next."""
         if method_inputs:
             names = ", ".join(sorted(method_inputs))
             raise ValueError(f"Method '{self.name}' takes no inputs, got: {names}.")
@@ -220,6 +224,13 @@ class LossMethod:
     def metrics(self, chunk: Chunk, targets: Targets) -> dict[str, torch.Tensor]:
         """Per-row values to average over the supervised rows and report (name -> `[C]` tensor)."""
         return {}
+
+    def call_metrics(self, metric_sums: dict[str, torch.Tensor], num_rows: int, row_inputs: dict) -> dict:
+        """The metrics the head returns for the call (`return_metrics=True`), from the per-row sums of the standard
+        metrics and of `metrics` over its `num_rows` supervised rows, and `prepare`'s result: by default the
+        per-token means, as floats. A method may add what its sums cannot express (GRPO: TRL's statistics, as
+        tensors of sums and counts that the caller reduces across processes)."""
+        return {name: float(value) / max(num_rows, 1) for name, value in metric_sums.items()}
 
     def num_items(self, rows: Rows, row_inputs: dict[str, torch.Tensor]) -> int:
         """What the summed loss is divided by when the caller gives no `num_items_in_batch`: the number of supervised
