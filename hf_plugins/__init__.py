@@ -9,6 +9,8 @@ __version__ = "0.1.0.dev0"
 _EXPORTS = {
     "ASFTConfig": "trainers",
     "ASFTTrainer": "trainers",
+    "FusedGRPOConfig": "trainers",
+    "FusedGRPOTrainer": "trainers",
     "FusedSFTConfig": "trainers",
     "FusedSFTTrainer": "trainers",
     "OTRConfig": "trainers",

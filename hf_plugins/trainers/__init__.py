@@ -5,6 +5,8 @@ from .asft_config import ASFTConfig
 from .asft_trainer import ASFTTrainer
 from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
+from .grpo_config import FusedGRPOConfig
+from .grpo_trainer import FusedGRPOTrainer
 from .otr_config import OTRConfig
 from .otr_trainer import OTRTrainer
 from .poft_config import PoFTConfig
@@ -19,6 +21,8 @@ from .uds_trainer import UDSMixin, with_uds
 __all__ = [
     "ASFTConfig",
     "ASFTTrainer",
+    "FusedGRPOConfig",
+    "FusedGRPOTrainer",
     "FusedSFTConfig",
     "FusedSFTTrainer",
     "OTRConfig",
