@@ -20,6 +20,7 @@ TRAIN_COMMANDS = {
     "tl": ("TLConfig", "TLTrainer", "TL-Training: tool-call SFT with key-token weights and bad-call masking"),
     "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
     "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
+    "grpo": ("FusedGRPOConfig", "FusedGRPOTrainer", "GRPO, every TRL loss_type, with the fused policy-loss head"),
 }
 
 
@@ -28,7 +29,8 @@ def usage() -> str:
     methods = "\n".join(f"  {name:<{width}}   {desc}" for name, (_, _, desc) in TRAIN_COMMANDS.items())
     return f"""usage: hf-plugins <command> [options]
 
-training commands (`hf-plugins <method> --config run.yaml [--any_config_field value]`; the YAML of `trl sft` works):
+training commands (`hf-plugins <method> --config run.yaml [--any_config_field value]`; the YAML of `trl sft`, and
+for `grpo` of `trl grpo`, works):
 {methods}
 
 other commands:
