@@ -118,7 +118,7 @@ def step_logs(trainer):
 
 def assert_logs_equal(got: list, expected: list):
     assert len(got) == len(expected) > 0
-    for step, (entry, reference) in enumerate(zip(got, expected)):
+    for step, (entry, reference) in enumerate(zip(got, expected, strict=True)):
         assert set(entry) == set(reference), (step, sorted(set(entry) ^ set(reference)))
         for key, value in reference.items():
             if key.endswith(TIMINGS):
@@ -131,7 +131,7 @@ def assert_logs_equal(got: list, expected: list):
 
 def assert_parameters_equal(got: list, expected: list):
     assert len(got) == len(expected) > 0
-    for step, (params, reference) in enumerate(zip(got, expected)):
+    for step, (params, reference) in enumerate(zip(got, expected, strict=True)):
         assert params.keys() == reference.keys()
         for name, value in reference.items():
             torch.testing.assert_close(params[name], value, atol=ATOL, rtol=RTOL, msg=f"step {step}: {name}")

@@ -60,9 +60,9 @@ class FusedGRPOTrainer(ModelCardMixin, GRPOTrainer):
     loss option, step for step, without the `[tokens, vocab]` logits.
 
     Refused before training, with the reason: `top_entropy_quantile < 1` and `loss_backend="liger"` (by the
-    config), vision-language models and multimodal batches, prompt-learning PEFT (prompt tuning, p-tuning), models
-    that transform their logits after the lm_head (soft-capping, scaling), and `loss_backend="triton"` without a
-    CUDA device.
+    config), `loss_backend="triton"` without a CUDA device, vision-language models and multimodal batches,
+    prompt-learning PEFT (prompt tuning, p-tuning, prefix tuning), and models that transform their logits after the
+    lm_head (soft-capping, scaling).
     """
 
     _tag_names = ["trl", "grpo", "hf-plugins"]
@@ -97,27 +97,31 @@ class FusedGRPOTrainer(ModelCardMixin, GRPOTrainer):
         peft_config = kwargs.get("peft_config")
         if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
             self._refuse_prompt_learning(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+        if args.loss_backend == "triton" and not triton_usable(args.device):
+            raise ValueError(
+                f"`loss_backend='triton'` needs a CUDA device with triton (the trainer runs on {args.device.type}): "
+                "set `loss_backend='auto'` (it picks the fastest backend the device has) or 'chunked'."
+            )
+        if isinstance(kwargs.get("processing_class"), ProcessorMixin):
+            self._refuse_vision_language()
         if not isinstance(model, str):
             check_plain_lm_head(model)  # soft-capping or scaled logits: refused before TRL sets anything up
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         destroy_process_group_at_exit()
 
-        if self._is_vlm or isinstance(self.processing_class, ProcessorMixin):
-            raise ValueError(
-                f"{type(self).__name__} does not support vision-language models yet: their forward is not the text "
-                "backbone the fused head reads. Use TRL's GRPOTrainer for them."
-            )
+        if self._is_vlm:  # the processor TRL loaded for a model given by name
+            self._refuse_vision_language()
         active = getattr(self.model, "active_peft_config", None)
         if active is not None and getattr(active, "is_prompt_learning", False):
             self._refuse_prompt_learning(getattr(active.peft_type, "value", active.peft_type))
-        if self.args.loss_backend == "triton" and not triton_usable(self.accelerator.device):
-            raise ValueError(
-                f"`loss_backend='triton'` needs a CUDA device with triton (the trainer runs on "
-                f"{self.accelerator.device.type}): set `loss_backend='auto'` (it picks the fastest backend the device "
-                "has) or 'chunked'."
-            )
         # After TRL's `add_fused_lm_head`: without `loss_head` the forward is TRL's (generation, old/ref passes)
         add_loss_head_forward(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+
+    def _refuse_vision_language(self) -> None:
+        raise ValueError(
+            f"{type(self).__name__} does not support vision-language models yet: their forward is not the text "
+            "backbone the fused head reads. Use TRL's GRPOTrainer for them."
+        )
 
     def _refuse_prompt_learning(self, peft_type) -> None:
         kind = "prompt-learning PEFT" + (f" ({peft_type})" if peft_type else "")

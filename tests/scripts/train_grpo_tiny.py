@@ -6,7 +6,6 @@ the main process.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 
