@@ -17,6 +17,7 @@ _TRAIN_COMMANDS = {
     "tl": ("TLConfig", "TLTrainer", "TL-Training: tool-call SFT with key-token weights and bad-call masking"),
     "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
     "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
+    "grpo": ("FusedGRPOConfig", "FusedGRPOTrainer", "GRPO, every TRL loss_type, with the fused policy-loss head"),
 }
 
 # Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers
@@ -64,6 +65,8 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
     from .trainers import (
         ASFTConfig,
         ASFTTrainer,
+        FusedGRPOConfig,
+        FusedGRPOTrainer,
         FusedSFTConfig,
         FusedSFTTrainer,
         OTRConfig,

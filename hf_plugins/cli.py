@@ -21,7 +21,8 @@ def usage() -> str:
     methods = "\n".join(f"  {name:<{width}}   {desc}" for name, (_, _, desc) in TRAIN_COMMANDS.items())
     return f"""usage: hf-plugins <command> [options]
 
-training commands (`hf-plugins <method> --config run.yaml [--any_config_field value]`; the YAML of `trl sft` works):
+training commands (`hf-plugins <method> --config run.yaml [--any_config_field value]`; the YAML of `trl sft`, and
+for `grpo` of `trl grpo`, works):
 {methods}
 
 other commands:

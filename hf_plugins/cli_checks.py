@@ -227,6 +227,31 @@ def check_dataset_format(
     return found
 
 
+def check_prompt_dataset(dataset, command: str, split: str) -> None:
+    """A GRPO dataset has a `prompt` column (text, or a conversation to continue), as `trl grpo` reads it; else a
+    `UsageError` naming its columns and the fix."""
+    columns = _column_names(dataset)
+    if "prompt" in columns:
+        value = _first_value(dataset, "prompt")
+        if value is None or isinstance(value, str) or _is_conversation(value):
+            return
+        raise UsageError(
+            f"the {split} dataset's `prompt` column holds {type(value).__name__} values; `hf-plugins {command}` needs "
+            "text prompts or conversations (lists of {'role': ..., 'content': ...} dicts)"
+        )
+    listed = ", ".join(f"`{c}`" for c in columns) or "none"
+    hint = (
+        "keep the turns before each assistant reply as `prompt` (e.g. `dataset.map(lambda row: {'prompt': "
+        "row['messages'][:-1]})`)"
+        if "messages" in columns
+        else "rename the column of prompts (`dataset.rename_column(..., 'prompt')`)"
+    )
+    raise UsageError(
+        f"the {split} dataset has the columns {listed}; `hf-plugins {command}` needs a `prompt` column (text or a "
+        f"conversation), which the model completes: {hint}"
+    )
+
+
 def assistant_turns(dataset, column: str) -> tuple[int, int, int | None, set[str]]:
     """`(rows checked, rows without an assistant message, index of the first such row, roles seen)` of a column of
     conversations (`messages`, or the `completion` of conversational prompt-completion rows)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zlib
 from collections.abc import Iterator
 
 import torch
@@ -64,6 +65,7 @@ __all__ = [
     "LOGIT_TRANSFORM_ARCHS",
     "MOE_ARCHS",
     "PAD_TOKEN",
+    "ReplayedCompletions",
     "SPECIAL_TOKENS",
     "SUPPORTED_ARCHS",
     "TOOL_CHAT_TEMPLATE",
@@ -71,6 +73,7 @@ __all__ = [
     "build_tokenizer",
     "logged_values",
     "missing_demo_packages",
+    "replayed_completion_reward",
     "save_tiny_model",
     "tiny_conversational_dataset",
     "tiny_language_modeling_dataset",
@@ -758,6 +761,79 @@ def tiny_tool_calling_dataset(
         rows["tools"].append(json.dumps([_tool_schema(tool) for tool in declared]))
         rows["gold_call"].append(f"{name}(" + ", ".join(f"{k}='{v}'" for k, v in arguments.items()) + ")")
     return Dataset.from_dict(rows)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GRPO: replayed completions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ReplayedCompletions:
+    """A `rollout_func` for TRL's `GRPOTrainer` (and `FusedGRPOTrainer`) that replays a fixed bank of completions
+    instead of sampling: two trainers, or two runs of one (another process count, a resumed run), then train on
+    exactly the same completions, which seeded sampling cannot promise (a 1e-7 change in a parameter can flip a
+    sampled token).
+
+    Each prompt of a call gets the bank entry `(crc32(prompt) + k) % len(bank)`, `k` the number of times the prompt
+    came before it in the call, so the `num_generations` copies of a prompt get different completions. The bank holds
+    `bank_size` token-id lists of the tokenizer's ordinary tokens (no special token), of lengths 1 to
+    `max_completion_length`: about half end with the EOS token, and every third one fills `max_completion_length`
+    without it (truncated, for `mask_truncated_completions`). `prompt_ids` are the tokenizer's ids of the prompt
+    text (use standard, not conversational, prompts). With `logprobs=True` it also returns sampler log-probs (a
+    deterministic function of each token and its position, as a vLLM sampler would report them), else `None`.
+
+    Example:
+        ```python
+        rollout = ReplayedCompletions(tokenizer, max_completion_length=8)
+        trainer = GRPOTrainer(model, reward_funcs=replayed_completion_reward, rollout_func=rollout, ...)
+        ```
+    """
+
+    def __init__(self, tokenizer, max_completion_length: int, bank_size: int = 12, seed: int = 0,
+                 logprobs: bool = False):
+        if max_completion_length < 2:
+            raise ValueError(f"`max_completion_length` must be at least 2, got {max_completion_length}.")
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        rng = random.Random(seed)
+        special = set(tokenizer.all_special_ids)
+        ordinary = [i for i in range(len(tokenizer)) if i not in special]
+        bank, rewards = [], set()
+        while len(bank) < bank_size:
+            kind = len(bank) % 3  # 0: ends with EOS, 1: truncated at the maximum length, 2: short, no EOS
+            if kind == 1:
+                length = max_completion_length
+            else:
+                length = rng.randint(1, max_completion_length - 1)
+            ids = [rng.choice(ordinary) for _ in range(length)]
+            if kind == 0:
+                ids[-1] = tokenizer.eos_token_id
+            reward = replayed_completion_reward([ids])[0]
+            if reward not in rewards:  # distinct rewards: no group of completions has a zero reward spread
+                bank.append(ids)
+                rewards.add(reward)
+        self.bank = bank
+
+    def __call__(self, prompts: list, trainer=None) -> dict:
+        seen: dict[str, int] = {}
+        prompt_ids, completion_ids = [], []
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise ValueError("ReplayedCompletions replays completions of standard (text) prompts only.")
+            k = seen.get(prompt, 0)
+            seen[prompt] = k + 1
+            prompt_ids.append(self.tokenizer(prompt)["input_ids"])
+            completion_ids.append(list(self.bank[(zlib.crc32(prompt.encode()) + k) % len(self.bank)]))
+        logprobs = None
+        if self.logprobs:
+            logprobs = [[-0.3 - 0.05 * t - (token % 7) / 10 for t, token in enumerate(ids)] for ids in completion_ids]
+        return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+
+def replayed_completion_reward(completion_ids, **kwargs) -> list[float]:
+    """A reward of the completion ids alone (their count plus a fraction from their values): distinct across a
+    `ReplayedCompletions` bank, so that every group of completions has a reward spread."""
+    return [len(ids) + (sum(ids) % 97) / 97 for ids in completion_ids]
 
 
 class LargestTensor:

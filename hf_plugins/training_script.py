@@ -1,9 +1,11 @@
-"""`hf-plugins <method>`: TRL's `sft` script for our trainers.
+"""`hf-plugins <method>`: TRL's `sft` script (and, for `grpo`, its `grpo` script) for our trainers.
 
-The arguments are TRL's own dataclasses (`ScriptArguments`, `ModelConfig`, `DatasetMixtureConfig`) plus the method's
-config, parsed by TRL's `TrlParser`, so a YAML written for `trl sft` runs unchanged after changing the command:
+The arguments are TRL's own dataclasses (`ScriptArguments`, `ModelConfig`, `DatasetMixtureConfig`; `grpo`: the
+`GRPOScriptArguments` of `trl grpo`, with `reward_funcs`) plus the method's config, parsed by TRL's `TrlParser`, so a
+YAML written for `trl sft` (or `trl grpo`) runs unchanged after changing the command:
 
     hf-plugins asft --config run.yaml --kl_coef 0.05
+    hf-plugins grpo --config run.yaml --reward_funcs my_rewards.length_reward
     hf-plugins sft --config run.yaml --uds --uds_keep 2        # UDS online batch selection on any method
     accelerate launch --config_file examples/accelerate/multi_gpu.yaml examples/train.py asft --config run.yaml
 
@@ -28,6 +30,7 @@ from .cli_checks import (
     check_checkpoint,
     check_dataset_format,
     check_model_path,
+    check_prompt_dataset,
     unknown_field_message,
 )
 
@@ -42,12 +45,24 @@ def _trainers():
     return TRAINERS
 
 
+def _is_grpo(method: str) -> bool:
+    """Whether `method` trains with a GRPO-side trainer: `trl grpo`'s script arguments (reward functions) and prompt
+    datasets instead of `trl sft`'s."""
+    from trl import GRPOTrainer
+
+    return issubclass(_trainers()[method], GRPOTrainer)
+
+
 def _classes(method: str, uds: bool):
     """The method's (config class, trainer class); their UDS versions (`with_uds`) with `uds=True`."""
     from .trainers import with_uds
 
     trainer_class = _trainers()[method]
     config_class = trainer_class.config_class
+    if uds and _is_grpo(method):
+        raise UsageError(
+            f"UDS (--uds, --uds_* fields) selects SFT batches; it is not an option of `hf-plugins {method}`"
+        )
     if uds:
         config_class, trainer_class = with_uds(config_class), with_uds(trainer_class)
     return config_class, trainer_class
@@ -59,10 +74,21 @@ def _wants_uds(argv: list[str]) -> tuple[bool, list[str]]:
     return uds, [arg for arg in argv if arg != "--uds"]
 
 
+def _script_arguments(method: str):
+    """TRL's script arguments of the command: `trl grpo`'s (with the reward functions) for GRPO, else `trl sft`'s."""
+    if _is_grpo(method):
+        from trl.scripts.grpo import GRPOScriptArguments
+
+        return GRPOScriptArguments
+    from trl import ScriptArguments
+
+    return ScriptArguments
+
+
 def _parser(method: str, uds: bool = False):
     import argparse
 
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
+    from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
     config_class, trainer_class = _classes(method, uds)
 
@@ -72,7 +98,7 @@ def _parser(method: str, uds: bool = False):
             raise UsageError(message)
 
     parser = Parser(
-        (ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig),
+        (_script_arguments(method), config_class, ModelConfig, DatasetMixtureConfig),
         prog=f"hf-plugins {method}",
         description=trainer_class.description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -169,7 +195,7 @@ def _bad_value_message(message: str, argv: list[str], yaml: dict) -> str:
 
 def _parse(method: str, uds: bool, argv: list[str], yaml: dict):
     """The parsed dataclasses; unknown fields and bad values as one-line `UsageError`s."""
-    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
+    from trl import DatasetMixtureConfig, ModelConfig
 
     parser = _parser(method, uds)
     try:
@@ -186,7 +212,7 @@ def _parse(method: str, uds: bool, argv: list[str], yaml: dict):
             raise UsageError(f"unexpected argument {strings[0]!r} (options are --name value)")
         if names:
             config_class, _ = _classes(method, uds)
-            known = _field_names(ScriptArguments, config_class, ModelConfig, DatasetMixtureConfig)
+            known = _field_names(_script_arguments(method), config_class, ModelConfig, DatasetMixtureConfig)
             others = {
                 other: _field_names(trainer.config_class) for other, trainer in _trainers().items() if other != method
             }
@@ -237,6 +263,54 @@ def check_data(method: str, dataset, split: str, training_args, assistant_only_e
     check_assistant_turns(dataset, found, split, bool(assistant_only), assistant_only_explicit, every_row)
 
 
+def reward_functions(script_args) -> list:
+    """The reward sources of `trl grpo`'s arguments, as its script resolves them: the reward model, then each of
+    `reward_funcs`, a name of TRL's rewards (`accuracy_reward`, `reasoning_accuracy_reward`, `think_format_reward`,
+    `get_soft_overlong_punishment` with its script's settings) or a dotted import path (the working directory is
+    importable). Checked before any model loads."""
+    import importlib
+    import os
+
+    from trl import rewards
+
+    named = {
+        "accuracy_reward": lambda: rewards.accuracy_reward,
+        "reasoning_accuracy_reward": lambda: rewards.reasoning_accuracy_reward,
+        "think_format_reward": lambda: rewards.think_format_reward,
+        "get_soft_overlong_punishment": lambda: rewards.get_soft_overlong_punishment(
+            max_completion_len=1280, soft_punish_cache=256
+        ),
+    }
+    funcs = []
+    if script_args.reward_model_name_or_path:
+        check_model_path(script_args.reward_model_name_or_path, flag="--reward_model_name_or_path")
+        funcs.append(script_args.reward_model_name_or_path)
+    for name in script_args.reward_funcs or ():
+        if name in named:
+            funcs.append(named[name]())
+            continue
+        if "." not in name:
+            raise UsageError(
+                f"--reward_funcs {name}: not one of TRL's rewards ({', '.join(named)}) nor a dotted import path such "
+                "as my_rewards.length_reward"
+            )
+        module_name, attribute = name.rsplit(".", 1)
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise UsageError(f"--reward_funcs {name}: cannot import {module_name} ({error})") from None
+        if not callable(getattr(module, attribute, None)):
+            raise UsageError(f"--reward_funcs {name}: {module_name} has no function {attribute!r}")
+        funcs.append(getattr(module, attribute))
+    if not funcs:
+        raise UsageError(
+            "no reward: pass --reward_funcs (TRL reward names or import paths) or --reward_model_name_or_path"
+        )
+    return funcs
+
+
 def build_trainer(method: str, argv: list[str]):
     """Parse `argv`, check it, load and check the data, and build the method's trainer (not yet trained); returns it
     with the name(s) of the training data, for the model card."""
@@ -251,6 +325,8 @@ def build_trainer(method: str, argv: list[str]):
     uds = uds or any(key.startswith("uds_") for key in yaml)
     script_args, training_args, model_args, dataset_args = _parse(method, uds, argv, yaml)
     check_inputs(method, training_args, model_args)
+    grpo = _is_grpo(method)
+    trainer_kwargs = {"reward_funcs": reward_functions(script_args)} if grpo else {}
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -265,11 +341,17 @@ def build_trainer(method: str, argv: list[str]):
     data = load_training_data(script_args, dataset_args)
     assistant_only_explicit = _flag_given(argv, yaml, "assistant_only_loss")
     train = _split(data, script_args.dataset_train_split, "train")
-    check_data(method, train, "train", training_args, assistant_only_explicit)
+    if grpo:
+        check_prompt_dataset(train, method, "train")
+    else:
+        check_data(method, train, "train", training_args, assistant_only_explicit)
     evaluation = None
     if training_args.eval_strategy != "no":
         evaluation = _split(data, script_args.dataset_test_split, "test")
-        check_data(method, evaluation, "test", training_args, assistant_only_explicit)
+        if grpo:
+            check_prompt_dataset(evaluation, method, "test")
+        else:
+            check_data(method, evaluation, "test", training_args, assistant_only_explicit)
 
     _, trainer_class = _classes(method, uds)
     trainer = trainer_class(
@@ -279,6 +361,7 @@ def build_trainer(method: str, argv: list[str]):
         eval_dataset=evaluation,
         peft_config=get_peft_config(model_args),
         quantization_config=get_quantization_config(model_args),
+        **trainer_kwargs,
     )
     dataset_names = script_args.dataset_name or [dataset.path for dataset in dataset_args.datasets or ()]
     return trainer, dataset_names

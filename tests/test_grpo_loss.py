@@ -20,7 +20,7 @@ from trl import GRPOTrainer
 import hf_plugins
 from hf_plugins.losses import METHODS, GRPOMethod, grpo_loss
 from hf_plugins.losses import grpo as grpo_module
-from hf_plugins.losses.grpo import LOSS_TYPES, GRPOOptions
+from hf_plugins.losses.grpo import LOSS_TYPES, STATISTICS_METRIC, GRPOOptions
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.testing import LargestTensor
 
@@ -315,14 +315,14 @@ def functional(batch, off_policy, tensors, options):
     return loss.detach(), torch.autograd.grad(loss, leaves), stats
 
 
-def fused(batch, off_policy, tensors, options, backend, chunk_size=5):
-    method = GRPOMethod()
+def fused(batch, off_policy, tensors, options, backend, chunk_size=5, method=None):
+    method = GRPOMethod() if method is None else method
     leaves = [t for t in (batch["hidden"], batch["weight"], batch["bias"]) if t is not None]
-    loss = fused_linear_loss(
+    loss, metrics = fused_linear_loss(
         batch["hidden"], batch["weight"], batch["labels"], method, bias=batch["bias"], backend=backend,
-        chunk_size=chunk_size, **tensor_inputs(batch, off_policy, tensors), **options,
+        chunk_size=chunk_size, return_metrics=True, **tensor_inputs(batch, off_policy, tensors), **options,
     )
-    return loss.detach(), torch.autograd.grad(loss, leaves), method.statistics
+    return loss.detach(), torch.autograd.grad(loss, leaves), metrics[STATISTICS_METRIC]
 
 
 def assert_fused_equals_functional(batch, off_policy, tensors, options, backend, chunk_size=5):
@@ -438,12 +438,33 @@ def test_no_grad_value_and_statistics(backend):
     batch = make_batch(B=3, T=4, V=37, D=4, seed=12)
     options = options_for("dapo", "sequence", "kl-bias", entropy_coef=0.1, training=False)
     expected_loss, _, expected_stats = functional(batch, True, {}, options)
-    method = GRPOMethod()
     with torch.no_grad():
-        loss = fused_linear_loss(batch["hidden"], batch["weight"], batch["labels"], method, bias=batch["bias"],
-                                 backend=backend, chunk_size=4, **tensor_inputs(batch, True, {}), **options)
+        loss, metrics = fused_linear_loss(batch["hidden"], batch["weight"], batch["labels"], GRPOMethod(),
+                                          bias=batch["bias"], backend=backend, chunk_size=4, return_metrics=True,
+                                          **tensor_inputs(batch, True, {}), **options)
     torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
-    assert_metrics_equal(method.statistics.metrics(), expected_stats.metrics())
+    assert_metrics_equal(metrics[STATISTICS_METRIC].metrics(), expected_stats.metrics())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_method_object_keeps_no_state_between_calls(backend):
+    """The statistics come back with each call's metrics: a second call on the same `GRPOMethod` (other inputs,
+    other options) changes neither the first call's statistics nor its own results."""
+    method = GRPOMethod()
+    first, second = make_batch(B=3, T=4, V=37, D=4, seed=19), make_batch(B=2, T=5, V=37, D=4, seed=20)
+    options_1 = options_for("dapo", "sequence", "kl-bias", entropy_coef=0.1)
+    options_2 = options_for("cispo", "token", "beta0", temperature=0.7)
+    loss_1, grads_1, stats_1 = fused(first, True, {}, options_1, backend, chunk_size=3, method=method)
+    loss_2, grads_2, stats_2 = fused(second, False, {}, options_2, backend, chunk_size=3, method=method)
+    for (loss, grads, stats), (batch, off_policy, options) in zip(
+        ((loss_1, grads_1, stats_1), (loss_2, grads_2, stats_2)),
+        ((first, True, options_1), (second, False, options_2)),
+    ):
+        expected_loss, expected_grads, expected_stats = functional(batch, off_policy, {}, options)
+        torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
+        for grad, expected in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, expected, **TOLERANCE)
+        assert_metrics_equal(stats.metrics(), expected_stats.metrics())
 
 
 def test_float32_inputs_match_float64():

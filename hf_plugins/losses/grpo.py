@@ -550,8 +550,57 @@ def _ratio_terms(ratio, advantages, o: GRPOOptions):
 
 
 def _in_dtype(row_inputs: dict, dtype: torch.dtype) -> dict:
-    """A tile's per-row inputs in its compute dtype (the sequence ids stay integers)."""
-    return {name: value if name == "sequence" else value.to(dtype) for name, value in row_inputs.items()}
+    """A tile's per-row inputs in its compute dtype (the sequence ids stay integers, the call context as it is)."""
+    return {
+        name: value if name == "sequence" or not isinstance(value, torch.Tensor) else value.to(dtype)
+        for name, value in row_inputs.items()
+    }
+
+
+#: The key of `GRPOStatistics` in the metrics the head returns (`fused_linear_loss(..., return_metrics=True)`)
+STATISTICS_METRIC = "grpo_statistics"
+
+
+@dataclass
+class _Call:
+    """What one call of the head needs beyond its per-row tensors, held in `prepare`'s result (under "call") and
+    handed to every tile as it is: the settings, the caller's inputs as given (for the statistics, which run TRL's
+    formulas on `[B, T]` tensors), the rows per sequence, whether tiles hold whole sequences, and the per-row
+    log-probs and entropies the tiles fill in."""
+
+    options: GRPOOptions
+    mask: torch.Tensor
+    given: dict
+    num_items: object
+    counts: torch.Tensor
+    num_rows: int
+    deferred: bool = False
+    label_log_probs: torch.Tensor | None = None
+    entropies: torch.Tensor | None = None
+
+    def keep(self, rows: slice, lp: torch.Tensor, entropy: torch.Tensor) -> None:
+        if self.label_log_probs is None:
+            self.label_log_probs = torch.zeros(self.num_rows, dtype=lp.dtype, device=lp.device)
+            self.entropies = torch.zeros_like(self.label_log_probs)
+        self.label_log_probs[rows] = lp.detach()
+        self.entropies[rows] = entropy.detach()
+
+    def statistics(self) -> GRPOStatistics:
+        """What TRL logs for the call, from TRL's formulas on the per-row log-probs and entropies."""
+        mask = self.mask
+        lp, entropy = self.label_log_probs, self.entropies
+        if lp is None:  # no supervised row: nothing ran
+            lp = entropy = torch.zeros(0, dtype=torch.float64, device=mask.device)
+        rows_mask = _as_rows(mask)
+        full = torch.zeros(rows_mask.shape, dtype=lp.dtype, device=lp.device)
+        lp_full = full.masked_scatter(rows_mask, lp)
+        entropy_full = full.masked_scatter(rows_mask, entropy)
+        with torch.no_grad():
+            _, stats = grpo_objective(
+                lp_full, entropy_full, rows_mask, *_objective_inputs(mask, self.given, lp.dtype),
+                num_items_in_batch=self.num_items, options=self.options,
+            )
+        return stats
 
 
 class GRPOMethod(LossMethod):
@@ -567,8 +616,9 @@ class GRPOMethod(LossMethod):
     prompt): per-token inputs are then read at the completion's positions only, except VESPO's importance ratio,
     which TRL sums over every position (1 over the prompt adds nothing).
 
-    After a call, `statistics` holds what TRL logs (`GRPOStatistics`, from the per-row log-probs and entropies the
-    tiles produced: no extra matmul), and `label_log_probs` / `entropies` the per-row values themselves.
+    The method keeps nothing between calls: what TRL logs comes back with the head's metrics
+    (`fused_linear_loss(..., return_metrics=True)`), as a `GRPOStatistics` under `"grpo_statistics"`, computed from
+    the per-row log-probs and entropies the tiles produced (no extra matmul).
 
     Whole-sequence quantities: the sequence-level ratio off-policy, VESPO's weight off-policy, the off-policy mask
     against sampler or old log-probs, and the sequence-level bias-corrected KL depend on every token of a sequence.
@@ -593,31 +643,27 @@ class GRPOMethod(LossMethod):
         num_items_in_batch=None,
         **options,
     ) -> dict[str, torch.Tensor]:
-        o = self.options = grpo_options(options)
-        self.logit_scale = 1.0 / o.temperature
+        o = grpo_options(options)
+        self.logit_scale = 1.0 / o.temperature  # read by the head for this call (`LossMethod.logit_scale`)
         device = rows.labels.device
         mask = rows.mask.to(device)
         advantages, old, ref, is_ratio, sampling = _check_inputs(
             mask, advantages, old_log_probs, ref_log_probs, importance_sampling_ratio, sampling_log_probs, o
         )
-        # kept as given (detached) for the statistics, which run TRL's formulas on [B, T] tensors
-        self._caller = {
-            "mask": mask,
-            "advantages": advantages.detach().to(device),
-            "old": None if old is None else old.detach().to(device),
-            "ref": None if ref is None else ref.detach().to(device),
-            "is_ratio": None if is_ratio is None else is_ratio.detach().to(device),
-            "sampling": None if sampling is None else sampling.detach().to(device),
-            "num_items": num_items_in_batch,
-        }
         n_rows, num_sequences = rows.labels.numel(), rows.num_sequences
-        self._num_rows = n_rows
         f64 = torch.float64
         sequence = rows.sequence_index.to(device)
         counts = torch.zeros(num_sequences, dtype=f64, device=device).index_add(
             0, sequence, torch.ones(n_rows, dtype=f64, device=device)
         )
-        self._counts = counts
+        given = {
+            "advantages": advantages.detach().to(device),
+            "old": None if old is None else old.detach().to(device),
+            "ref": None if ref is None else ref.detach().to(device),
+            "is_ratio": None if is_ratio is None else is_ratio.detach().to(device),
+            "sampling": None if sampling is None else sampling.detach().to(device),
+        }
+        call = _Call(o, mask, given, num_items_in_batch, counts, n_rows)
 
         def per_row(name, tensor):
             if tensor is None:
@@ -627,7 +673,7 @@ class GRPOMethod(LossMethod):
                 return rows.gather(name, tensor)
             return tensor.reshape(-1)[sequence]  # one value per sequence
 
-        inputs = {"sequence": sequence, "advantages": per_row("advantages", advantages)}
+        inputs = {"call": call, "sequence": sequence, "advantages": per_row("advantages", advantages)}
         for name, tensor in (("old", old), ("ref", ref), ("sampling", sampling)):
             if tensor is not None:
                 inputs[name] = per_row(name, tensor)
@@ -638,13 +684,11 @@ class GRPOMethod(LossMethod):
             log_is = torch.log(is_ratio.detach().to(device=device, dtype=f64)).clamp(VESPO_LOG_MIN, 20.0)
             per_sequence_sum = log_is.reshape(num_sequences, -1).sum(-1)
             inputs["vespo_log_is"] = per_sequence_sum[sequence]
-        inputs["row_scale"] = self._row_scale(counts, sequence, n_rows, num_sequences, num_items_in_batch)
+        inputs["row_scale"] = _row_scale(o, counts, sequence, n_rows, num_sequences, num_items_in_batch)
         if o.entropy_coef != 0.0:
             kappa = o.entropy_coef / (max(n_rows, 1) * o.accumulation)
             inputs["entropy_weight"] = torch.full((n_rows,), kappa, dtype=f64, device=device)
 
-        self._label_log_probs = self._entropies = None
-        self._deferred = False
         on_policy = old is None
         uses_lp = (
             (o.sequence_level and not on_policy)
@@ -657,140 +701,32 @@ class GRPOMethod(LossMethod):
             return inputs
         longest = int(counts.max()) if num_sequences else 0
         if uses_lp and rows.whole_sequence_tiles and longest * (rows.vocab_size or 1) <= SEQUENCE_TILE_BUDGET:
-            self._deferred = True  # each tile holds whole sequences and forms their terms from its own log-probs
+            call.deferred = True  # each tile holds whole sequences and forms their terms from its own log-probs
             return inputs
         # The terms now, for all rows: from a first no-grad pass when they depend on the log-probs, else exactly
         # (on-policy, every log-ratio is 0 and the log-probs never enter)
         lp = rows.label_log_probs().to(f64) if uses_lp else None
-        inputs.update(self._sequence_terms(lp, inputs, sequence, num_sequences))
+        inputs.update(_sequence_terms(o, lp, inputs, sequence, num_sequences))
         return inputs
 
-    def _row_scale(self, counts, sequence, n_rows, num_sequences, num_items_in_batch) -> torch.Tensor:
-        """W_t, the loss type's normaliser of each row (with the accumulation steps G)."""
-        o = self.options
-        f64, device = torch.float64, counts.device
-        G, B = o.accumulation, max(num_sequences, 1)
-        if o.loss_type in ("grpo", "sapo"):
-            return 1.0 / (B * counts.clamp(min=1.0)[sequence] * G)
-        if o.loss_type in GENERATION_BATCH_LOSS_TYPES:
-            local = torch.ones(n_rows, dtype=f64, device=device)  # stands for the mask: its sum is the default N
-            scale = 1.0 / generation_batch_normaliser(num_items_in_batch, local, o)
-        elif o.loss_type == "bnpo":
-            scale = 1.0 / (max(n_rows, 1) * G)
-        elif o.loss_type == "dr_grpo":
-            scale = 1.0 / (B * o.max_completion_length * G)
-        else:  # luspo
-            scale = 1.0 / (B * G)
-        return torch.as_tensor(scale, dtype=f64, device=device).expand(n_rows).clone()
-
-    def _sequence_terms(self, lp, r, sequence, num_sequences) -> dict[str, torch.Tensor]:
-        """Per-row values that depend on the row's whole sequence, for rows holding whole sequences (`sequence`
-        indexes `num_sequences` sequences). `lp` None: on-policy, where every log-ratio is 0 and lp never enters."""
-        o = self.options
-        advantages = r["advantages"]
-        dtype = advantages.dtype
-        counts = torch.zeros(num_sequences, dtype=dtype, device=advantages.device).index_add(
-            0, sequence, torch.ones_like(advantages)
-        )
-
-        def sequence_sum(x):
-            return torch.zeros_like(counts).index_add(0, sequence, x)
-
-        def sequence_mean(x):
-            return (sequence_sum(x) / counts.clamp(min=1.0))[sequence]
-
-        zeros = torch.zeros_like(advantages)
-        log_ratio = zeros if lp is None or "old" not in r else lp - r["old"]
-        out = {}
-        if o.off_policy_mask_threshold is not None:
-            reference = r.get("sampling", r.get("old"))
-            kl = zeros if reference is None else torch.nan_to_num(reference - lp, nan=0.0)
-            out["off_policy_mask"] = ((advantages >= 0) | (sequence_mean(kl) <= o.off_policy_mask_threshold)).to(dtype)
-        if o.sequence_level:
-            out["sequence_ratio"] = torch.exp(sequence_mean(log_ratio))
-        if o.loss_type == "vespo":
-            log_w = sequence_sum(log_ratio.clamp(-20.0, 20.0))[sequence]
-            if "vespo_log_is" in r:
-                log_w = log_w + r["vespo_log_is"]
-            out["vespo_weight"] = _gamma_from_log_weight(advantages, log_w.clamp(VESPO_LOG_MIN, 20.0), o)
-        if o.sequence_level and o.loss_type not in ("cispo", "vespo"):
-            # c_u = (1 / T_i) sum_t W_t M_t rho_t * s * (-dl_t/ds): the ratio's gradient spreads over the sequence
-            _, slope = _ratio_terms(out["sequence_ratio"], advantages, o)
-            d = r["row_scale"] * slope * self._policy_factor(r, out)
-            out["sequence_policy"] = sequence_mean(d)
-        if o.sequence_level and o.beta != 0.0 and o.use_bias_correction_kl:
-            q_minus = r["ref"] - lp
-            k3 = torch.exp(q_minus) - q_minus - 1
-            out["sequence_kl"] = sequence_mean(r["row_scale"] * k3 * out["sequence_ratio"])
-        return out
-
-    def _policy_factor(self, r, seq) -> torch.Tensor | float:
-        """M_t * rho_t: the off-policy mask and the vLLM importance ratio (not for vespo), both detached."""
-        factor = 1.0
-        if "off_policy_mask" in seq:
-            factor = seq["off_policy_mask"]
-        if "is_ratio" in r:
-            factor = factor * r["is_ratio"]
-        return factor
-
-    def _row_terms(self, lp: torch.Tensor, entropy: torch.Tensor, r, seq):
-        """`(c, loss)` per row: the coefficient `-dL/dlp_t` and the row's exact share of TRL's loss."""
-        o = self.options
-        A, W = r["advantages"], r["row_scale"]
-        factor = self._policy_factor(r, seq)
-        ratio = torch.exp(lp - r["old"]) if "old" in r else torch.ones_like(lp)
-        level_ratio = seq["sequence_ratio"] if o.sequence_level else ratio
-        if o.loss_type == "cispo":
-            coefficient = W * factor * torch.clamp(level_ratio, max=o.epsilon_upper) * A
-            loss = -coefficient * lp
-        elif o.loss_type == "vespo":
-            coefficient = W * seq.get("off_policy_mask", 1.0) * seq["vespo_weight"] * A
-            loss = -coefficient * lp
-        else:
-            policy, slope = _ratio_terms(level_ratio, A, o)
-            loss = W * factor * policy
-            coefficient = seq["sequence_policy"] if o.sequence_level else W * factor * slope
-        if o.beta != 0.0:
-            q_minus = r["ref"] - lp
-            kl = torch.exp(q_minus) - q_minus - 1
-            if o.use_bias_correction_kl:
-                kl = kl * level_ratio
-                if o.sequence_level:
-                    kl_slope = level_ratio * (1 - torch.exp(q_minus)) * W + seq["sequence_kl"]
-                else:
-                    kl_slope = W * ratio * (lp - r["ref"])
-            else:
-                kl_slope = W * (1 - torch.exp(q_minus))
-            loss = loss + o.beta * W * kl
-            coefficient = coefficient - o.beta * kl_slope
-        if "entropy_weight" in r:
-            loss = loss - r["entropy_weight"] * entropy
-        return coefficient, loss
-
     def _terms_of(self, lp: torch.Tensor, entropy: torch.Tensor, r: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._deferred:
+        call = r["call"]
+        if call.deferred:
             local, inverse = torch.unique_consecutive(r["sequence"], return_inverse=True)
-            seen = torch.bincount(inverse, minlength=local.numel()).to(self._counts.dtype)
-            if not torch.equal(seen, self._counts[local]):
+            seen = torch.bincount(inverse, minlength=local.numel()).to(call.counts.dtype)
+            if not torch.equal(seen, call.counts[local]):
                 raise RuntimeError("GRPO: a tile split a sequence; the backend must honour `tile_groups`.")
-            seq = self._sequence_terms(lp, r, inverse, local.numel())
+            seq = _sequence_terms(call.options, lp, r, inverse, local.numel())
         else:
             seq = r
-        return self._row_terms(lp, entropy, r, seq)
-
-    def _keep(self, rows: slice, lp: torch.Tensor, entropy: torch.Tensor) -> None:
-        if self._label_log_probs is None:
-            self._label_log_probs = torch.zeros(self._num_rows, dtype=lp.dtype, device=lp.device)
-            self._entropies = torch.zeros_like(self._label_log_probs)
-        self._label_log_probs[rows] = lp.detach()
-        self._entropies[rows] = entropy.detach()
+        return _row_terms(call.options, lp, entropy, r, seq)
 
     def targets(self, chunk: Chunk) -> Targets:
         dtype = chunk.log_probs.dtype
         lp = chunk.label_log_probs
         entropy = -torch.linalg.vecdot(chunk.probs, chunk.log_probs)
-        self._keep(chunk.rows, lp, entropy)
         r = _in_dtype(chunk.inputs, dtype)
+        r["call"].keep(chunk.rows, lp, entropy)
         coefficient, loss = self._terms_of(lp, entropy, r)
         targets = Targets(index=chunk.labels.unsqueeze(-1), value=coefficient.unsqueeze(-1))
         constant = loss + coefficient * lp
@@ -808,42 +744,123 @@ class GRPOMethod(LossMethod):
         return 1
 
     def tile_groups(self, row_inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        return row_inputs["sequence"] if self._deferred else None
+        return row_inputs["sequence"] if row_inputs["call"].deferred else None
 
     def kernel_spec(self, row_inputs: dict[str, torch.Tensor]) -> KernelSpec:
+        call = row_inputs["call"]
+
         def row_targets(rows: slice, lp: torch.Tensor, entropy: torch.Tensor):
-            self._keep(rows, lp, entropy)
-            r = _in_dtype({name: value[rows] for name, value in row_inputs.items()}, lp.dtype)
+            call.keep(rows, lp, entropy)
+            r = _in_dtype({name: value[rows] if name != "call" else value for name, value in row_inputs.items()},
+                          lp.dtype)
             coefficient, loss = self._terms_of(lp, entropy, r)
             return coefficient, r.get("entropy_weight"), loss
 
         return KernelSpec(row_targets=row_targets)
 
-    @property
-    def label_log_probs(self) -> torch.Tensor | None:
-        """`log p(y_t)` (tempered) of every supervised row of the last call."""
-        return self._label_log_probs
+    def call_metrics(self, row_inputs: dict) -> dict:
+        """What TRL logs for this call (`GRPOStatistics`), under `"grpo_statistics"`."""
+        return {STATISTICS_METRIC: row_inputs["call"].statistics()}
 
-    @property
-    def entropies(self) -> torch.Tensor | None:
-        """The entropy of the tempered distribution at every supervised row of the last call."""
-        return self._entropies
 
-    @property
-    def statistics(self) -> GRPOStatistics:
-        """What TRL logs for the last call, from TRL's formulas on the per-row log-probs and entropies."""
-        caller = self._caller
-        mask = caller["mask"]
-        lp, entropy = self._label_log_probs, self._entropies
-        if lp is None:  # no supervised row: nothing ran
-            lp = entropy = torch.zeros(0, dtype=torch.float64, device=mask.device)
-        rows_mask = _as_rows(mask)
-        full = torch.zeros(rows_mask.shape, dtype=lp.dtype, device=lp.device)
-        lp_full = full.masked_scatter(rows_mask, lp)
-        entropy_full = full.masked_scatter(rows_mask, entropy)
-        with torch.no_grad():
-            _, stats = grpo_objective(
-                lp_full, entropy_full, rows_mask, *_objective_inputs(mask, caller, lp.dtype),
-                num_items_in_batch=caller["num_items"], options=self.options,
-            )
-        return stats
+def _row_scale(o: GRPOOptions, counts, sequence, n_rows, num_sequences, num_items_in_batch) -> torch.Tensor:
+    """W_t, the loss type's normaliser of each row (with the accumulation steps G)."""
+    f64, device = torch.float64, counts.device
+    G, B = o.accumulation, max(num_sequences, 1)
+    if o.loss_type in ("grpo", "sapo"):
+        return 1.0 / (B * counts.clamp(min=1.0)[sequence] * G)
+    if o.loss_type in GENERATION_BATCH_LOSS_TYPES:
+        local = torch.ones(n_rows, dtype=f64, device=device)  # stands for the mask: its sum is the default N
+        scale = 1.0 / generation_batch_normaliser(num_items_in_batch, local, o)
+    elif o.loss_type == "bnpo":
+        scale = 1.0 / (max(n_rows, 1) * G)
+    elif o.loss_type == "dr_grpo":
+        scale = 1.0 / (B * o.max_completion_length * G)
+    else:  # luspo
+        scale = 1.0 / (B * G)
+    return torch.as_tensor(scale, dtype=f64, device=device).expand(n_rows).clone()
+
+
+def _sequence_terms(o: GRPOOptions, lp, r, sequence, num_sequences) -> dict[str, torch.Tensor]:
+    """Per-row values that depend on the row's whole sequence, for rows holding whole sequences (`sequence` indexes
+    `num_sequences` sequences). `lp` None: on-policy, where every log-ratio is 0 and lp never enters."""
+    advantages = r["advantages"]
+    dtype = advantages.dtype
+    counts = torch.zeros(num_sequences, dtype=dtype, device=advantages.device).index_add(
+        0, sequence, torch.ones_like(advantages)
+    )
+
+    def sequence_sum(x):
+        return torch.zeros_like(counts).index_add(0, sequence, x)
+
+    def sequence_mean(x):
+        return (sequence_sum(x) / counts.clamp(min=1.0))[sequence]
+
+    zeros = torch.zeros_like(advantages)
+    log_ratio = zeros if lp is None or "old" not in r else lp - r["old"]
+    out = {}
+    if o.off_policy_mask_threshold is not None:
+        reference = r.get("sampling", r.get("old"))
+        kl = zeros if reference is None else torch.nan_to_num(reference - lp, nan=0.0)
+        out["off_policy_mask"] = ((advantages >= 0) | (sequence_mean(kl) <= o.off_policy_mask_threshold)).to(dtype)
+    if o.sequence_level:
+        out["sequence_ratio"] = torch.exp(sequence_mean(log_ratio))
+    if o.loss_type == "vespo":
+        log_w = sequence_sum(log_ratio.clamp(-20.0, 20.0))[sequence]
+        if "vespo_log_is" in r:
+            log_w = log_w + r["vespo_log_is"]
+        out["vespo_weight"] = _gamma_from_log_weight(advantages, log_w.clamp(VESPO_LOG_MIN, 20.0), o)
+    if o.sequence_level and o.loss_type not in ("cispo", "vespo"):
+        # c_u = (1 / T_i) sum_t W_t M_t rho_t * s * (-dl_t/ds): the ratio's gradient spreads over the sequence
+        _, slope = _ratio_terms(out["sequence_ratio"], advantages, o)
+        d = r["row_scale"] * slope * _policy_factor(r, out)
+        out["sequence_policy"] = sequence_mean(d)
+    if o.sequence_level and o.beta != 0.0 and o.use_bias_correction_kl:
+        q_minus = r["ref"] - lp
+        k3 = torch.exp(q_minus) - q_minus - 1
+        out["sequence_kl"] = sequence_mean(r["row_scale"] * k3 * out["sequence_ratio"])
+    return out
+
+
+def _policy_factor(r, seq) -> torch.Tensor | float:
+    """M_t * rho_t: the off-policy mask and the vLLM importance ratio (not for vespo), both detached."""
+    factor = 1.0
+    if "off_policy_mask" in seq:
+        factor = seq["off_policy_mask"]
+    if "is_ratio" in r:
+        factor = factor * r["is_ratio"]
+    return factor
+
+
+def _row_terms(o: GRPOOptions, lp: torch.Tensor, entropy: torch.Tensor, r, seq):
+    """`(c, loss)` per row: the coefficient `-dL/dlp_t` and the row's exact share of TRL's loss."""
+    A, W = r["advantages"], r["row_scale"]
+    factor = _policy_factor(r, seq)
+    ratio = torch.exp(lp - r["old"]) if "old" in r else torch.ones_like(lp)
+    level_ratio = seq["sequence_ratio"] if o.sequence_level else ratio
+    if o.loss_type == "cispo":
+        coefficient = W * factor * torch.clamp(level_ratio, max=o.epsilon_upper) * A
+        loss = -coefficient * lp
+    elif o.loss_type == "vespo":
+        coefficient = W * seq.get("off_policy_mask", 1.0) * seq["vespo_weight"] * A
+        loss = -coefficient * lp
+    else:
+        policy, slope = _ratio_terms(level_ratio, A, o)
+        loss = W * factor * policy
+        coefficient = seq["sequence_policy"] if o.sequence_level else W * factor * slope
+    if o.beta != 0.0:
+        q_minus = r["ref"] - lp
+        kl = torch.exp(q_minus) - q_minus - 1
+        if o.use_bias_correction_kl:
+            kl = kl * level_ratio
+            if o.sequence_level:
+                kl_slope = level_ratio * (1 - torch.exp(q_minus)) * W + seq["sequence_kl"]
+            else:
+                kl_slope = W * ratio * (lp - r["ref"])
+        else:
+            kl_slope = W * (1 - torch.exp(q_minus))
+        loss = loss + o.beta * W * kl
+        coefficient = coefficient - o.beta * kl_slope
+    if "entropy_weight" in r:
+        loss = loss - r["entropy_weight"] * entropy
+    return coefficient, loss

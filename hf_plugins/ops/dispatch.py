@@ -125,7 +125,9 @@ def fused_linear_loss(
             per-sequence means), and `num_tokens`, the number of supervised tokens. `"sums"`: the same metrics left
             on the device, for callers that reduce them across processes and read them later (no host sync):
             `num_tokens` (an int), each token mean as its sum over the supervised tokens (a 0-d tensor), and each
-            metric with its own count as a `(sum, count)` pair. They cost no extra pass.
+            metric with its own count as a `(sum, count)` pair. Both add what the method reports for the whole call
+            (`LossMethod.call_metrics`; `"grpo"`: TRL's statistics as a `GRPOStatistics` under `"grpo_statistics"`).
+            They cost no extra pass.
         logit_transform (`LogitTransform`, *optional*): what the model does to `hidden @ weight.T + bias` before its
             softmax (`scale`, then the soft-cap `softcap * tanh(z / softcap)`); the loss and every target weight are
             those of the transformed logits, as the functional losses on the model's own logits. Default: none.
@@ -215,9 +217,11 @@ def fused_linear_loss(
     if not return_metrics:
         return loss
     counts = method.metric_counts(rows, row_inputs)
+    call_metrics = method.call_metrics(row_inputs)
     if return_metrics == "sums":
         sums = {name: (value, counts[name]) if name in counts else value for name, value in metric_sums.items()}
-        return loss, {**sums, "num_tokens": num_rows}
+        return loss, {**sums, "num_tokens": num_rows, **call_metrics}
     metrics = {name: float(value) / max(float(counts.get(name, num_rows)), 1.0) for name, value in metric_sums.items()}
+    metrics.update(call_metrics)
     metrics["num_tokens"] = num_rows
     return loss, metrics

@@ -320,6 +320,12 @@ class LossMethod:
         processes as a mean over sequences, not over tokens. Default: none (every metric is a token mean)."""
         return {}
 
+    def call_metrics(self, row_inputs: dict[str, Any]) -> dict[str, Any]:
+        """What the method reports for the whole call, from `prepare`'s result after every tile ran, added to the
+        metrics the head returns as it is (GRPO: TRL's statistics, as an object of sums and counts that the caller
+        reduces across processes). Default: nothing."""
+        return {}
+
     def num_items(self, rows: Rows, row_inputs: dict[str, Any]) -> int | torch.Tensor:
         """What the summed loss is divided by when the caller gives no `num_items_in_batch`: the number of supervised
         rows (the mean over tokens). Sequence-level methods (PoFT) return their number of sequences instead (a 0-d

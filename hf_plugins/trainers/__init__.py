@@ -1,10 +1,13 @@
-"""Trainer/config pairs, one per method, all drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig`; UDS online batch
+"""Trainer/config pairs, one per method, drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig` (and of
+`GRPOTrainer` / `GRPOConfig` for GRPO); UDS online batch
 selection as a mixin for any of them (`with_uds`); `TRAINERS`, the registry of the methods."""
 
 from .asft_config import ASFTConfig
 from .asft_trainer import ASFTTrainer
 from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
+from .grpo_config import FusedGRPOConfig
+from .grpo_trainer import FusedGRPOTrainer
 from .otr_config import OTRConfig
 from .otr_trainer import OTRTrainer
 from .poft_config import PoFTConfig
@@ -21,12 +24,14 @@ from .uds_trainer import UDSMixin, with_uds
 #: one more trainer here (CONTRIBUTING.md lists the rest).
 TRAINERS = {
     trainer.command: trainer
-    for trainer in (FusedSFTTrainer, ASFTTrainer, OTRTrainer, TLTrainer, PoFTTrainer, RoSTETrainer)
+    for trainer in (FusedSFTTrainer, ASFTTrainer, OTRTrainer, TLTrainer, PoFTTrainer, RoSTETrainer, FusedGRPOTrainer)
 }
 
 __all__ = [
     "ASFTConfig",
     "ASFTTrainer",
+    "FusedGRPOConfig",
+    "FusedGRPOTrainer",
     "FusedSFTConfig",
     "FusedSFTTrainer",
     "OTRConfig",
