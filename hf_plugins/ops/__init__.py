@@ -6,7 +6,12 @@
 use, and importing the interface (as every method module does) never imports the methods back.
 """
 
+from typing import TYPE_CHECKING
+
 from .method import Chunk, LogitTransform, LossMethod, Rows, Targets
+
+if TYPE_CHECKING:  # the lazy exports, for type checkers, IDEs and the API docs
+    from .dispatch import BACKENDS, fused_linear_loss
 
 #: Names loaded on first use, and the module of this package that defines each
 _LAZY_EXPORTS = {"BACKENDS": "dispatch", "fused_linear_loss": "dispatch"}
