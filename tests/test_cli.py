@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from testing_utils import logged, logged_in
 
 import hf_plugins
 from hf_plugins.cli import TRAIN_COMMANDS, main
@@ -56,11 +57,6 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def losses(output_dir):
-    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-
-
 # ------------------------------------------------------------------------------------------------------- commands
 
 
@@ -91,7 +87,7 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
         "--output_dir", out, *CPU_FLAGS, *extra,
     )
     assert code == 0, err[-2000:]
-    assert len(losses(out)) == 2 and all(loss == loss for loss in losses(out))
+    assert len(logged_in(out)) == 2 and all(loss == loss for loss in logged_in(out))
     assert (out / "model.safetensors").exists() or any(out.glob("*.safetensors"))
     card = (out / "README.md").read_text()
     trainer_class = getattr(hf_plugins, TRAIN_COMMANDS[method][1])
@@ -151,7 +147,7 @@ def test_trl_sft_yaml_runs_unchanged_under_sft_and_asft(capsys, tmp_path, tiny_m
         out = tmp_path / method
         code, _, err = run_cli(capsys, method, "--config", trl_yaml, "--output_dir", out)
         assert code == 0, err[-2000:]
-        assert len(losses(out)) == 2
+        assert len(logged_in(out)) == 2
 
 
 def test_sft_command_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_dir, data_dirs):
@@ -170,8 +166,7 @@ def test_sft_command_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_
     )
     trainer = hf_plugins.FusedSFTTrainer(tiny_model_dir, args=config, train_dataset=load_from_disk(data_dirs["chat"]))
     trainer.train()
-    expected = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert losses(out) == pytest.approx(expected, abs=1e-6)
+    assert logged_in(out) == pytest.approx(logged(trainer), abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------- bad input
@@ -485,7 +480,7 @@ def test_saved_config_is_a_cli_config(capsys, tmp_path, tiny_model_dir, data_dir
         capsys, "asft", "--config", folder, "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"]
     )
     assert code == 0, err[-2000:]
-    assert len(losses(tmp_path / "out")) == 2
+    assert len(logged_in(tmp_path / "out")) == 2
 
 
 def test_accelerate_examples_cover_every_engine_and_method():
@@ -517,8 +512,7 @@ def test_uds_is_an_option_of_any_command(capsys, tmp_path, tiny_model_dir, data_
         args += ["--config", config]
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err[-2000:]
-    state = json.loads((out / "trainer_state.json").read_text())
-    fractions = [entry["uds/selected_fraction"] for entry in state["log_history"] if "uds/selected_fraction" in entry]
+    fractions = logged_in(out, "uds/selected_fraction")
     assert fractions and all(f == pytest.approx(0.5) for f in fractions)
 
 
