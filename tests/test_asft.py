@@ -9,35 +9,42 @@ must give the same reference, stay frozen, and the logged KL must start at 0 and
 import json
 import logging
 import math
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+import testing_utils
 import torch
 import torch.nn.functional as F
+from testing_utils import (
+    BACKENDS,
+    CLI_LORA_DROPOUT,
+    CPU_ARGS,
+    F64,
+    IGNORE,
+    TORCHRUN,
+    LargestTensor,
+    as_leaves,
+    assert_matches,
+    assert_packed_rows,
+    assert_same_parameters,
+    gen,
+    leaves,
+    logged,
+    logits_of,
+    random_labels,
+    random_linear,
+    run_script,
+    tiny_lora_config,
+    uninterrupted_and_resumed,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, asft_loss
 from hf_plugins.losses import METHODS, ASFTMethod, dft_loss
 from hf_plugins.ops import LossMethod, Targets, fused_linear_loss
-from hf_plugins.testing import (
-    CLI_LORA_DROPOUT,
-    CPU_TRAINING_ARGS,
-    LargestTensor,
-    build_tiny_model,
-    build_tokenizer,
-    logged_values as logged,
-    save_tiny_model,
-    tiny_conversational_dataset,
-    tiny_lora_config,
-    train_and_resume,
-)
+from hf_plugins.testing import build_tiny_model, build_tokenizer, save_tiny_model, tiny_conversational_dataset
 
-IGNORE = -100
-BACKENDS = ("chunked", "reference", "triton")
-F64 = torch.float64
 LOGGER = "hf_plugins.trainers.asft_trainer"
 
 
@@ -47,24 +54,18 @@ LOGGER = "hf_plugins.trainers.asft_trainer"
 def make_inputs(shape, V=37, D=8, D_ref=6, *, dtype=F64, bias=True, seed=0, ignore_frac=0.25):
     """Policy hidden [*shape, D], weight [V, D], bias [V]; a reference of another width (hidden [*shape, D_ref],
     weight [V, D_ref], bias [V]); labels with some -100. Every float tensor is a leaf that requires grad."""
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
+    policy = as_leaves(*random_linear(g, shape, V, D, bias=bias), dtype=dtype)
+    reference = as_leaves(*random_linear(g, shape, V, D_ref, bias=bias), dtype=dtype)
+    labels = random_labels(g, shape, V, ignore_frac)
+    return dict(zip(("hidden", "weight", "bias"), policy)), dict(zip(REFERENCE, reference)), labels
 
-    def rand(*size, scale=1.0):
-        return (scale * torch.randn(*size, generator=g, dtype=F64)).to(dtype).requires_grad_(True)
 
-    policy = dict(hidden=rand(*shape, D), weight=rand(V, D, scale=2.0 / D**0.5), bias=rand(V) if bias else None)
-    reference = dict(
-        ref_hidden=rand(*shape, D_ref),
-        ref_weight=rand(V, D_ref, scale=2.0 / D_ref**0.5),
-        ref_bias=rand(V) if bias else None,
-    )
-    labels = torch.randint(0, V, shape, generator=g)
-    labels[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
-    return policy, reference, labels
+REFERENCE = ("ref_hidden", "ref_weight", "ref_bias")
 
 
 def policy_leaves(policy):
-    return [t for t in (policy["hidden"], policy["weight"], policy["bias"]) if t is not None]
+    return leaves(*policy.values())
 
 
 def fused(policy, reference, labels, kl_coef, backend, **kwargs):
@@ -72,10 +73,6 @@ def fused(policy, reference, labels, kl_coef, backend, **kwargs):
         policy["hidden"], policy["weight"], labels, "asft", bias=policy["bias"], backend=backend,
         kl_coef=kl_coef, **reference, **kwargs,
     )
-
-
-def logits_of(hidden, weight, bias):
-    return hidden @ weight.t() + (bias if bias is not None else 0.0)
 
 
 def expected(policy, reference, labels, kl_coef, num_items=None):
@@ -86,18 +83,21 @@ def expected(policy, reference, labels, kl_coef, num_items=None):
     return loss.detach(), torch.autograd.grad(loss, [t for t in (h, w, b) if t is not None])
 
 
-def assert_matches(policy, reference, labels, kl_coef, backend, *, tol=1e-9, num_items=None, **kwargs):
-    loss = fused(policy, reference, labels, kl_coef, backend, num_items_in_batch=num_items, **kwargs)
-    ref_leaves = [t for t in reference.values() if t is not None]
-    grads = torch.autograd.grad(loss, policy_leaves(policy) + ref_leaves, allow_unused=True)
-    exp_loss, exp_grads = expected(policy, reference, labels, kl_coef, num_items)
-    torch.testing.assert_close(loss.to(F64), exp_loss, rtol=tol, atol=tol)
-    for grad, exp, leaf in zip(grads, exp_grads, policy_leaves(policy)):
-        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
-        torch.testing.assert_close(grad.to(F64), exp, rtol=tol, atol=tol)
-    # the reference is a constant of the loss: no gradient reaches it, on any backend
-    assert all(grad is None for grad in grads[len(exp_grads):])
-    return loss, grads
+def assert_fused_matches(policy, reference, labels, kl_coef, backend, *, tol=1e-9, num_items=None, **kwargs):
+    """The fused head equals `asft_loss` on float64 materialised logits, in value and in the policy's gradients; the
+    reference is a constant of the loss (the functional side detaches it): no gradient reaches it, on any backend."""
+
+    def fused_fn(h, w, b, ref_h, ref_w, ref_b):
+        inputs = dict(zip(REFERENCE, (ref_h, ref_w, ref_b)))
+        return fused(dict(hidden=h, weight=w, bias=b), inputs, labels, kl_coef, backend, num_items_in_batch=num_items,
+                     **kwargs)
+
+    def functional_fn(h, w, b, ref_h, ref_w, ref_b):
+        ref_logits = logits_of(ref_h, ref_w, ref_b).detach()
+        return asft_loss(logits_of(h, w, b), ref_logits, labels, kl_coef=kl_coef, num_items_in_batch=num_items)
+
+    got, _ = assert_matches(fused_fn, functional_fn, (*policy.values(), *reference.values()), rtol=tol, atol=tol)
+    return got.loss, got.grads
 
 
 # ------------------------------------------------------------------------------------ fused == asft_loss (float64)
@@ -114,14 +114,14 @@ def test_asft_is_registered():
 def test_matches_asft_loss_float64(backend, bias, num_items, shape):
     policy, reference, labels = make_inputs(shape, bias=bias, seed=len(shape))
     n = torch.tensor(40) if num_items == "tensor" else num_items
-    assert_matches(policy, reference, labels, 0.3, backend, num_items=n, chunk_size=4)
+    assert_fused_matches(policy, reference, labels, 0.3, backend, num_items=n, chunk_size=4)
 
 
 @pytest.mark.parametrize("kl_coef", [0.05, 1.0, 7.5])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_asft_loss_for_several_kl_coefs(backend, kl_coef):
     policy, reference, labels = make_inputs((2, 9), seed=3)
-    assert_matches(policy, reference, labels, kl_coef, backend, chunk_size=5)
+    assert_fused_matches(policy, reference, labels, kl_coef, backend, chunk_size=5)
 
 
 EDGE_CASES = {
@@ -147,7 +147,7 @@ def test_edge_cases(backend, case):
         labels = case["ignore"](labels)
     assert (labels != IGNORE).any()
     for num_items in (None, 50):
-        _, grads = assert_matches(
+        _, grads = assert_fused_matches(
             policy, reference, labels, 0.2, backend, num_items=num_items, chunk_size=case["chunk"]
         )
         # unsupervised positions get exactly zero gradient
@@ -255,7 +255,7 @@ def test_ref_mask_leaves_dft_alone_where_the_reference_has_no_prediction(backend
 def test_asft_loss_is_dft_plus_kl_div_as_the_official_code_writes_it():
     """The functional definition against an independent one: `kl_div(log_softmax(policy), softmax(ref))` summed over
     the vocabulary (the official code's direction, KL(ref || policy)), plus DFT, averaged over supervised tokens."""
-    g = torch.Generator().manual_seed(5)
+    g = gen(5)
     logits, ref_logits = torch.randn(2, 6, 11, generator=g, dtype=F64), torch.randn(2, 6, 11, generator=g, dtype=F64)
     labels = torch.randint(0, 11, (2, 6), generator=g)
     labels[0, :2] = IGNORE
@@ -273,7 +273,7 @@ def test_logits_gradient_is_the_closed_form(backend):
     """`dl/dz = ((w + lambda) p - w e_y - lambda q) / N` with w = p(y): read off the fused head by making the lm_head
     the identity (hidden = logits), and off `asft_loss` directly."""
     V, kl_coef = 13, 0.7
-    g = torch.Generator().manual_seed(6)
+    g = gen(6)
     z = (2 * torch.randn(12, V, generator=g, dtype=F64)).requires_grad_(True)
     ref_logits = 2 * torch.randn(12, V, generator=g, dtype=F64)
     labels = torch.randint(0, V, (12,), generator=g)
@@ -327,7 +327,7 @@ def test_kl_is_exactly_zero_when_the_reference_is_the_policy():
 
 def test_chunked_never_holds_either_models_full_logits():
     N, V, D, chunk = 256, 20_000, 16, 32
-    g = torch.Generator().manual_seed(17)
+    g = gen(17)
     hidden = torch.randn(N, D, generator=g).requires_grad_(True)
     weight = (0.1 * torch.randn(V, D, generator=g)).requires_grad_(True)
     ref_hidden, ref_weight = torch.randn(N, D, generator=g), 0.1 * torch.randn(V, D, generator=g)
@@ -372,7 +372,7 @@ def test_targets_constant_shifts_the_value_not_the_gradient(backend):
 
 
 def _bad(**overrides):
-    g = torch.Generator().manual_seed(20)
+    g = gen(20)
     call = dict(
         hidden=torch.randn(2, 5, 8, generator=g), weight=torch.randn(37, 8, generator=g),
         labels=torch.randint(0, 37, (2, 5), generator=g), ref_hidden=torch.randn(2, 5, 6, generator=g),
@@ -439,13 +439,7 @@ def test_a_misspelt_input_group_is_an_error():
 # ---------------------------------------------------------------------------------------------------- the config
 
 
-CPU_ARGS = dict(
-    **CPU_TRAINING_ARGS,
-    learning_rate=5e-3,
-    lr_scheduler_type="constant",
-    assistant_only_loss=True,
-    disable_tqdm=True,
-)
+ASFT_ARGS = dict(CPU_ARGS, lr_scheduler_type="constant", assistant_only_loss=True)
 
 
 @pytest.mark.parametrize(
@@ -461,11 +455,11 @@ CPU_ARGS = dict(
 )
 def test_bad_config_values_raise(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        ASFTConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
+        ASFTConfig(output_dir=str(tmp_path), **{**ASFT_ARGS, **overrides})
 
 
 def test_config_defaults_and_json_init_kwargs(tmp_path):
-    config = ASFTConfig(output_dir=str(tmp_path), **CPU_ARGS, ref_model_init_kwargs='{"dtype": "float32"}')
+    config = ASFTConfig(output_dir=str(tmp_path), **ASFT_ARGS, ref_model_init_kwargs='{"dtype": "float32"}')
     assert config.kl_coef == 0.05 and config.ref_model is None and config.loss_type == "nll"
     assert config.ref_model_init_kwargs == {"dtype": "float32"}
     assert isinstance(config, FusedSFTConfig)
@@ -479,29 +473,18 @@ def make_trainer(
     config_cls=ASFTConfig, **overrides,
 ):
     """`ref_model` is the trainer argument, `config_ref_model` the `ASFTConfig` field."""
-    args = {**CPU_ARGS, "output_dir": str(tmp_path / "out"), "max_steps": 4}
-    args.update(overrides)
+    args = {**ASFT_ARGS, "max_steps": 4, **overrides}
     if config_ref_model is not None:
         args["ref_model"] = config_ref_model
-    torch.manual_seed(0)  # the same LoRA initialisation in every trainer of a test
-    kwargs = {"ref_model": ref_model} if cls is ASFTTrainer else {}
-    return cls(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
-        args=config_cls(**args),
-        train_dataset=tiny_conversational_dataset(16),
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        peft_config=peft_config,
-        **kwargs,
+    return testing_utils.make_trainer(
+        cls, config_cls, model_dir, tmp_path / "out", tiny_conversational_dataset(16), peft_config=peft_config,
+        init_seed=0,  # the same LoRA initialisation in every trainer of a test
+        trainer_kwargs={"ref_model": ref_model} if cls is ASFTTrainer else None, **args,
     )
 
 
 def lora(modules_to_save=None):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=modules_to_save,
-        task_type="CAUSAL_LM",
-    )
+    return tiny_lora_config(target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=modules_to_save)
 
 
 def assert_kl_starts_at_zero_and_grows(trainer):
@@ -594,9 +577,7 @@ def test_resume_from_checkpoint_continues_the_run(tiny_model_dir, tmp_path, lora
         peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
         return make_trainer(tiny_model_dir, output_dir, peft_config=peft_config, learning_rate=2e-2, **overrides)
 
-    full = make(tmp_path / "full")
-    full.train()
-    resumed, _ = train_and_resume(make, tmp_path / "run")
+    full, resumed, _ = uninterrupted_and_resumed(make, tmp_path)
     assert len(logged(resumed)) == 4
     for key in ("loss", "kl"):
         assert logged(resumed, key)[2:] == pytest.approx(logged(full, key)[2:], abs=1e-6), key
@@ -644,8 +625,7 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
         trainer.train()
         runs.append((trainer, logged(trainer)))
     assert runs[1][1] == pytest.approx(runs[0][1], abs=1e-6)
-    for p_a, p_b in zip(runs[0][0].model.parameters(), runs[1][0].model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(runs[0][0], runs[1][0])
 
 
 @pytest.mark.parametrize(
@@ -663,10 +643,7 @@ def test_packed_and_padding_free_training_equal_padded_training(tiny_model_dir, 
     padded = make_trainer(tiny_model_dir, tmp_path / "padded", **settings)
     flat = dict(packing=True, max_length=256) if batching == "packing" else dict(padding_free=True, max_length=None)
     packed = make_trainer(tiny_model_dir, tmp_path / batching, **settings, **flat)
-    rows = packed.train_dataset
-    assert sum(map(len, rows["input_ids"])) == sum(map(len, padded.train_dataset["input_ids"]))  # nothing truncated
-    if batching == "packing":
-        assert len(rows) < 16 and max(len(lengths) for lengths in rows["seq_lengths"]) > 1
+    assert_packed_rows(padded, packed, batching == "packing", fewer_than=16)
     batch = next(iter(packed.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch and "cu_seq_lens_q" in batch
     before = [p.detach().clone() for p in padded.model.parameters()]
@@ -676,8 +653,7 @@ def test_packed_and_padding_free_training_equal_padded_training(tiny_model_dir, 
     for key in ("loss", "kl", "dft_weight"):
         assert logged(packed, key) == pytest.approx(logged(padded, key), rel=1e-4, abs=1e-7), key
     assert max((p - q).abs().max() for p, q in zip(padded.model.parameters(), before)) > 1e-3
-    for p_a, p_b in zip(padded.model.parameters(), packed.model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(padded, packed)
 
 
 def test_wrapped_packing_at_kl_zero_trains_like_stock_dft(tiny_model_dir, tmp_path):
@@ -693,8 +669,7 @@ def test_wrapped_packing_at_kl_zero_trains_like_stock_dft(tiny_model_dir, tmp_pa
                          **settings)
     stock.train()
     assert logged(asft) == pytest.approx(logged(stock), rel=1e-5)
-    for p_a, p_b in zip(stock.model.parameters(), asft.model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(stock, asft)
     anchored = make_trainer(tiny_model_dir, tmp_path / "anchored", kl_coef=1.0, **settings)
     anchored.train()
     assert logged(anchored, "kl")[0] == pytest.approx(0.0, abs=1e-7) and logged(anchored, "kl")[-1] > 1e-4
@@ -726,7 +701,7 @@ def test_ref_model_from_the_config_and_the_same_object_refusal(tiny_model_dir, t
         ASFTTrainer(model, AutoModelForCausalLM.from_pretrained(tiny_model_dir))  # DPOTrainer's positional order
     with pytest.raises(ValueError, match="same object"):
         ASFTTrainer(
-            model=model, args=ASFTConfig(output_dir=str(tmp_path), **CPU_ARGS), ref_model=model,
+            model=model, args=ASFTConfig(output_dir=str(tmp_path), **ASFT_ARGS), ref_model=model,
             train_dataset=tiny_conversational_dataset(4),
             processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
         )
@@ -739,13 +714,11 @@ DDP_SCRIPT = textwrap.dedent("""\
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from hf_plugins import ASFTConfig, ASFTTrainer
-    from hf_plugins.testing import tiny_conversational_dataset
+    from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
 
     model_dir, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     args = ASFTConfig(output_dir=out, max_steps=3, per_device_train_batch_size=batch, gradient_accumulation_steps=2,
-                      bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", logging_steps=1,
-                      save_strategy="no", seed=0, learning_rate=5e-2, assistant_only_loss=True,
-                      dataloader_num_workers=0, kl_coef=0.5)
+                      learning_rate=5e-2, assistant_only_loss=True, kl_coef=0.5, **CPU_TRAINING_ARGS)
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
                       task_type="CAUSAL_LM")
     trainer = ASFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, peft_config=peft,
@@ -765,17 +738,11 @@ def test_ddp_adapters_off_reference_matches_one_process(tiny_model_dir, tmp_path
     wrapper (twice per step, once under no_grad) without upsetting its gradient synchronisation."""
     script = tmp_path / "train_asft.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
-    for name, launcher, batch in (
-        ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], 2),
-        ("single", [sys.executable], 4),
-    ):
+    for name, launcher, batch in (("ddp", TORCHRUN, 2), ("single", [sys.executable], 4)):
         out = tmp_path / name
         out.mkdir()
-        done = subprocess.run([*launcher, str(script), tiny_model_dir, str(out), str(batch)], env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_script([*launcher, script, tiny_model_dir, out, batch])
         results[name] = json.loads((out / "logs.json").read_text())
     assert results["ddp"]["world"] == 2 and results["single"]["world"] == 1
     assert results["ddp"]["logs"][-1][1] > 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from testing_utils import logged, logged_in
 
 import hf_plugins
 from hf_plugins.cli import main
@@ -71,11 +72,6 @@ def run_cli(capsys, *argv):
     return code, captured.out, captured.err
 
 
-def losses(output_dir):
-    state = json.loads((Path(output_dir) / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-
-
 # ------------------------------------------------------------------------------------------------------- commands
 
 
@@ -106,7 +102,7 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
         "--output_dir", out, *cpu_flags(method), *extra,
     )
     assert code == 0, err[-2000:]
-    assert len(losses(out)) == 2 and all(loss == loss for loss in losses(out))
+    assert len(logged_in(out)) == 2 and all(loss == loss for loss in logged_in(out))
     assert (out / "model.safetensors").exists() or any(out.glob("*.safetensors"))
     card = (out / "README.md").read_text()
     trainer_class = TRAINERS[method]
@@ -166,7 +162,7 @@ def test_trl_sft_yaml_runs_unchanged_under_sft_and_asft(capsys, tmp_path, tiny_m
         out = tmp_path / method
         code, _, err = run_cli(capsys, method, "--config", trl_yaml, "--output_dir", out)
         assert code == 0, err[-2000:]
-        assert len(losses(out)) == 2
+        assert len(logged_in(out)) == 2
 
 
 def test_sft_command_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_dir, data_dirs):
@@ -185,8 +181,7 @@ def test_sft_command_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_
     )
     trainer = hf_plugins.FusedSFTTrainer(tiny_model_dir, args=config, train_dataset=load_from_disk(data_dirs["chat"]))
     trainer.train()
-    expected = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert losses(out) == pytest.approx(expected, abs=1e-6)
+    assert logged_in(out) == pytest.approx(logged(trainer), abs=1e-6)
 
 
 def test_grpo_command_reads_trl_grpo_yaml_and_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_dir,
@@ -226,7 +221,7 @@ def test_grpo_command_reads_trl_grpo_yaml_and_matches_the_trainer_in_python(caps
                                           train_dataset=load_from_disk(data_dirs["grpo"]))
     trainer.train()
     expected = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(expected) == 2 and losses(tmp_path / "cli") == pytest.approx(expected, abs=1e-6)
+    assert len(expected) == 2 and logged_in(tmp_path / "cli") == pytest.approx(expected, abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------- bad input
@@ -546,7 +541,7 @@ def test_saved_config_is_a_cli_config(capsys, tmp_path, tiny_model_dir, data_dir
         capsys, "asft", "--config", folder, "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"]
     )
     assert code == 0, err[-2000:]
-    assert len(losses(tmp_path / "out")) == 2
+    assert len(logged_in(tmp_path / "out")) == 2
 
 
 def test_accelerate_examples_cover_every_engine_and_method():
@@ -578,8 +573,7 @@ def test_uds_is_an_option_of_any_command(capsys, tmp_path, tiny_model_dir, data_
         args += ["--config", config]
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err[-2000:]
-    state = json.loads((out / "trainer_state.json").read_text())
-    fractions = [entry["uds/selected_fraction"] for entry in state["log_history"] if "uds/selected_fraction" in entry]
+    fractions = logged_in(out, "uds/selected_fraction")
     assert fractions and all(f == pytest.approx(0.5) for f in fractions)
 
 

@@ -5,14 +5,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from testing_utils import assert_same_parameters, logged, make_trainer
+from transformers import AutoTokenizer
 from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer
 from hf_plugins.data import DataCollatorWithExtraColumns
 from hf_plugins.data.packing import batch_sequences, pack_with_columns, sequence_values
-from hf_plugins.testing import CPU_TRAINING_ARGS, logged_values
 
 EXAMPLES = [
     {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "token_weights": [0.0, 1.0, 2.0], "score": 0.5, "idx": 3},
@@ -74,16 +74,12 @@ def _tokenized_dataset(tokenizer, weight_fn):
 
 
 def _train(model_dir, tmp_path, trainer_cls, dataset):
-    args = FusedSFTConfig(
-        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=5e-3,
-        dataset_kwargs={"skip_prepare_dataset": True}, **CPU_TRAINING_ARGS,
-    )
-    trainer = trainer_cls(
-        model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
+    trainer = make_trainer(
+        trainer_cls, FusedSFTConfig, model_dir, tmp_path, dataset, per_device_train_batch_size=4,
+        dataset_kwargs={"skip_prepare_dataset": True},
     )
     trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return logged(trainer)
 
 
 def test_extra_column_reaches_the_loss_through_the_trainer(tiny_model_dir, tmp_path):
@@ -103,21 +99,17 @@ def test_token_columns_pack_with_their_tokens_through_the_trainer(tiny_model_dir
     dataset = _tokenized_dataset(tokenizer, lambda t: 1.0 + (t % 3) / 2)
     runs = []
     for packing in (False, True):
-        args = FusedSFTConfig(
-            output_dir=str(tmp_path / str(packing)), max_steps=3, per_device_train_batch_size=16, optim="sgd",
-            learning_rate=0.5, packing=packing, max_length=48, **CPU_TRAINING_ARGS,
-        )
-        trainer = TokenWeightedTrainer(
-            model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args, train_dataset=dataset,
-            processing_class=tokenizer,
+        trainer = make_trainer(
+            TokenWeightedTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / str(packing), dataset,
+            tokenizer=tokenizer, per_device_train_batch_size=16, optim="sgd", learning_rate=0.5, packing=packing,
+            max_length=48,
         )
         trainer.train()
         runs.append(trainer)
     packed = runs[1].train_dataset
     assert len(packed) < 16 and max(len(lengths) for lengths in packed["seq_lengths"]) > 1
-    assert logged_values(runs[1]) == pytest.approx(logged_values(runs[0]), rel=1e-5)
-    for p_a, p_b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert logged(runs[1]) == pytest.approx(logged(runs[0]), rel=1e-5)
+    assert_same_parameters(runs[0], runs[1])
 
 
 # ------------------------------------------------------------------------------------- packing with extra columns

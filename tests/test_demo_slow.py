@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from hf_plugins.testing import DEMO_INSTALL_HINT, missing_demo_packages
+from hf_plugins.demo.packages import DEMO_INSTALL_HINT, missing_demo_packages
 
 _MISSING = missing_demo_packages()
 needs_demo_packages = pytest.mark.skipif(

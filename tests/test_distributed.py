@@ -1,21 +1,17 @@
 """FusedSFTTrainer under DDP (2 CPU processes, gloo), through torchrun: the same losses as stock SFTTrainer."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from testing_utils import TORCHRUN, logged_in, run_script
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 
 
 def _train(model_dir, out, which):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), model_dir, str(out), which]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script([*TORCHRUN, SCRIPT, model_dir, out, which])
     assert "WORLD 2" in result.stdout, result.stdout[-2000:]
     return json.loads((out / "losses.json").read_text())
 
@@ -32,11 +28,8 @@ TRAIN = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 
 
 def _cli_losses(cmd, out):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    state = json.loads((out / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    run_script(cmd, timeout=400)
+    return logged_in(out)
 
 
 @pytest.mark.slow
@@ -56,7 +49,7 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_d
     ]
     one = _cli_losses([sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir",
                        str(tmp_path / "one")], tmp_path / "one")
-    two = _cli_losses([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
+    two = _cli_losses([*TORCHRUN, *common,
                        "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")], tmp_path / "two")
     assert len(one) == 3
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
@@ -66,11 +59,7 @@ UDS_SCRIPT = Path(__file__).parent / "scripts" / "train_uds_ddp.py"
 
 
 def _train_uds(model_dir, out, checkpoint=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(UDS_SCRIPT), model_dir, str(out)]
-    result = subprocess.run(cmd + ([str(checkpoint)] if checkpoint else []), env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script([*TORCHRUN, UDS_SCRIPT, model_dir, out, *([checkpoint] if checkpoint else [])])
     assert "WORLD 2" in result.stdout, result.stdout[-2000:]
     ranks = [json.loads((out / f"selections_{rank}.json").read_text()) for rank in (0, 1)]
     return json.loads((out / "losses.json").read_text()), ranks

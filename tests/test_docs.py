@@ -50,7 +50,7 @@ def test_every_method_page_has_an_example_and_is_listed_in_the_readme():
 def test_method_page_example_runs_as_written(page, tmp_path, monkeypatch):
     import math
 
-    from hf_plugins.testing import logged_values
+    from testing_utils import logged
 
     text = (METHODS / f"{page}.md").read_text()
     code = text.split("\n## Example\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
@@ -59,7 +59,7 @@ def test_method_page_example_runs_as_written(page, tmp_path, monkeypatch):
     exec(compile(code, f"docs/methods/{page}.md", "exec"), namespace)  # the RoSTE example asserts its own export
     trainer = namespace["trainer"]
     assert trainer.state.global_step == trainer.args.max_steps
-    losses = logged_values(trainer)
+    losses = logged(trainer)
     assert losses and all(math.isfinite(loss) for loss in losses)
     if page == "uds":
-        assert logged_values(trainer, "uds/selected_fraction") == [0.25] * trainer.args.max_steps
+        assert logged(trainer, "uds/selected_fraction") == [0.25] * trainer.args.max_steps

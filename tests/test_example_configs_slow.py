@@ -12,16 +12,12 @@ import math
 from pathlib import Path
 
 import pytest
-from test_cli import EXAMPLES, cpu_flags, losses, run_cli
+from test_cli import EXAMPLES, cpu_flags, run_cli
+from testing_utils import logged_in
 
 from hf_plugins.chat_templates import load_template
-from hf_plugins.testing import (
-    DEMO_INSTALL_HINT,
-    missing_demo_packages,
-    tiny_conversational_dataset,
-    tiny_prompt_completion_dataset,
-    tiny_tool_calling_dataset,
-)
+from hf_plugins.demo.packages import DEMO_INSTALL_HINT, missing_demo_packages
+from hf_plugins.testing import tiny_conversational_dataset, tiny_prompt_completion_dataset, tiny_tool_calling_dataset
 
 _MISSING = missing_demo_packages()
 pytestmark = [
@@ -70,7 +66,7 @@ def test_example_config_runs_on_smollm2(capsys, tmp_path, smollm2_dir, local_dat
         "--dataset_name", data, "--output_dir", out, *cpu_flags(method), *extra,
     )
     assert code == 0, err[-3000:]
-    assert len(losses(out)) == 2 and all(math.isfinite(loss) for loss in losses(out))
+    assert len(logged_in(out)) == 2 and all(math.isfinite(loss) for loss in logged_in(out))
     if method == "grpo":  # text prompts, and no assistant mask to take from a template
         return
     # The run trained on SmolLM2's training template, which is saved with the model

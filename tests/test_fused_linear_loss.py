@@ -5,16 +5,25 @@ and in the gradients w.r.t. hidden, weight and bias, and the chunked backend mus
 """
 
 import pytest
+import testing_utils
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from testing_utils import (
+    BACKENDS,
+    F64,
+    IGNORE,
+    LargestTensor,
+    assert_matches,
+    float64_copies,
+    gen,
+    leaves,
+    logits_of,
+    loss_and_grads,
+)
 
 from hf_plugins.losses import SFTMethod, dft_loss, sft_loss, weighted_sft_loss
 from hf_plugins.ops import fused_linear_loss
 
-IGNORE = -100
 METHODS = ("sft", "dft", "weighted")
-BACKENDS = ("chunked", "reference", "triton")
-F64 = torch.float64
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
@@ -22,19 +31,13 @@ F64 = torch.float64
 
 def make_inputs(shape, V=37, D=8, *, dtype=F64, bias=True, seed=0, ignore_frac=0.25):
     """Random hidden [*shape, D], weight [V, D], bias [V], labels [*shape] (some -100) and token weights."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, D, generator=g, dtype=F64)
-    weight = torch.randn(V, D, generator=g, dtype=F64) * (2.0 / D**0.5)  # logits of std ~2: a non-trivial softmax
-    b = torch.randn(V, generator=g, dtype=F64) if bias else None
-    labels = torch.randint(0, V, shape, generator=g)
-    labels[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
+    g = gen(seed)
+    hidden, weight, b, labels = testing_utils.make_inputs(
+        shape, V, D, dtype=dtype, bias=bias, ignore_frac=ignore_frac, generator=g
+    )
     token_weights = 2 * torch.rand(shape, generator=g, dtype=F64)
     token_weights[torch.rand(shape, generator=g) < 0.2] = 0.0
-
-    def leaf(t):
-        return None if t is None else t.to(dtype).requires_grad_(True)
-
-    return leaf(hidden), leaf(weight), leaf(b), labels, token_weights
+    return hidden, weight, b, labels, token_weights
 
 
 def method_inputs(method, token_weights):
@@ -49,41 +52,26 @@ def functional(method, logits, labels, num_items_in_batch, token_weights):
     return weighted_sft_loss(logits, labels, token_weights, num_items_in_batch=num_items_in_batch)
 
 
-def leaves_of(hidden, weight, bias):
-    return [t for t in (hidden, weight, bias) if t is not None]
-
-
-def expected_loss_and_grads(method, hidden, weight, bias, labels, token_weights, num_items=None, upstream=1.0):
-    """The functional loss on float64 copies of the inputs (bf16/fp32 values upcast exactly) and its gradients."""
-    h, w, b = (None if t is None else t.detach().to(F64).requires_grad_(True) for t in (hidden, weight, bias))
-    logits = h @ w.t() + (b if b is not None else 0.0)
-    loss = functional(method, logits, labels, num_items, token_weights)
-    grads = torch.autograd.grad(upstream * loss, leaves_of(h, w, b))
-    return loss.detach(), grads
-
-
-def fused_loss_and_grads(method, backend, hidden, weight, bias, labels, token_weights, upstream=1.0, **kwargs):
-    loss = fused_linear_loss(
-        hidden, weight, labels, method, bias=bias, backend=backend, **kwargs, **method_inputs(method, token_weights)
+def fused_fn(method, backend, labels, token_weights, **kwargs):
+    """The fused head as a function of (hidden, weight, bias)."""
+    return lambda h, w, b: fused_linear_loss(
+        h, w, labels, method, bias=b, backend=backend, **kwargs, **method_inputs(method, token_weights)
     )
-    grads = torch.autograd.grad(upstream * loss, leaves_of(hidden, weight, bias))
-    return loss.detach(), grads
 
 
-def assert_matches(method, backend, hidden, weight, bias, labels, token_weights, *, tol, upstream=1.0, **kwargs):
-    loss, grads = fused_loss_and_grads(
-        method, backend, hidden, weight, bias, labels, token_weights, upstream=upstream, **kwargs
+def functional_fn(method, labels, token_weights, num_items=None):
+    """The functional loss on the materialised logits, as a function of (hidden, weight, bias)."""
+    return lambda h, w, b: functional(method, logits_of(h, w, b), labels, num_items, token_weights)
+
+
+def assert_fused_matches(method, backend, hidden, weight, bias, labels, token_weights, *, tol, upstream=1.0, **kwargs):
+    """The fused head equals the functional loss on float64 materialised logits; returns its loss and gradients."""
+    got, _ = assert_matches(
+        fused_fn(method, backend, labels, token_weights, **kwargs),
+        functional_fn(method, labels, token_weights, kwargs.get("num_items_in_batch")),
+        (hidden, weight, bias), rtol=tol, atol=tol, upstream=upstream,
     )
-    exp_loss, exp_grads = expected_loss_and_grads(
-        method, hidden, weight, bias, labels, token_weights, kwargs.get("num_items_in_batch"), upstream=upstream
-    )
-    assert loss.dim() == 0
-    torch.testing.assert_close(loss.to(F64), exp_loss, rtol=tol, atol=tol)
-    assert len(grads) == len(exp_grads)
-    for grad, exp, leaf in zip(grads, exp_grads, leaves_of(hidden, weight, bias)):
-        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
-        torch.testing.assert_close(grad.to(F64), exp, rtol=tol, atol=tol)
-    return loss, grads
+    return got.loss, got.grads
 
 
 # ----------------------------------------------------------------------------------------- value and gradients
@@ -98,7 +86,7 @@ def test_matches_functional_float64(method, backend, bias, num_items, shape):
     seed = METHODS.index(method) + 10 * len(shape)
     hidden, weight, b, labels, token_weights = make_inputs(shape, bias=bias, seed=seed)
     n = torch.tensor(40) if num_items == "tensor" else num_items
-    assert_matches(
+    assert_fused_matches(
         method, backend, hidden, weight, b, labels, token_weights, tol=1e-9, chunk_size=4, num_items_in_batch=n
     )
 
@@ -107,9 +95,9 @@ def test_matches_functional_float64(method, backend, bias, num_items, shape):
 @pytest.mark.parametrize("method", METHODS)
 def test_default_chunk_size_and_auto_backend(method, backend):
     hidden, weight, b, labels, token_weights = make_inputs((2, 9), seed=5)
-    assert_matches(method, backend, hidden, weight, b, labels, token_weights, tol=1e-9)
-    auto, _ = fused_loss_and_grads(method, "auto", hidden, weight, b, labels, token_weights)
-    chosen, _ = fused_loss_and_grads(method, backend, hidden, weight, b, labels, token_weights)
+    assert_fused_matches(method, backend, hidden, weight, b, labels, token_weights, tol=1e-9)
+    auto = loss_and_grads(fused_fn(method, "auto", labels, token_weights), (hidden, weight, b)).loss
+    chosen = loss_and_grads(fused_fn(method, backend, labels, token_weights), (hidden, weight, b)).loss
     torch.testing.assert_close(auto, chosen, rtol=1e-12, atol=1e-12)
 
 
@@ -170,7 +158,7 @@ def test_a_method_object_keeps_no_state_between_calls(name, backend):
 @pytest.mark.parametrize("upstream", [3.0, -0.25])
 def test_non_unit_upstream_gradient(method, backend, upstream):
     hidden, weight, b, labels, token_weights = make_inputs((3, 5), seed=7)
-    _, grads = assert_matches(
+    _, grads = assert_fused_matches(
         method, backend, hidden, weight, b, labels, token_weights, tol=1e-9, upstream=upstream, chunk_size=4
     )
     # and through .backward(), accumulating into .grad
@@ -178,7 +166,7 @@ def test_non_unit_upstream_gradient(method, backend, upstream):
         hidden, weight, labels, method, bias=b, backend=backend, chunk_size=4, **method_inputs(method, token_weights)
     )
     (upstream * loss).backward()
-    for leaf, grad in zip(leaves_of(hidden, weight, b), grads):
+    for leaf, grad in zip(leaves(hidden, weight, b), grads):
         torch.testing.assert_close(leaf.grad, grad, rtol=1e-12, atol=1e-12)
 
 
@@ -216,7 +204,7 @@ def test_edge_cases(method, backend, case):
         labels = case["labels"](labels)
     assert (labels != IGNORE).any()
     for num_items in (None, 50):
-        _, grads = assert_matches(
+        _, grads = assert_fused_matches(
             method,
             backend,
             hidden,
@@ -242,18 +230,8 @@ def test_no_supervised_token_at_all(method, backend, shape, num_items):
     hidden, weight, b, labels, token_weights = make_inputs(shape, seed=12)
     labels = torch.full_like(labels, IGNORE)
     n = {"tensor": torch.tensor(8), "tensor0": torch.tensor(0)}.get(num_items, num_items)
-    loss, metrics = fused_linear_loss(
-        hidden,
-        weight,
-        labels,
-        method,
-        bias=b,
-        backend=backend,
-        chunk_size=3,
-        num_items_in_batch=n,
-        return_metrics=True,
-        **method_inputs(method, token_weights),
-    )
+    fused = fused_fn(method, backend, labels, token_weights, chunk_size=3, num_items_in_batch=n, return_metrics=True)
+    loss, metrics = fused(hidden, weight, b)
     grads = torch.autograd.grad(loss, [hidden, weight, b])
     assert loss.item() == 0.0 and not torch.isnan(loss)
     for grad, leaf in zip(grads, (hidden, weight, b)):
@@ -270,8 +248,9 @@ def test_no_supervised_token_at_all(method, backend, shape, num_items):
 @pytest.mark.parametrize("method", METHODS)
 def test_bfloat16_inputs(method, backend):
     hidden, weight, b, labels, token_weights = make_inputs((4, 16), V=53, D=16, dtype=torch.bfloat16, seed=13)
-    loss, grads = fused_loss_and_grads(method, backend, hidden, weight, b, labels, token_weights, chunk_size=5)
-    exp_loss, exp_grads = expected_loss_and_grads(method, hidden, weight, b, labels, token_weights)
+    inputs = (hidden, weight, b)
+    loss, grads, _ = loss_and_grads(fused_fn(method, backend, labels, token_weights, chunk_size=5), inputs)
+    exp_loss, exp_grads, _ = loss_and_grads(functional_fn(method, labels, token_weights), float64_copies(inputs))
     assert loss.dtype == torch.float32
     # chunked and reference upcast before the matmul; triton keeps bf16 logit tiles (cuBLAS's output, as TRL's and
     # Liger's heads do), so its logits carry bf16 rounding: a looser bound against the exact loss ...
@@ -292,7 +271,9 @@ def test_bfloat16_inputs(method, backend):
 @pytest.mark.parametrize("method", METHODS)
 def test_float32_inputs(method, backend):
     hidden, weight, b, labels, token_weights = make_inputs((4, 16), V=53, D=16, dtype=torch.float32, seed=14)
-    loss, grads = assert_matches(method, backend, hidden, weight, b, labels, token_weights, tol=1e-5, chunk_size=5)
+    loss, grads = assert_fused_matches(
+        method, backend, hidden, weight, b, labels, token_weights, tol=1e-5, chunk_size=5
+    )
     assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
 
 
@@ -326,16 +307,8 @@ def test_metrics_match_materialised_logits(method, shape):
 
     results = {}
     for backend in BACKENDS:
-        loss, metrics = fused_linear_loss(
-            hidden,
-            weight,
-            labels,
-            method,
-            bias=b,
-            backend=backend,
-            chunk_size=4,
-            return_metrics=True,
-            **method_inputs(method, token_weights),
+        loss, metrics = fused_fn(method, backend, labels, token_weights, chunk_size=4, return_metrics=True)(
+            hidden, weight, b
         )
         assert set(metrics) == set(expected)
         assert metrics["num_tokens"] == expected["num_tokens"] and isinstance(metrics["num_tokens"], int)
@@ -353,27 +326,8 @@ def test_metrics_match_materialised_logits(method, shape):
 # -------------------------------------------------------------------------------------------------------- memory
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the element count of every tensor an aten op returns (forward and backward, inside autograd
-    Functions too), so the largest intermediate a code path creates can be asserted."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-        self.matmul_outputs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
-            self.matmul_outputs.append(tuple(out.shape))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def _largest_tensor(method, backend, n_rows, V=50_000, D=16, chunk=64, return_metrics=False):
-    g = torch.Generator().manual_seed(16)
+    g = gen(16)
     hidden = torch.randn(n_rows, D, generator=g).requires_grad_(True)
     weight = (0.1 * torch.randn(V, D, generator=g)).requires_grad_(True)
     labels = torch.randint(0, V, (n_rows,), generator=g)
@@ -420,7 +374,7 @@ def test_reference_holds_the_full_logits():
 
 def _valid_call(backend, method="sft"):
     """A valid call (V=37, D=8, hidden [2, 5, 8]); each bad case changes one thing in it."""
-    g = torch.Generator().manual_seed(17)
+    g = gen(17)
     call = dict(
         hidden=torch.randn(2, 5, 8, generator=g),
         weight=torch.randn(37, 8, generator=g),
@@ -520,25 +474,14 @@ def test_no_grad_returns_a_plain_loss(method, backend):
     assert all(leaf.grad is None for leaf in (hidden, weight, b))
 
 
-class CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _chunked_matmuls(trainable, no_grad=False):
     """Matmuls (mm/addmm) one chunked call makes over 12 supervised rows in tiles of 4 (3 tiles)."""
     hidden, weight, b, labels, _ = make_inputs((12,), ignore_frac=0.0, seed=19)
     hidden, weight, b = (t.detach().requires_grad_(name in trainable) for name, t in zip("hwb", (hidden, weight, b)))
-    with CountMatmuls() as mode, torch.set_grad_enabled(not no_grad):
+    with LargestTensor() as mode, torch.set_grad_enabled(not no_grad):
         loss = fused_linear_loss(hidden, weight, labels, "sft", bias=b, backend="chunked", chunk_size=4)
     assert loss.requires_grad == (bool(trainable) and not no_grad)
-    return mode.count
+    return len(mode.matmul_outputs)
 
 
 @pytest.mark.parametrize(

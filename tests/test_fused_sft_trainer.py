@@ -6,44 +6,38 @@ import traceback
 from collections import defaultdict
 
 import pytest
+import testing_utils
 import torch
 from datasets import Dataset
 from torch.utils._python_dispatch import TorchDispatchMode
+from testing_utils import (
+    CLI_LORA_DROPOUT,
+    CPU_ARGS,
+    assert_same_parameters,
+    logged,
+    needs_triton,
+    one_block_per_row,
+    tiny_lora_config,
+    train_and_list_changed_parameters,
+    uninterrupted_and_resumed,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer, sft_loss
 from hf_plugins.testing import (
-    CLI_LORA_DROPOUT,
-    CPU_TRAINING_ARGS,
     TOOL_CHAT_TEMPLATE,
-    logged_values as logged,
+    save_tiny_model,
     tiny_conversational_dataset,
-    tiny_lora_config,
     tiny_prompt_completion_dataset,
     tiny_tool_calling_dataset,
-    train_and_list_changed_parameters,
-    train_and_resume,
-)
-
-CPU_ARGS = dict(
-    **CPU_TRAINING_ARGS,
-    learning_rate=5e-3,
 )
 
 
-def make_trainer(trainer_cls, config_cls, model_dir, tmp_path, dataset, eval_dataset=None, peft_config=None, **overrides):
-    args = {**CPU_ARGS, "output_dir": str(tmp_path / trainer_cls.__name__), "max_steps": 5}
-    args.update(overrides)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return trainer_cls(
-        model=model,
-        args=config_cls(**args),
-        train_dataset=dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
+def make_trainer(trainer_cls, config_cls, model_dir, tmp_path, dataset, **overrides):
+    """5 steps, in a folder of `tmp_path` named after the trainer class (a stock and a fused run side by side)."""
+    return testing_utils.make_trainer(
+        trainer_cls, config_cls, model_dir, tmp_path / trainer_cls.__name__, dataset, **{"max_steps": 5, **overrides}
     )
 
 
@@ -68,8 +62,7 @@ def test_matches_stock_sft_trainer_step_by_step(tiny_model_dir, tmp_path, loss_t
     assert len({round(x, 6) for x in fused_losses}) > 1
     for key in ("entropy", "mean_token_accuracy", "num_tokens"):
         assert logged(fused, key) == pytest.approx(logged(stock, key), abs=1e-4)
-    for (name, p_stock), p_fused in zip(stock.model.named_parameters(), fused.model.parameters()):
-        torch.testing.assert_close(p_fused, p_stock, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_parameters(stock, fused)
 
 
 def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
@@ -85,8 +78,7 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
     )
     four_by_one.train()
     assert logged(four_by_one) == pytest.approx(logged(one_by_four), abs=1e-5)
-    for p_a, p_b in zip(one_by_four.model.parameters(), four_by_one.model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(one_by_four, four_by_one)
 
 
 def test_never_applies_lm_head_to_all_positions(tiny_model_dir, tmp_path):
@@ -155,13 +147,10 @@ def test_assistant_only_mask_ignores_prompt_tokens(tiny_model_dir, tmp_path):
 
 
 def test_lora_trains_only_adapter_weights(tiny_model_dir, tmp_path):
-    from peft import LoraConfig
-
     dataset = tiny_conversational_dataset(16)
     trainer = make_trainer(
         FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=3, learning_rate=5e-2,
-        assistant_only_loss=True,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM"),
+        assistant_only_loss=True, peft_config=tiny_lora_config(target_modules=["q_proj", "v_proj", "up_proj"]),
     )
     changed = train_and_list_changed_parameters(trainer)
     assert changed, "no parameter changed"
@@ -171,10 +160,8 @@ def test_lora_trains_only_adapter_weights(tiny_model_dir, tmp_path):
 
 
 def test_peft_modules_to_save_lm_head_is_trained(tiny_model_dir, tmp_path):
-    from peft import LoraConfig
-
     dataset = tiny_conversational_dataset(16)
-    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    config = tiny_lora_config(modules_to_save=["lm_head"])
     trainer = make_trainer(
         FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=2, learning_rate=5e-2,
         assistant_only_loss=True, peft_config=config,
@@ -188,9 +175,7 @@ def test_peft_modules_to_save_lm_head_is_trained(tiny_model_dir, tmp_path):
 
 
 def test_lora_on_lm_head_is_refused(tiny_model_dir, tmp_path):
-    from peft import LoraConfig
-
-    config = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    config = tiny_lora_config(target_modules=["q_proj", "lm_head"])
     with pytest.raises(ValueError, match="lm_head"):
         make_trainer(
             FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(8), peft_config=config
@@ -233,8 +218,7 @@ def test_packing_matches_stock(tiny_model_dir, tmp_path, loss_type, batching):
     assert logged(fused) == pytest.approx(logged(stock), rel=1e-5)
     for key in ("entropy", "mean_token_accuracy", "num_tokens"):
         assert logged(fused, key) == pytest.approx(logged(stock, key), abs=1e-4), key
-    for (name, p_stock), p_fused in zip(stock.model.named_parameters(), fused.model.parameters()):
-        torch.testing.assert_close(p_fused, p_stock, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_parameters(stock, fused)
 
 
 def test_chunked_and_reference_backends_agree(tiny_model_dir, tmp_path):
@@ -262,9 +246,7 @@ def test_resume_from_checkpoint_continues_identically(tiny_model_dir, tmp_path, 
             max_steps=4, **overrides,
         )
 
-    full = make(tmp_path / "full")
-    full.train()
-    resumed, _ = train_and_resume(make, tmp_path / "resumed")
+    full, resumed, _ = uninterrupted_and_resumed(make, tmp_path)
     assert len(logged(resumed)) == 4
     assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
 
@@ -299,8 +281,6 @@ def test_compute_loss_func_is_refused(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("variant", ["qwen2", "tied_embeddings"])
 def test_matches_stock_on_other_architectures(tmp_path, variant):
-    from hf_plugins.testing import save_tiny_model
-
     if variant == "qwen2":
         model_dir = save_tiny_model(tmp_path / "model", arch="qwen2", dtype=torch.float64)
     else:
@@ -318,12 +298,9 @@ def test_matches_stock_on_other_architectures(tmp_path, variant):
 
 
 def test_plain_sft_config_is_converted_with_its_values(tiny_model_dir, tmp_path):
-    args = SFTConfig(output_dir=str(tmp_path), hub_token="secret-token", max_steps=7, **CPU_ARGS)
-    trainer = FusedSFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=args,
-        train_dataset=tiny_conversational_dataset(4),
-        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    trainer = testing_utils.make_trainer(
+        FusedSFTTrainer, SFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(4), hub_token="secret-token",
+        max_steps=7,
     )
     assert isinstance(trainer.args, FusedSFTConfig)
     assert trainer.args.max_steps == 7 and trainer.args.hub_token == "secret-token"
@@ -332,18 +309,14 @@ def test_plain_sft_config_is_converted_with_its_values(tiny_model_dir, tmp_path)
         FusedSFTTrainer(AutoModelForCausalLM.from_pretrained(tiny_model_dir), object())
 
 
+@needs_triton
 @pytest.mark.parametrize("backend", ["triton", "liger"])
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 def test_gpu_backends_train_like_chunked(tiny_model_dir, tmp_path, monkeypatch, backend, loss_type):
     """The triton and liger backends inside the trainer (on CPU under Triton's interpreter): same losses and metrics
     as the chunked backend, step by step."""
     pytest.importorskip("liger_kernel") if backend == "liger" else None
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("needs a GPU or the Triton interpreter")
-    if not torch.cuda.is_available():
-        from hf_plugins.ops.triton import head
-
-        monkeypatch.setattr(head, "DEFAULT_BLOCK_V", 1024)  # the interpreter loops in Python: one block per row
+    one_block_per_row(monkeypatch)
     dataset = tiny_conversational_dataset(8)
     runs = {}
     for name in ("chunked", backend):
@@ -368,10 +341,9 @@ def test_gpu_backends_are_refused_before_training_without_a_gpu(tiny_model_dir, 
                          loss_backend=backend)
 
 
+@needs_triton
 def test_liger_backend_refuses_methods_it_does_not_cover(tiny_model_dir, tmp_path):
     pytest.importorskip("liger_kernel")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("needs a GPU or the Triton interpreter")
     from hf_plugins import OTRConfig, OTRTrainer
 
     with pytest.raises(ValueError, match="`loss_backend='liger'` covers the losses sft, dft, weighted; OTRTrainer"):

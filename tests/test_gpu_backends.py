@@ -9,34 +9,30 @@ CUDA device is present (benchmarks/gpu_check.sh).
 import os
 
 import pytest
+import testing_utils
 import torch
+from testing_utils import F64, ON_GPU, gen, needs_triton, random_linear
 
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.liger import liger_available
 
-F64 = torch.float64
-IGNORE = -100
-ON_GPU = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def make_inputs(n, v, d, *, dtype, device="cpu", seed=0, ignore_frac=0.2, ref_d=None):
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, d, generator=g, dtype=F64)
-    weight = torch.randn(v, d, generator=g, dtype=F64) * (2.0 / d**0.5)
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < ignore_frac] = IGNORE
+    """Leaves hidden [n, d] and weight [v, d] of `dtype` on `device`, labels, and the other methods' inputs."""
+    g = gen(seed)
+    hidden, weight, _, labels = testing_utils.make_inputs(
+        (n,), v, d, dtype=dtype, device=device, bias=False, ignore_frac=ignore_frac, generator=g
+    )
+    token_weights = 2 * torch.rand(n, generator=g, dtype=F64)
+    ref_hidden, ref_weight, _ = random_linear(g, (n,), v, ref_d or d, bias=False)
     extras = {
-        "token_weights": 2 * torch.rand(n, generator=g, dtype=F64),
-        "ref_hidden": torch.randn(n, ref_d or d, generator=g, dtype=F64),
-        "ref_weight": torch.randn(v, ref_d or d, generator=g, dtype=F64) * (2.0 / (ref_d or d) ** 0.5),
+        "token_weights": token_weights.to(device),
+        "ref_hidden": ref_hidden.to(device=device, dtype=dtype),
+        "ref_weight": ref_weight.to(device=device, dtype=dtype),
     }
-
-    def leaf(t):
-        return t.to(device=device, dtype=dtype).requires_grad_(True)
-
-    extras = {k: t.to(device=device, dtype=dtype if k != "token_weights" else F64) for k, t in extras.items()}
-    return leaf(hidden), leaf(weight), labels.to(device), extras
+    return hidden, weight, labels.to(device), extras
 
 
 def kwargs_for(method, extras, num_samples=4):
@@ -66,7 +62,7 @@ needs_liger = pytest.mark.skipif(not liger_available(), reason="liger-kernel is 
 
 
 @needs_liger
-@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or the Triton interpreter")
+@needs_triton
 @pytest.mark.parametrize("method", ["sft", "dft", "weighted"])
 def test_liger_backend_matches_reference(method):
     device = "cuda" if ON_GPU else "cpu"
@@ -83,7 +79,7 @@ def test_liger_backend_matches_reference(method):
 
 
 @needs_liger
-@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or the Triton interpreter")
+@needs_triton
 def test_liger_backend_refuses_methods_it_does_not_cover():
     hidden, weight, labels, extras = make_inputs(8, 50, 8, dtype=torch.float32, device="cuda" if ON_GPU else "cpu")
     with pytest.raises(ValueError, match="'liger' covers the methods sft, dft, weighted, not 'asft'"):

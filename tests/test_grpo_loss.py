@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from testing_utils import BACKENDS, F64, IGNORE, LargestTensor, as_leaves, gen, leaves, logits_of, random_linear
 from trl import GRPOTrainer
 
 import hf_plugins
@@ -22,11 +23,7 @@ from hf_plugins.losses import METHODS, GRPOMethod, grpo_loss
 from hf_plugins.losses import grpo as grpo_module
 from hf_plugins.losses.grpo import LOSS_TYPES, STATISTICS_METRIC, GRPOOptions
 from hf_plugins.ops import fused_linear_loss
-from hf_plugins.testing import LargestTensor
 
-IGNORE = -100
-F64 = torch.float64
-BACKENDS = ("reference", "chunked", "triton")
 TOLERANCE = dict(rtol=1e-9, atol=1e-12)
 KL_SETTINGS = {
     "beta0": {"beta": 0.0},
@@ -42,17 +39,15 @@ def make_batch(B=4, T=6, V=37, D=8, *, seed=0, temperature=1.0, spread=0.6, bias
     """hidden [B, T, D], weight, bias (leaves), completion labels with right padding and one empty completion, and
     per-token inputs: advantages [B] (both signs), old log-probs = the current ones plus noise of `spread` (ratios
     on both sides of the clip range), reference and sampler log-probs near them."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, D, generator=g, dtype=F64).requires_grad_(True)
-    weight = (1.5 / D**0.5 * torch.randn(V, D, generator=g, dtype=F64)).requires_grad_(True)
-    b = torch.randn(V, generator=g, dtype=F64).requires_grad_(True) if bias else None
+    g = gen(seed)
+    hidden, weight, b = as_leaves(*random_linear(g, (B, T), V, D, bias=bias, scale=1.5))
     labels = torch.randint(0, V, (B, T), generator=g)
     for row in range(B):  # right padding of different lengths
         labels[row, T - (row % 3):] = IGNORE
     if B > 2:
         labels[B - 1] = IGNORE  # a completion with no loss token (e.g. masked as truncated)
     with torch.no_grad():
-        logits = hidden @ weight.t() + (b if b is not None else 0.0)
+        logits = logits_of(hidden, weight, b)
         lp = torch.log_softmax(logits / temperature, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     noise = lambda scale: scale * torch.randn(B, T, generator=g, dtype=F64)  # noqa: E731
     advantages = torch.randn(B, generator=g, dtype=F64)
@@ -71,8 +66,8 @@ def make_batch(B=4, T=6, V=37, D=8, *, seed=0, temperature=1.0, spread=0.6, bias
     }
 
 
-def logits_of(batch):
-    return batch["hidden"] @ batch["weight"].t() + (batch["bias"] if batch["bias"] is not None else 0.0)
+def batch_logits(batch):
+    return logits_of(batch["hidden"], batch["weight"], batch["bias"])
 
 
 def tensor_inputs(batch, off_policy, extra):
@@ -201,7 +196,7 @@ def assert_metrics_equal(got: dict, expected: dict):
 
 
 def check_against_trl(batch, off_policy, tensors, options):
-    logits = logits_of(batch).detach().requires_grad_(True)
+    logits = batch_logits(batch).detach().requires_grad_(True)
     inputs = tensor_inputs(batch, off_policy, tensors)
     loss, stats = grpo_loss(logits, batch["labels"], **inputs, return_statistics=True, **options)
     (grad,) = torch.autograd.grad(loss, [logits])
@@ -272,7 +267,7 @@ def test_grpo_loss_equals_trl_per_feature(loss_type, feature, level, off_policy)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_grpo_loss_equals_trl_with_per_token_advantages(loss_type, level):
     batch = make_batch(seed=3)
-    g = torch.Generator().manual_seed(3)
+    g = gen(3)
     batch["advantages"] = torch.randn(batch["labels"].shape, generator=g, dtype=F64)
     check_against_trl(batch, True, {}, options_for(loss_type, level, "kl-bias", entropy_coef=0.1))
 
@@ -282,7 +277,7 @@ def test_the_test_inputs_leave_the_clip_range_on_both_sides():
     batch = make_batch(seed=1, temperature=0.7)
     mask = batch["labels"] != IGNORE
     _, stats = grpo_loss(
-        logits_of(batch).detach(), batch["labels"], **tensor_inputs(batch, True, {}), temperature=0.7,
+        batch_logits(batch).detach(), batch["labels"], **tensor_inputs(batch, True, {}), temperature=0.7,
         epsilon_high=0.28, return_statistics=True,
     )
     metrics = stats.metrics()
@@ -293,7 +288,7 @@ def test_the_test_inputs_leave_the_clip_range_on_both_sides():
 def test_on_policy_ratios_are_one_and_dapo_is_the_advantage_weighted_nll():
     """On-policy dapo with beta=0 is `-sum_t A_i lp_t / N`, in value and gradient (a closed form, not TRL)."""
     batch = make_batch(seed=4)
-    logits = logits_of(batch).detach().requires_grad_(True)
+    logits = batch_logits(batch).detach().requires_grad_(True)
     labels, mask = batch["labels"], batch["labels"] != IGNORE
     loss = grpo_loss(logits, labels, batch["advantages"])
     lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -308,21 +303,19 @@ def test_on_policy_ratios_are_one_and_dapo_is_the_advantage_weighted_nll():
 def functional(batch, off_policy, tensors, options):
     h, w, b = (None if t is None else t.detach().clone().requires_grad_(True)
                for t in (batch["hidden"], batch["weight"], batch["bias"]))
-    leaves = [t for t in (h, w, b) if t is not None]
-    logits = h @ w.t() + (b if b is not None else 0.0)
-    loss, stats = grpo_loss(logits, batch["labels"], **tensor_inputs(batch, off_policy, tensors),
+    loss, stats = grpo_loss(logits_of(h, w, b), batch["labels"], **tensor_inputs(batch, off_policy, tensors),
                             return_statistics=True, **options)
-    return loss.detach(), torch.autograd.grad(loss, leaves), stats
+    return loss.detach(), torch.autograd.grad(loss, leaves(h, w, b)), stats
 
 
 def fused(batch, off_policy, tensors, options, backend, chunk_size=5, method=None):
     method = GRPOMethod() if method is None else method
-    leaves = [t for t in (batch["hidden"], batch["weight"], batch["bias"]) if t is not None]
     loss, metrics = fused_linear_loss(
         batch["hidden"], batch["weight"], batch["labels"], method, bias=batch["bias"], backend=backend,
         chunk_size=chunk_size, return_metrics=True, **tensor_inputs(batch, off_policy, tensors), **options,
     )
-    return loss.detach(), torch.autograd.grad(loss, leaves), metrics[STATISTICS_METRIC]
+    grads = torch.autograd.grad(loss, leaves(batch["hidden"], batch["weight"], batch["bias"]))
+    return loss.detach(), grads, metrics[STATISTICS_METRIC]
 
 
 def assert_fused_equals_functional(batch, off_policy, tensors, options, backend, chunk_size=5):
@@ -484,7 +477,7 @@ def test_float32_inputs_match_float64():
 
 
 def _tracked(options, off_policy, N_rows=256, V=20_000, D=8, chunk=64, B=4):
-    g = torch.Generator().manual_seed(14)
+    g = gen(14)
     T = N_rows // B
     hidden = torch.randn(B, T, D, generator=g).requires_grad_(True)
     weight = (0.1 * torch.randn(V, D, generator=g)).requires_grad_(True)
@@ -579,7 +572,7 @@ def test_bad_inputs_raise_one_clear_error(case):
     inputs.update(overrides)
     inputs = {k: v for k, v in inputs.items() if v is not None}
     with pytest.raises(ValueError, match=match):
-        grpo_loss(logits_of(batch).detach(), batch["labels"], **inputs)
+        grpo_loss(batch_logits(batch).detach(), batch["labels"], **inputs)
     with pytest.raises(ValueError, match=match):
         fused_linear_loss(batch["hidden"], batch["weight"], batch["labels"], "grpo", bias=batch["bias"],
                           backend="chunked", **inputs)

@@ -25,17 +25,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from testing_utils import LargestTensor, logged as logged_values, tiny_lora_config, train_and_resume
+
 from hf_plugins import FusedGRPOConfig, FusedGRPOTrainer
 from hf_plugins.testing import (
     CPU_TRAINING_ARGS,
-    LargestTensor,
     ReplayedCompletions,
-    logged_values,
     replayed_completion_reward,
     save_tiny_model,
-    tiny_lora_config,
     tiny_prompt_completion_dataset,
-    train_and_resume,
 )
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # `rollout_func` is experimental in TRL 1.16

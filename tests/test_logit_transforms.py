@@ -10,6 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trl import SFTConfig, SFTTrainer
 
+from testing_utils import logged
+
 from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer
 from hf_plugins.losses import (
     GRPOMethod,
@@ -27,7 +29,6 @@ from hf_plugins.testing import (
     CPU_TRAINING_ARGS,
     LOGIT_TRANSFORM_ARCHS,
     TINY_LOGIT_TRANSFORMS,
-    logged_values as logged,
     save_tiny_model,
     tiny_conversational_dataset,
 )

@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from testing_utils import IGNORE, gen
 
 from hf_plugins.losses import dft_loss, sft_loss, weighted_sft_loss
 
-IGNORE = -100
 V = 11
 
 
 def _logits_labels(shape=(3, 5), vocab=V, seed=0, ignore_frac=0.3, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     logits = (3 * torch.randn(*shape, vocab, generator=g, dtype=torch.float64)).to(dtype)
     labels = torch.randint(0, vocab, shape, generator=g)
     labels[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
@@ -131,7 +131,7 @@ def test_weighted_all_ones_equals_sft(shape):
 def test_weighted_zero_weights_drop_tokens_but_keep_the_count():
     logits, labels = _logits_labels(seed=3)
     mask = labels != IGNORE
-    keep = torch.rand(labels.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    keep = torch.rand(labels.shape, generator=gen(1)) < 0.5
     keep.view(-1)[0] = True
     weights = keep.double()
     weights[~mask] = 123.0  # a weight at an ignored position does not matter
@@ -144,7 +144,7 @@ def test_weighted_zero_weights_drop_tokens_but_keep_the_count():
 def test_weighted_general_weights_hand_computed():
     logits, labels = _logits_labels(seed=4)
     mask = labels != IGNORE
-    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 3
+    weights = torch.rand(labels.shape, generator=gen(2), dtype=torch.float64) * 3
     expected = (weights * _token_nll(logits, labels)).sum() / mask.sum()
     _close(weighted_sft_loss(logits, labels, weights), expected)
     _close(weighted_sft_loss(logits, labels, weights, num_items_in_batch=40), expected * mask.sum() / 40)

@@ -2,10 +2,13 @@
 against stock TRL SFTTrainer and the model's own forward, on tiny Qwen3-MoE and GPT-OSS models."""
 
 import math
+from functools import partial
 
 import pytest
+import testing_utils
 import torch
 from peft import LoraConfig
+from testing_utils import assert_same_parameters, logged
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -23,18 +26,14 @@ from hf_plugins import (
     with_uds,
 )
 from hf_plugins.testing import (
-    CPU_TRAINING_ARGS,
     MOE_ARCHS,
     TOOL_CHAT_TEMPLATE,
-    logged_values as logged,
     save_tiny_model,
     tiny_conversational_dataset,
     tiny_tool_calling_dataset,
 )
 from hf_plugins.modeling import HiddenStateHead, LossHead, add_loss_head_forward
 
-# Plain SGD, as in the dense comparison with stock: Adam would turn float noise into full-size steps
-CPU_ARGS = dict(**CPU_TRAINING_ARGS, optim="sgd", learning_rate=0.5, disable_tqdm=True)
 # float32 results of two heads that reduce in different orders (any thread count), a few SGD steps apart
 ATOL, RTOL = 1e-5, 1e-4
 # Experts' weights are the LoRA targets of TRL's own MoE test (`test_train_moe_with_peft_config`)
@@ -47,18 +46,11 @@ def moe_model_dir(request, tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp(request.param), arch=request.param)
 
 
-def make_trainer(
-    trainer_cls, config_cls, model_dir, output_dir, dataset=None, peft_config=None, tokenizer=None, **overrides
-):
-    settings = {**CPU_ARGS, "max_steps": 4, "per_device_train_batch_size": 2, **overrides}
-    torch.manual_seed(0)  # the same LoRA initialisation in both trainers of a comparison
-    return trainer_cls(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
-        args=config_cls(output_dir=str(output_dir), **settings),
-        train_dataset=dataset if dataset is not None else tiny_conversational_dataset(32),
-        processing_class=tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir),
-        peft_config=peft_config,
-    )
+# Plain SGD, as in the dense comparison with stock: Adam would turn float noise into full-size steps. Seeded: the same
+# LoRA initialisation in both trainers of a comparison.
+make_trainer = partial(
+    testing_utils.make_trainer, init_seed=0, optim="sgd", learning_rate=0.5, max_steps=4, per_device_train_batch_size=2
+)
 
 
 def train_stock_and_fused(model_dir, tmp_path, **overrides):
@@ -74,8 +66,7 @@ def assert_same_training(stock, fused):
     assert logged(fused) == pytest.approx(logged(stock), abs=ATOL, rel=RTOL)
     assert len({round(x, 6) for x in logged(fused)}) > 1  # the losses move
     assert logged(fused, "aux_loss") == pytest.approx(logged(stock, "aux_loss"), abs=ATOL, rel=RTOL)
-    for (name, p_stock), p_fused in zip(stock.model.named_parameters(), fused.model.parameters(), strict=True):
-        torch.testing.assert_close(p_fused, p_stock, atol=ATOL, rtol=RTOL, msg=name)
+    assert_same_parameters(stock, fused, atol=ATOL, rtol=RTOL)
 
 
 # ----------------------------------------------------------------------------------------------- the forward

@@ -9,81 +9,69 @@ shrinks like 1/sqrt(#draws); and the trainer must train, and resume on the same 
 import math
 import os
 import shutil
+from functools import partial
 
 import pytest
+import testing_utils
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from testing_utils import (
+    BACKENDS,
+    CLI_LORA_DROPOUT,
+    CPU_ARGS,
+    F64,
+    IGNORE,
+    LargestTensor,
+    assert_matches,
+    assert_same_parameters,
+    float64_copies,
+    gen,
+    logged,
+    logits_of,
+    loss_and_grads,
+    make_inputs,
+    tiny_lora_config,
+    train_and_list_changed_parameters,
+    uninterrupted_and_resumed,
+)
+from transformers import HfArgumentParser
 
 from hf_plugins import OTRConfig, OTRTrainer, dft_loss, otr_loss
 from hf_plugins.losses import METHODS, OTRMethod
 from hf_plugins.losses.otr import draw_uniforms, sample_tokens
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.method import Chunk, Rows, chunk_inputs
-from hf_plugins.testing import (
-    CLI_LORA_DROPOUT,
-    CPU_TRAINING_ARGS,
-    LargestTensor,
-    logged_values as logged,
-    tiny_conversational_dataset,
-    tiny_lora_config,
-    train_and_list_changed_parameters,
-    train_and_resume,
-)
+from hf_plugins.testing import tiny_conversational_dataset
 
-IGNORE = -100
-BACKENDS = ("chunked", "reference", "triton")
-F64 = torch.float64
 TAU, BETA = 1.3, -0.2  # away from the defaults, so a default silently used instead of the argument shows
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
-def make_inputs(shape, V=37, D=8, *, dtype=F64, bias=True, seed=0, ignore_frac=0.25, scale=2.0):
-    """Random leaves hidden [*shape, D], weight [V, D], bias [V] and labels [*shape] (some -100)."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*shape, D, generator=g, dtype=F64)
-    weight = torch.randn(V, D, generator=g, dtype=F64) * (scale / D**0.5)
-    b = torch.randn(V, generator=g, dtype=F64) if bias else None
-    labels = torch.randint(0, V, shape, generator=g)
-    labels[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
-
-    def leaf(t):
-        return None if t is None else t.to(dtype).requires_grad_(True)
-
-    return leaf(hidden), leaf(weight), leaf(b), labels
+def functional_fn(labels, generator, num_items=None, **settings):
+    """`otr_loss` on the materialised logits, as a function of (hidden, weight, bias)."""
+    return lambda h, w, b: otr_loss(
+        logits_of(h, w, b), labels, generator=generator, num_items_in_batch=num_items, **settings
+    )
 
 
-def leaves(*tensors):
-    return [t for t in tensors if t is not None]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
+def fused_fn(labels, backend, generator, chunk_size=4, **kwargs):
+    """The fused head (loss, metrics) as a function of (hidden, weight, bias)."""
+    return lambda h, w, b: fused_linear_loss(
+        h, w, labels, "otr", bias=b, backend=backend, chunk_size=chunk_size, generator=generator, return_metrics=True,
+        **kwargs,
+    )
 
 
 def functional_loss_and_grads(hidden, weight, bias, labels, generator, num_items=None, **settings):
     """`otr_loss` on float64 materialised logits and its gradients w.r.t. hidden, weight and bias."""
-    h, w, b = (None if t is None else t.detach().to(F64).requires_grad_(True) for t in (hidden, weight, bias))
-    logits = h @ w.t() + (b if b is not None else 0.0)
-    loss = otr_loss(logits, labels, generator=generator, num_items_in_batch=num_items, **settings)
-    return loss.detach(), torch.autograd.grad(loss, leaves(h, w, b))
+    inputs = float64_copies((hidden, weight, bias))
+    return loss_and_grads(functional_fn(labels, generator, num_items, **settings), inputs)[:2]
 
 
 def fused_loss_and_grads(hidden, weight, bias, labels, backend, generator, chunk_size=4, **kwargs):
-    loss, metrics = fused_linear_loss(
-        hidden,
-        weight,
-        labels,
-        "otr",
-        bias=bias,
-        backend=backend,
-        chunk_size=chunk_size,
-        generator=generator,
-        return_metrics=True,
-        **kwargs,
-    )
-    return loss.detach(), torch.autograd.grad(loss, leaves(hidden, weight, bias)), metrics
+    """The fused loss, its gradients w.r.t. hidden, weight and bias, and its metrics."""
+    return loss_and_grads(fused_fn(labels, backend, generator, chunk_size, **kwargs), (hidden, weight, bias))
 
 
 def settings(num_samples):
@@ -101,20 +89,15 @@ def settings(num_samples):
 def test_fused_matches_functional_float64(backend, num_samples, bias, num_items, shape):
     hidden, weight, b, labels = make_inputs(shape, bias=bias, seed=len(shape))
     g_fused, g_functional = gen(7), gen(7)
-    loss, grads, _ = fused_loss_and_grads(
-        hidden, weight, b, labels, backend, g_fused, num_items_in_batch=num_items, **settings(num_samples)
+    got, _ = assert_matches(
+        fused_fn(labels, backend, g_fused, num_items_in_batch=num_items, **settings(num_samples)),
+        functional_fn(labels, g_functional, num_items, **settings(num_samples)),
+        (hidden, weight, b), rtol=1e-9, atol=1e-12,
     )
-    exp_loss, exp_grads = functional_loss_and_grads(
-        hidden, weight, b, labels, g_functional, num_items, **settings(num_samples)
-    )
-    torch.testing.assert_close(loss, exp_loss, rtol=1e-9, atol=1e-12)
-    for grad, exp, leaf in zip(grads, exp_grads, leaves(hidden, weight, b)):
-        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
-        torch.testing.assert_close(grad, exp, rtol=1e-9, atol=1e-12)
     # both drew the same amount from their generators: the streams stay in step call after call
     assert torch.equal(g_fused.get_state(), g_functional.get_state())
     # and the loss is not trivially zero
-    assert loss.abs() > 1e-3
+    assert got.loss.abs() > 1e-3
 
 
 def test_same_samples_on_every_backend_and_in_the_functional_loss():
@@ -225,14 +208,12 @@ def test_edge_cases(backend, num_samples, case):
     if "ignore_rows" in case:
         labels[case["ignore_rows"]] = IGNORE
     assert (labels != IGNORE).any()
-    loss, grads, _ = fused_loss_and_grads(
-        hidden, weight, b, labels, backend, gen(2), case["chunk"], **settings(num_samples)
+    got, _ = assert_matches(
+        fused_fn(labels, backend, gen(2), case["chunk"], **settings(num_samples)),
+        functional_fn(labels, gen(2), **settings(num_samples)),
+        (hidden, weight, b), rtol=1e-9, atol=1e-12,
     )
-    exp_loss, exp_grads = functional_loss_and_grads(hidden, weight, b, labels, gen(2), **settings(num_samples))
-    torch.testing.assert_close(loss, exp_loss, rtol=1e-9, atol=1e-12)
-    for grad, exp in zip(grads, exp_grads):
-        torch.testing.assert_close(grad, exp, rtol=1e-9, atol=1e-12)
-    assert torch.count_nonzero(grads[0][labels == IGNORE]) == 0
+    assert torch.count_nonzero(got.grads[0][labels == IGNORE]) == 0
 
 
 @pytest.mark.parametrize("num_items", [None, 0, 8])
@@ -401,12 +382,11 @@ def test_metrics_of_sampling_mode():
 
 def test_float32_matches_float64_functional():
     hidden, weight, b, labels = make_inputs((4, 16), V=53, D=16, dtype=torch.float32, seed=17)
-    loss, grads, _ = fused_loss_and_grads(hidden, weight, b, labels, "chunked", gen(4), 5, **settings(8))
-    exp_loss, exp_grads = functional_loss_and_grads(hidden, weight, b, labels, gen(4), **settings(8))
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), exp_loss, rtol=1e-5, atol=1e-6)
-    for grad, exp in zip(grads, exp_grads):
-        torch.testing.assert_close(grad.double(), exp, rtol=1e-4, atol=1e-6)
+    got, _ = assert_matches(
+        fused_fn(labels, "chunked", gen(4), 5, **settings(8)), functional_fn(labels, gen(4), **settings(8)),
+        (hidden, weight, b), rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-6,
+    )
+    assert got.loss.dtype == torch.float32
 
 
 @pytest.mark.parametrize("num_samples", [256, None], ids=["K256", "exact"])
@@ -466,33 +446,16 @@ def test_registered_by_name():
 
 # -------------------------------------------------------------------------------------------------- the trainer
 
-CPU_ARGS = dict(
-    **CPU_TRAINING_ARGS,
-    learning_rate=5e-3,
-    assistant_only_loss=True,
-    disable_tqdm=True,
-)
-
-
-def make_trainer(model_dir, output_dir, eval_dataset=None, peft_config=None, **overrides):
-    args = OTRConfig(output_dir=str(output_dir), **{**CPU_ARGS, "max_steps": 3, **overrides})
-    return OTRTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
-        args=args,
-        train_dataset=tiny_conversational_dataset(32),
-        eval_dataset=eval_dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        peft_config=peft_config,
-    )
+OTR_ARGS = dict(CPU_ARGS, assistant_only_loss=True)
+make_trainer = partial(testing_utils.make_trainer, OTRTrainer, OTRConfig, **OTR_ARGS)
 
 
 def test_trainer_trains_and_logs_otr_metrics(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=4)
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train()
+    changed = train_and_list_changed_parameters(trainer)
     losses = logged(trainer)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+    assert changed
     hit_rates, no_hit = logged(trainer, "hit_rate"), logged(trainer, "no_hit_fraction")
     assert len(hit_rates) == 4 and all(0 <= x <= 1 for x in hit_rates + no_hit)
     # the head's own metrics are logged too
@@ -500,9 +463,7 @@ def test_trainer_trains_and_logs_otr_metrics(tiny_model_dir, tmp_path):
 
 
 def test_trainer_with_lora_trains_only_adapters(tiny_model_dir, tmp_path):
-    from peft import LoraConfig
-
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    lora = tiny_lora_config(target_modules=["q_proj", "v_proj", "up_proj"])
     trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=lora, learning_rate=5e-2)
     changed = train_and_list_changed_parameters(trainer)
     assert changed and all("lora_" in name for name in changed), sorted(changed)
@@ -526,8 +487,7 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
         trainer.train()
         runs.append(trainer)
     assert logged(runs[1]) == pytest.approx(logged(runs[0]), abs=1e-5)
-    for p_a, p_b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(runs[0], runs[1])
     assert logged(runs[2]) != pytest.approx(logged(runs[0]), abs=1e-5)
 
 
@@ -541,9 +501,7 @@ def test_resume_from_checkpoint_continues_the_sample_stream(tiny_model_dir, tmp_
         peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
         return make_trainer(tiny_model_dir, output_dir, peft_config=peft_config, **otr, **overrides)
 
-    full = make(tmp_path / "full")
-    full.train()
-    resumed, checkpoint = train_and_resume(make, tmp_path / "run")
+    full, resumed, checkpoint = uninterrupted_and_resumed(make, tmp_path)
     assert os.path.isfile(os.path.join(checkpoint, "otr_rng_state.pth"))
     # the resumed trainer's history starts with the checkpoint's two steps; steps 3 and 4 are its own
     assert len(logged(resumed)) == 4
@@ -612,18 +570,15 @@ def test_config_from_the_command_line(tmp_path):
 )
 def test_bad_config_values_raise(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field):
-        OTRConfig(output_dir=str(tmp_path), **{**CPU_ARGS, **overrides})
+        OTRConfig(output_dir=str(tmp_path), **{**OTR_ARGS, **overrides})
 
 
 def test_plain_sft_config_gets_otr_defaults(tiny_model_dir, tmp_path):
     from trl import SFTConfig
 
-    args = SFTConfig(output_dir=str(tmp_path), **{**CPU_ARGS, "max_steps": 1, "learning_rate": 1e-3})
-    trainer = OTRTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=args,
-        train_dataset=tiny_conversational_dataset(8),
-        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    trainer = testing_utils.make_trainer(
+        OTRTrainer, SFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(8), max_steps=1,
+        learning_rate=1e-3, assistant_only_loss=True,
     )
     assert isinstance(trainer.args, OTRConfig)
     assert (trainer.args.num_samples, trainer.args.temperature, trainer.args.negative_reward) == (8, 1.2, -0.1)

@@ -76,15 +76,15 @@ def test_cpu_path_runs_without_the_optional_backends(tmp_path):
         for name in hf_plugins.__all__:
             getattr(hf_plugins, name)
         from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer
-        from hf_plugins.testing import (
-            CPU_TRAINING_ARGS, build_tiny_model, build_tokenizer, tiny_conversational_dataset, tiny_lora_config,
-        )
+        from peft import LoraConfig
+        from hf_plugins.testing import CPU_TRAINING_ARGS, build_tiny_model, build_tokenizer, tiny_conversational_dataset
         tokenizer = build_tokenizer()
         for trainer_cls, config_cls in ((FusedSFTTrainer, FusedSFTConfig), (ASFTTrainer, ASFTConfig)):
             args = config_cls(output_dir={str(tmp_path)!r}, max_steps=2, **CPU_TRAINING_ARGS)
             trainer = trainer_cls(
                 model=build_tiny_model(tokenizer), args=args, train_dataset=tiny_conversational_dataset(8),
-                processing_class=tokenizer, peft_config=tiny_lora_config(),
+                processing_class=tokenizer,
+                peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], task_type='CAUSAL_LM'),
             )
             trainer.train()
         print("trained")

@@ -12,15 +12,39 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
+import testing_utils
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from testing_utils import (
+    BACKENDS,
+    CLI_LORA_DROPOUT,
+    CPU_ARGS,
+    F64,
+    IGNORE,
+    TORCHRUN,
+    LargestTensor,
+    as_leaves,
+    assert_close_loss_and_grads,
+    assert_matches,
+    assert_packed_rows,
+    assert_same_parameters,
+    gen,
+    leaves,
+    logged,
+    logits_of,
+    random_linear,
+    run_script,
+    tiny_lora_config,
+    train_and_list_changed_parameters,
+    uninterrupted_and_resumed,
+)
+from transformers import AutoModelForCausalLM
 
 import hf_plugins
 from hf_plugins import FusedSFTConfig, PoFTConfig, PoFTTrainer, poft_loss, score_with_aligned_models
@@ -29,22 +53,11 @@ from hf_plugins.losses import METHODS, PoFTMethod
 from hf_plugins.losses.poft import sequence_ids
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.testing import (
-    CLI_LORA_DROPOUT,
-    CPU_TRAINING_ARGS,
     build_tiny_model,
     build_tokenizer,
-    LargestTensor,
-    logged_values as logged,
     tiny_conversational_dataset,
-    tiny_lora_config,
     tiny_prompt_completion_dataset,
-    train_and_list_changed_parameters,
-    train_and_resume,
 )
-
-IGNORE = -100
-BACKENDS = ("chunked", "reference", "triton")
-F64 = torch.float64
 
 # A second chat template, unlike ChatML: plain-text role headers and another end-of-turn token
 PLAIN_TEMPLATE = (
@@ -61,10 +74,8 @@ PLAIN_TEMPLATE = (
 def make_inputs(B=3, T=7, V=37, D=8, *, bias=True, seed=0, prompt=2, empty_rows=()):
     """hidden [B, T, D], weight [V, D], bias [V] (leaves requiring grad), labels with a -100 prompt of `prompt`
     positions and some padding, and ref scores near the policy's scores (weights neither 0 nor 1)."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(B, T, D, generator=g, dtype=F64).requires_grad_(True)
-    weight = (2.0 / D**0.5 * torch.randn(V, D, generator=g, dtype=F64)).requires_grad_(True)
-    b = torch.randn(V, generator=g, dtype=F64).requires_grad_(True) if bias else None
+    g = gen(seed)
+    hidden, weight, b = as_leaves(*random_linear(g, (B, T), V, D, bias=bias))
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, :prompt] = IGNORE
     for row in range(B):  # right padding of different lengths
@@ -75,12 +86,16 @@ def make_inputs(B=3, T=7, V=37, D=8, *, bias=True, seed=0, prompt=2, empty_rows=
     return hidden, weight, b, labels, ref_scores
 
 
-def leaves(*tensors):
-    return [t for t in tensors if t is not None]
+def functional_fn(labels, ref_scores, **kwargs):
+    """`poft_loss` on the materialised logits, as a function of (hidden, weight, bias)."""
+    return lambda h, w, b: poft_loss(logits_of(h, w, b), labels, ref_scores, **kwargs)
 
 
-def logits_of(hidden, weight, bias):
-    return hidden @ weight.t() + (bias if bias is not None else 0.0)
+def fused_fn(labels, ref_scores, backend, chunk_size=4, **kwargs):
+    """The fused head as a function of (hidden, weight, bias)."""
+    return lambda h, w, b: fused_linear_loss(
+        h, w, labels, "poft", bias=b, backend=backend, chunk_size=chunk_size, ref_scores=ref_scores, **kwargs
+    )
 
 
 def functional(hidden, weight, bias, labels, ref_scores, **kwargs):
@@ -90,18 +105,20 @@ def functional(hidden, weight, bias, labels, ref_scores, **kwargs):
 
 
 def fused(hidden, weight, bias, labels, ref_scores, backend, chunk_size=4, **kwargs):
-    loss = fused_linear_loss(
-        hidden, weight, labels, "poft", bias=bias, backend=backend, chunk_size=chunk_size, ref_scores=ref_scores,
-        **kwargs,
-    )
+    loss = fused_fn(labels, ref_scores, backend, chunk_size, **kwargs)(hidden, weight, bias)
     return loss, torch.autograd.grad(loss, leaves(hidden, weight, bias))
 
 
+def assert_fused_matches(hidden, weight, bias, labels, ref_scores, backend, *, chunk_size=4, **kwargs):
+    """The fused head equals `poft_loss` on float64 materialised logits, in value and gradients."""
+    assert_matches(
+        fused_fn(labels, ref_scores, backend, chunk_size, **kwargs), functional_fn(labels, ref_scores, **kwargs),
+        (hidden, weight, bias), rtol=1e-10, atol=1e-10,
+    )
+
+
 def assert_close_all(got, expected, tol=1e-10):
-    torch.testing.assert_close(got[0].detach().to(F64), expected[0], rtol=tol, atol=tol)
-    assert len(got[1]) == len(expected[1])
-    for grad, exp in zip(got[1], expected[1]):
-        torch.testing.assert_close(grad.to(F64), exp, rtol=tol, atol=tol)
+    assert_close_loss_and_grads(got, expected, rtol=tol, atol=tol)
 
 
 def per_sequence_mean_nll(logits, labels):
@@ -127,16 +144,14 @@ def test_poft_is_registered_and_exported():
 def test_fused_matches_poft_loss_float64(backend, bias, num_items):
     hidden, weight, b, labels, ref = make_inputs(bias=bias, seed=1)
     n = torch.tensor(5) if num_items == "tensor" else num_items
-    expected = functional(hidden, weight, b, labels, ref, num_items_in_batch=n)
-    assert_close_all(fused(hidden, weight, b, labels, ref, backend, num_items_in_batch=n), expected)
+    assert_fused_matches(hidden, weight, b, labels, ref, backend, num_items_in_batch=n)
 
 
 @pytest.mark.parametrize("beta, gamma", [(1.0, 0.0), (2.5, 0.0), (0.3, 1.5), (1.0, -2.0)])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_matches_poft_loss_for_beta_and_gamma(backend, beta, gamma):
     hidden, weight, b, labels, ref = make_inputs(B=4, T=6, seed=2)
-    expected = functional(hidden, weight, b, labels, ref, beta=beta, gamma=gamma)
-    assert_close_all(fused(hidden, weight, b, labels, ref, backend, chunk_size=3, beta=beta, gamma=gamma), expected)
+    assert_fused_matches(hidden, weight, b, labels, ref, backend, chunk_size=3, beta=beta, gamma=gamma)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -168,7 +183,7 @@ def test_logits_gradient_is_weighted_ce_gradient(backend):
     """With hidden = logits (identity lm_head), the hidden-state gradient is the logits gradient:
     `beta * sigmoid(beta (ref - r_i) - gamma) / T_i * (softmax(z_t) - one_hot(y_t))`, over S sequences."""
     V, beta, gamma = 11, 1.3, 0.2
-    g = torch.Generator().manual_seed(5)
+    g = gen(5)
     logits = (2 * torch.randn(3, 6, V, generator=g, dtype=F64)).requires_grad_(True)
     labels = torch.randint(0, V, (3, 6), generator=g)
     labels[:, :2] = IGNORE
@@ -318,7 +333,7 @@ def test_metrics_are_per_sequence_means_and_plain_nll(backend):
 
 def test_chunked_never_holds_full_logits():
     N_rows, V, D = 256, 1000, 16
-    g = torch.Generator().manual_seed(14)
+    g = gen(14)
     hidden = torch.randn(4, N_rows // 4, D, generator=g).requires_grad_(True)
     weight = (torch.randn(V, D, generator=g) / 4).requires_grad_(True)
     labels = torch.randint(0, V, (4, N_rows // 4), generator=g)
@@ -573,9 +588,6 @@ def test_scoring_bad_inputs_raise(aligned_pair, tmp_path):
 
 # -------------------------------------------------------------------------------------------------- the trainer
 
-CPU_ARGS = dict(**CPU_TRAINING_ARGS, learning_rate=5e-3, disable_tqdm=True)
-
-
 @pytest.fixture(scope="module")
 def scored_dataset(aligned_pair, tmp_path_factory):
     """16 conversations scored by the two aligned models (shared by the trainer tests)."""
@@ -585,16 +597,9 @@ def scored_dataset(aligned_pair, tmp_path_factory):
     )
 
 
-def make_trainer(model_dir, output_dir, dataset, peft_config=None, **overrides):
-    settings = {**CPU_ARGS, "max_steps": 3, "per_device_train_batch_size": 4, **overrides}
-    torch.manual_seed(0)
-    return PoFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
-        args=PoFTConfig(output_dir=str(output_dir), **settings),
-        train_dataset=dataset,
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        peft_config=peft_config,
-    )
+make_trainer = partial(
+    testing_utils.make_trainer, PoFTTrainer, PoFTConfig, init_seed=0, per_device_train_batch_size=4
+)
 
 
 def manual_loss(trainer, batch, scope="completion"):
@@ -649,11 +654,9 @@ def test_num_items_in_batch_counts_sequences(tiny_model_dir, tmp_path, scored_da
 def test_score_then_train_with_lora_and_accumulation(tiny_model_dir, tmp_path, aligned_pair):
     """The end-to-end path: two aligned models with their own tokenizers score the data (offline), then PoFT trains a
     LoRA adapter with gradient accumulation and logs its metrics."""
-    from peft import LoraConfig
-
     paths = save_pair(aligned_pair, tmp_path)
     dataset = score_with_aligned_models(tiny_conversational_dataset(16), paths, cache_dir=str(tmp_path / "cache"))
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
+    lora = tiny_lora_config(target_modules=["q_proj", "v_proj", "up_proj"])
     trainer = make_trainer(
         tiny_model_dir, tmp_path / "out", dataset, peft_config=lora, learning_rate=5e-2, max_steps=4,
         per_device_train_batch_size=2, gradient_accumulation_steps=2,
@@ -684,8 +687,7 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path, scored_d
         runs.append(trainer)
     assert logged(runs[0])[0] == pytest.approx(first_loss, abs=1e-5)
     assert logged(runs[1]) == pytest.approx(logged(runs[0]), abs=1e-6)
-    for p_a, p_b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("lora_dropout", [None, CLI_LORA_DROPOUT], ids=["full", "lora-dropout"])
@@ -696,9 +698,7 @@ def test_resume_from_checkpoint_continues_the_run(tiny_model_dir, tmp_path, scor
         peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
         return make_trainer(tiny_model_dir, output_dir, scored_dataset, peft_config=peft_config, **settings, **overrides)
 
-    full = make(tmp_path / "full")
-    full.train()
-    resumed, _ = train_and_resume(make, tmp_path / "run")
+    full, resumed, _ = uninterrupted_and_resumed(make, tmp_path)
     assert len(logged(resumed)) == 4
     assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
     assert logged(resumed, "reward_margin")[2:] == pytest.approx(logged(full, "reward_margin")[2:], abs=1e-6)
@@ -745,10 +745,7 @@ def test_packed_and_padding_free_training_equal_padded_training(
     padded = make_trainer(tiny_model_dir, tmp_path / "padded", scored_dataset, **settings)
     flat = dict(packing=True, max_length=256) if batching == "packing" else dict(padding_free=True, max_length=None)
     packed = make_trainer(tiny_model_dir, tmp_path / batching, scored_dataset, **settings, **flat)
-    rows = packed.train_dataset
-    assert sum(map(len, rows["input_ids"])) == sum(map(len, padded.train_dataset["input_ids"]))  # nothing truncated
-    if batching == "packing":
-        assert len(rows) < 16 and max(len(lengths) for lengths in rows["seq_lengths"]) > 1
+    assert_packed_rows(padded, packed, batching == "packing", fewer_than=16)
     batch = next(iter(packed.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
     assert batch["ref_score"].shape == batch["input_ids"].shape
@@ -760,8 +757,7 @@ def test_packed_and_padding_free_training_equal_padded_training(
     for key in ("loss", "reward_margin", "poft_weight", "policy_score"):
         assert logged(packed, key) == pytest.approx(logged(padded, key), rel=1e-5, abs=1e-6), key
     assert max((p - q).abs().max() for p, q in zip(padded.model.parameters(), before)) > 1e-2
-    for p_a, p_b in zip(padded.model.parameters(), packed.model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(padded, packed)
     # evaluation packs the same way (`eval_packing` follows `packing`) and gives the same mean over sequences
     assert packed.evaluate(scored_dataset)["eval_loss"] == pytest.approx(
         padded.evaluate(scored_dataset)["eval_loss"], rel=1e-5
@@ -831,14 +827,13 @@ DDP_SCRIPT = textwrap.dedent("""\
     import json, os, sys
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from hf_plugins import PoFTConfig, PoFTTrainer, score_with_aligned_models
-    from hf_plugins.testing import tiny_conversational_dataset
+    from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
 
     model_dir, aligned, cache, out = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[4]
     batch = int(sys.argv[5])
     dataset = score_with_aligned_models(tiny_conversational_dataset(32), aligned, cache_dir=cache)
     args = PoFTConfig(output_dir=out, max_steps=3, per_device_train_batch_size=batch, gradient_accumulation_steps=2,
-                      bf16=False, use_cpu=True, gradient_checkpointing=False, report_to="none", logging_steps=1,
-                      save_strategy="no", seed=0, learning_rate=5e-2, dataloader_num_workers=0, beta=2.0)
+                      learning_rate=5e-2, beta=2.0, **CPU_TRAINING_ARGS)
     trainer = PoFTTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(model_dir))
     trainer.train()
@@ -857,19 +852,11 @@ def test_ddp_scores_and_trains_like_one_process(tiny_model_dir, tmp_path, aligne
     aligned = ",".join(save_pair(aligned_pair, tmp_path))
     script = tmp_path / "train_poft.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = {}
-    for name, launcher, batch in (
-        ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], 2),
-        ("single", [sys.executable], 4),
-    ):
+    for name, launcher, batch in (("ddp", TORCHRUN, 2), ("single", [sys.executable], 4)):
         out = tmp_path / name
         out.mkdir()
-        done = subprocess.run(
-            [*launcher, str(script), tiny_model_dir, aligned, str(tmp_path / f"cache-{name}"), str(out), str(batch)],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_script([*launcher, script, tiny_model_dir, aligned, tmp_path / f"cache-{name}", out, batch])
         results[name] = [json.loads(path.read_text()) for path in sorted(out.glob("logs-*.json"))]
     ddp, (single,) = results["ddp"], results["single"]
     assert [r["world"] for r in ddp] == [2, 2] and single["world"] == 1

@@ -10,12 +10,21 @@ reference; PoFT and TL losses equal their definitions on PEFT's own logits; TRL'
 trainers swapped in; UDS selects with prompt tuning; CPT is refused before training.
 """
 
-import os
 from types import SimpleNamespace
 
 import pytest
+import testing_utils
 import torch
-import torch.nn.functional as F
+from testing_utils import (
+    F64,
+    IGNORE,
+    assert_same_parameters,
+    logged,
+    needs_triton,
+    one_block_per_row,
+    per_sequence_weighted_mean,
+    tiny_lora_config,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -36,9 +45,7 @@ from hf_plugins import (
 )
 from hf_plugins.data.scoring import tokenize_response
 from hf_plugins.testing import (
-    CPU_TRAINING_ARGS,
     TOOL_CHAT_TEMPLATE,
-    logged_values as logged,
     tiny_conversational_dataset,
     tiny_language_modeling_dataset,
     tiny_tool_calling_dataset,
@@ -47,11 +54,8 @@ from hf_plugins.modeling import LossHead
 
 peft = pytest.importorskip("peft")
 
-IGNORE = -100
-F64 = torch.float64
 NUM_VIRTUAL_TOKENS = 4
 KINDS = ("prompt_tuning", "p_tuning", "prefix_tuning")
-CPU_ARGS = dict(**CPU_TRAINING_ARGS, learning_rate=5e-2, disable_tqdm=True)
 
 
 def peft_config(kind: str, num_virtual_tokens: int = NUM_VIRTUAL_TOKENS):
@@ -69,16 +73,13 @@ def prepended(kind: str) -> int:
     return 0 if kind == "prefix_tuning" else NUM_VIRTUAL_TOKENS
 
 
-def make_trainer(cls, config_cls, model_dir, output_dir, kind, *, dataset=None, model=None, tokenizer=None,
-                 trainer_kwargs=None, **overrides):
-    settings = {**CPU_ARGS, "max_steps": 3, "per_device_train_batch_size": 4, **overrides}
-    torch.manual_seed(0)  # the same virtual-token initialisation in every trainer of a test
-    return cls(
-        model=model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir),
-        args=config_cls(output_dir=str(output_dir), **settings),
-        train_dataset=dataset if dataset is not None else tiny_language_modeling_dataset(16),
-        processing_class=tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir),
-        **{"peft_config": peft_config(kind) if kind is not None else None, **(trainer_kwargs or {})},
+def make_trainer(cls, config_cls, model_dir, output_dir, kind, *, dataset=None, **overrides):
+    """`cls` with the prompt-learning adapter `kind` (None: no adapter), on 16 plain texts by default."""
+    return testing_utils.make_trainer(
+        cls, config_cls, model_dir, output_dir, tiny_language_modeling_dataset(16) if dataset is None else dataset,
+        peft_config=peft_config(kind) if kind is not None else None,
+        init_seed=0,  # the same virtual-token initialisation in every trainer of a test
+        **{"learning_rate": 5e-2, "per_device_train_batch_size": 4, **overrides},
     )
 
 
@@ -120,8 +121,7 @@ def test_fused_sft_equals_stock_sft_trainer_step_by_step(tiny_model_dir, tmp_pat
     assert losses == pytest.approx(logged(stock), rel=1e-5, abs=1e-6)
     for key in ("entropy", "mean_token_accuracy", "num_tokens"):
         assert logged(fused, key) == pytest.approx(logged(stock, key), abs=1e-4), key
-    for (name, p_stock), p_fused in zip(stock.model.named_parameters(), fused.model.parameters()):
-        torch.testing.assert_close(p_fused, p_stock, atol=1e-5, rtol=1e-4, msg=name)
+    assert_same_parameters(stock, fused)
 
 
 # ---------------------------------------------------------------------------------------------------------- ASFT
@@ -196,14 +196,10 @@ def test_asft_separate_ref_model_equals_the_adapters_off_reference(tiny_model_di
     assert runs["path"] == pytest.approx(runs["adapters-off"], rel=1e-5, abs=1e-7)
 
 
+@needs_triton
 def test_asft_triton_backend_trains_like_chunked_under_prompt_tuning(tiny_model_dir, tmp_path, monkeypatch):
     """The fused kernel takes the per-row KL factor (0 at the first token): same losses and KL as `chunked`."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        pytest.skip("needs a GPU or the Triton interpreter")
-    if not torch.cuda.is_available():
-        from hf_plugins.ops.triton import head
-
-        monkeypatch.setattr(head, "DEFAULT_BLOCK_V", 1024)  # the interpreter loops in Python: one block per row
+    one_block_per_row(monkeypatch)
     runs = {}
     for backend in ("chunked", "triton"):
         trainer = make_trainer(ASFTTrainer, ASFTConfig, tiny_model_dir, tmp_path / backend, "prompt_tuning",
@@ -229,16 +225,6 @@ def test_poft_loss_is_poft_loss_of_peft_logits(tiny_model_dir, tmp_path, kind):
     logits, labels = predicting_logits(trainer, batch, kind)
     expected = poft_loss(logits, labels, batch["ref_score"].to(F64), beta=1.5, gamma=0.5)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
-
-
-def per_sequence_weighted_mean(logits, labels, weights):
-    """TL-Training's per-sample reduction: per sequence sum(w * nll) / sum(w), then the mean over sequences."""
-    losses = []
-    for b in range(labels.shape[0]):
-        mask = labels[b] != IGNORE
-        nll = F.cross_entropy(logits[b][mask], labels[b][mask], reduction="none")
-        losses.append((weights[b][mask] * nll).sum() / weights[b][mask].sum())
-    return torch.stack(losses).mean()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -267,8 +253,7 @@ def test_poft_scoring_with_a_peft_aligned_model(tiny_model_dir, tmp_path, kind):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     if kind == "lora":
-        config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                                 task_type=peft.TaskType.CAUSAL_LM)
+        config = tiny_lora_config(init_lora_weights=False)
     else:
         config = peft_config(kind)
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).eval()

@@ -9,8 +9,10 @@ import torch
 from transformers import AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
+from testing_utils import logged as logged_values, tiny_lora_config
+
 from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer
-from hf_plugins.testing import CPU_TRAINING_ARGS, logged_values, tiny_conversational_dataset, tiny_lora_config
+from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install 'hf-plugins[qlora]'")
 

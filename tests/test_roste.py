@@ -9,11 +9,14 @@ import warnings
 from tempfile import mkdtemp
 
 import pytest
+import testing_utils
 import torch
 import torch.nn.functional as F
+from testing_utils import F64, assert_same_parameters, gen, logged, uninterrupted_and_resumed
 from transformers import BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
 
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer, RoSTEConfig, RoSTETrainer
+from hf_plugins.demo.packages import DEMO_INSTALL_HINT, missing_demo_packages
 from hf_plugins.quantization import (
     HadamardTransform,
     clear_weight_caches,
@@ -37,18 +40,8 @@ from hf_plugins.quantization import (
     set_rotations,
 )
 from hf_plugins.quantization.hadamard import _checked_hadamard
-from hf_plugins.testing import (
-    CPU_TRAINING_ARGS,
-    DEMO_INSTALL_HINT,
-    build_tiny_model,
-    build_tokenizer,
-    logged_values,
-    missing_demo_packages,
-    tiny_conversational_dataset,
-    train_and_resume,
-)
+from hf_plugins.testing import CPU_TRAINING_ARGS, build_tiny_model, build_tokenizer, tiny_conversational_dataset
 
-F64 = torch.float64
 OFF = QuantSpec(16)
 QUANT_OFF = QuantConfig(OFF, OFF, OFF)
 W4A4KV4 = QuantConfig(QuantSpec(4), QuantSpec(4), QuantSpec(4))
@@ -61,7 +54,7 @@ def tokenizer():
 
 def random_norms(model, seed=0):
     """Non-trivial RMSNorm scales, so that norm fusion is really tested."""
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -70,7 +63,7 @@ def random_norms(model, seed=0):
 
 
 def input_ids(seed=0, shape=(2, 13), vocab=300):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, vocab, shape, generator=gen(seed))
 
 
 # ------------------------------------------------------------------------------------------------- quantisers
@@ -305,7 +298,7 @@ def test_search_turns_r4_on_for_an_outlier_channel_and_off_where_it_does_not_hel
     rotate_r1(model)
     # weights only (activation and K/V quantisers off), so the constructed weights decide
     patch_model(model, QuantConfig(QuantSpec(4), OFF, OFF))
-    g = torch.Generator().manual_seed(0)
+    g = gen(0)
     with torch.no_grad():
         signs = torch.randint(0, 2, model.model.layers[0].mlp.down_proj.weight.shape, generator=g) * 2.0 - 1
         # layer 0: a weight with one outlier input channel per row -> the per-channel grid wastes its levels
@@ -416,27 +409,19 @@ def test_cli_export_quantized_then_load_roste_model_reproduces_the_training_forw
 # ----------------------------------------------------------------------------------------------------- trainer
 
 
-def make_trainer(tokenizer, cls=RoSTETrainer, config_cls=RoSTEConfig, model=None, steps=8, **kwargs):
-
-    args = config_cls(
-        output_dir=kwargs.pop("output_dir", mkdtemp()),
-        max_steps=steps,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        **{**CPU_TRAINING_ARGS, **kwargs},
-    )
-    return cls(
-        model=model if model is not None else build_tiny_model(tokenizer),
-        args=args,
-        train_dataset=tiny_conversational_dataset(48),
-        eval_dataset=tiny_conversational_dataset(16, seed=1),
-        processing_class=tokenizer,
+def make_trainer(tokenizer, cls=RoSTETrainer, config_cls=RoSTEConfig, model=None, steps=8, output_dir=None, **kwargs):
+    """`cls` on a tiny model built in memory (by default), 48 conversations and 16 to evaluate on."""
+    return testing_utils.make_trainer(
+        cls, config_cls, None, output_dir or mkdtemp(), tiny_conversational_dataset(48),
+        model=model if model is not None else build_tiny_model(tokenizer), tokenizer=tokenizer,
+        eval_dataset=tiny_conversational_dataset(16, seed=1), max_steps=steps, per_device_train_batch_size=4,
+        learning_rate=3e-3, **kwargs,
     )
 
 
 def train_losses(trainer):
     trainer.train()
-    return logged_values(trainer)
+    return logged(trainer)
 
 
 def test_trainer_trains_w4a4kv4_and_caches_weights_per_optimizer_step(tokenizer, tmp_path):
@@ -558,13 +543,10 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tokenizer, tmp_path
             trainer.model.config.rotation_config = {**trainer.model.config.rotation_config, "in_block_rotation": {}}
         return trainer
 
-    full = make(tmp_path / "a")
-    full.train()
-    resumed, _ = train_and_resume(make, tmp_path / "b")
+    full, resumed, _ = uninterrupted_and_resumed(make, tmp_path)
     assert resumed.model.config.rotation_config == full.model.config.rotation_config
-    assert logged_values(resumed)[2:] == pytest.approx(logged_values(full)[2:], abs=1e-6)
-    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(q, p, msg=name)
+    assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
+    assert_same_parameters(full, resumed, atol=None, rtol=None)
 
 
 # ------------------------------------------------------------------------------------------------- bad inputs

@@ -5,6 +5,7 @@ import statistics
 
 import pytest
 import torch
+from testing_utils import logged
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained
@@ -66,7 +67,7 @@ def _sft_config(output_dir, **kwargs):
 def _assert_finite_losses(trainer):
     """Three steps ran and every logged training loss is a finite number."""
     assert trainer.state.global_step == 3
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = logged(trainer)
     assert len(losses) == 3
     assert all(math.isfinite(loss) for loss in losses), losses
 

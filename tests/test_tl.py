@@ -9,13 +9,27 @@ and the trainer's loss against a per-sequence mean computed by hand from the mod
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
+import testing_utils
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from testing_utils import (
+    CLI_LORA_DROPOUT,
+    F64,
+    IGNORE,
+    assert_packed_rows,
+    assert_same_parameters,
+    gen,
+    logged,
+    per_sequence_weighted_mean,
+    run_script,
+    tiny_lora_config,
+    train_and_list_changed_parameters,
+    uninterrupted_and_resumed,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_plugins import TLConfig, TLTrainer, classify_tool_call, tool_call_reward, weighted_sft_loss
@@ -31,21 +45,14 @@ from hf_plugins.data.tool_calls import pkt_weight, tokenize_tool_conversation
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.rewards import TOOL_CALL_CATEGORIES, make_tool_call_reward, parse_tool_call
 from hf_plugins.testing import (
-    CLI_LORA_DROPOUT,
     CPU_TRAINING_ARGS,
     TOOL_CHAT_TEMPLATE,
     build_tokenizer,
-    logged_values as logged,
     tiny_conversational_dataset,
-    tiny_lora_config,
     tiny_tool_calling_dataset,
-    train_and_list_changed_parameters,
-    train_and_resume,
 )
 from hf_plugins.trainers.tl_trainer import per_sequence_normalized
 
-IGNORE = -100
-F64 = torch.float64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -341,7 +348,7 @@ def test_config_defaults(tmp_path):
 
 
 def random_batch(B=3, T=9, V=23, D=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     hidden = torch.randn(B, T, D, generator=g, dtype=F64, requires_grad=True)
     weight = (torch.randn(V, D, generator=g, dtype=F64) / 2).requires_grad_(True)
     labels = torch.randint(0, V, (B, T), generator=g)
@@ -351,16 +358,6 @@ def random_batch(B=3, T=9, V=23, D=6, seed=0):
     weights[0, 3] = weights[2, 4] = weights[2, 7] = 9.0  # key tokens
     weights[labels == IGNORE] = 0.0
     return hidden, weight, labels, weights
-
-
-def per_sequence_mean(logits, labels, weights):
-    """The official reduction, written out: per sequence sum(w l) / sum(w), then the mean over sequences."""
-    losses = []
-    for b in range(labels.shape[0]):
-        mask = labels[b] != IGNORE
-        nll = F.cross_entropy(logits[b][mask], labels[b][mask], reduction="none")
-        losses.append((weights[b][mask] * nll).sum() / weights[b][mask].sum())
-    return torch.stack(losses).mean()
 
 
 @pytest.mark.parametrize("backend", ["chunked", "reference"])
@@ -387,7 +384,8 @@ def test_fused_weighted_head_matches_weighted_sft_loss_float64(backend, normaliz
         torch.testing.assert_close(grad, exp, rtol=1e-10, atol=1e-12)
     if normalization == "sample":
         _, _, _, raw = random_batch()
-        torch.testing.assert_close(expected, per_sequence_mean((h @ w.t()).detach(), labels, raw), rtol=1e-12, atol=0)
+        by_hand = per_sequence_weighted_mean((h @ w.t()).detach(), labels, raw)
+        torch.testing.assert_close(expected, by_hand, rtol=1e-12, atol=0)
 
 
 def test_all_weights_one_is_the_per_sample_mean_sft_loss():
@@ -406,20 +404,11 @@ def test_all_weights_one_is_the_per_sample_mean_sft_loss():
 
 # ---------------------------------------------------------------------------------------------------- the trainer
 
-CPU_ARGS = dict(**CPU_TRAINING_ARGS, learning_rate=5e-3, disable_tqdm=True)
-
-
-def make_trainer(model_dir, output_dir, dataset=None, peft_config=None, **overrides):
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
-    settings = {**CPU_ARGS, "max_steps": 3, "per_device_train_batch_size": 4, **overrides}
-    args = TLConfig(output_dir=str(output_dir), **settings)
-    return TLTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
-        args=args,
-        train_dataset=dataset if dataset is not None else tiny_tool_calling_dataset(16),
-        processing_class=tokenizer,
-        peft_config=peft_config,
+def make_trainer(model_dir, output_dir, dataset=None, **overrides):
+    """`TLTrainer` on 16 tool-calling conversations (by default), rendered with the tool-calling template."""
+    return testing_utils.make_trainer(
+        TLTrainer, TLConfig, model_dir, output_dir, tiny_tool_calling_dataset(16) if dataset is None else dataset,
+        chat_template=TOOL_CHAT_TEMPLATE, **{"per_device_train_batch_size": 4, **overrides},
     )
 
 
@@ -429,7 +418,7 @@ def manual_loss(trainer, batch, normalization):
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     logits, labels, weights = logits[:, :-1], batch["labels"][:, 1:], batch["token_weights"][:, 1:].double()
     if normalization == "sample":
-        return per_sequence_mean(logits, labels, weights)
+        return per_sequence_weighted_mean(logits, labels, weights)
     mask = labels != IGNORE
     return (weights[mask] * F.cross_entropy(logits[mask], labels[mask], reduction="none")).sum() / mask.sum()
 
@@ -477,20 +466,16 @@ def test_num_items_in_batch_counts_sequences_or_tokens(tiny_model_dir, tmp_path,
 def test_trainer_trains_full_model(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, max_steps=4)
     assert set(trainer.train_dataset.column_names) == {"input_ids", "labels", "token_weights"}
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train()
+    changed = train_and_list_changed_parameters(trainer)
     losses = logged(trainer)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+    assert changed
     # the mean PKT weight per trained token: above 1 (key tokens), far below the clip (most tokens weigh 1)
     assert all(1 < w < 9 for w in logged(trainer, "token_weight"))
 
 
 def test_trainer_with_lora_trains_only_adapters(tiny_model_dir, tmp_path):
-    from peft import LoraConfig
-
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=lora, learning_rate=5e-2)
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=tiny_lora_config(), learning_rate=5e-2)
     changed = train_and_list_changed_parameters(trainer)
     assert changed and all("lora_" in name for name in changed), sorted(changed)
     assert all(math.isfinite(x) for x in logged(trainer))
@@ -508,8 +493,7 @@ def test_gradient_accumulation_4x1_equals_1x4_with_sample_normalisation(tiny_mod
         trainer.train()
         runs.append(trainer)
     assert logged(runs[1]) == pytest.approx(logged(runs[0]), abs=1e-5)
-    for p_a, p_b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(runs[0], runs[1])
     assert logged(runs[2]) != pytest.approx(logged(runs[0]), abs=1e-4)  # token normalisation is another loss
 
 
@@ -521,13 +505,10 @@ def test_resume_from_checkpoint(tiny_model_dir, tmp_path, lora_dropout):
         peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
         return make_trainer(tiny_model_dir, output_dir, peft_config=peft_config, **settings, **overrides)
 
-    full = make(tmp_path / "full")
-    full.train()
-    resumed, _ = train_and_resume(make, tmp_path / "run")
+    full, resumed, _ = uninterrupted_and_resumed(make, tmp_path)
     assert len(logged(resumed)) == 4
     assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
-    for p_a, p_b in zip(full.model.parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-6, rtol=1e-5)
+    assert_same_parameters(full, resumed, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["keep_start", "keep_end"])
@@ -591,10 +572,7 @@ def test_packed_and_padding_free_training_equal_padded_training(tiny_model_dir, 
     padded = make_trainer(tiny_model_dir, tmp_path / "padded", dataset, **settings)
     flat = {"packing": True} if batching == "packing" else {"padding_free": True, "max_length": None}
     packed = make_trainer(tiny_model_dir, tmp_path / batching, dataset, **settings, **flat)
-    rows = packed.train_dataset
-    assert sum(map(len, rows["input_ids"])) == sum(map(len, padded.train_dataset["input_ids"]))  # nothing truncated
-    if batching == "packing":
-        assert len(rows) < 12 and max(len(lengths) for lengths in rows["seq_lengths"]) > 1
+    assert_packed_rows(padded, packed, batching == "packing", fewer_than=12)
     batch = next(iter(packed.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and batch["token_weights"].shape == batch["input_ids"].shape
     count = int(packed._get_num_items_in_batch([batch], torch.device("cpu")))
@@ -605,8 +583,7 @@ def test_packed_and_padding_free_training_equal_padded_training(tiny_model_dir, 
     for key in ("loss", "token_weight"):
         assert logged(packed, key) == pytest.approx(logged(padded, key), rel=1e-5), key
     assert max((p - q).abs().max() for p, q in zip(padded.model.parameters(), before)) > 1e-2
-    for p_a, p_b in zip(padded.model.parameters(), packed.model.parameters()):
-        torch.testing.assert_close(p_b, p_a, atol=1e-5, rtol=1e-4)
+    assert_same_parameters(padded, packed)
 
 
 def test_wrapped_packing_keeps_the_weights_with_their_tokens(tiny_model_dir, tmp_path):
@@ -824,18 +801,14 @@ def test_grpo_trainer_runs_two_steps_with_the_reward(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_examples_run_offline(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    sft = subprocess.run(
+    env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    sft = run_script(
         [sys.executable, os.path.join(ROOT, "examples", "tl_training", "sft.py"),
-         "--output-dir", str(tmp_path / "sft"), "--max-steps", "5", "--rows", "16"],
-        env=env, capture_output=True, text=True, timeout=300,
+         "--output-dir", tmp_path / "sft", "--max-steps", "5", "--rows", "16"], env=env,
     )
-    assert sft.returncode == 0, sft.stderr[-3000:]
     assert "model saved" in sft.stdout
-    grpo = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "tl_training", "grpo.py"), "--model", str(tmp_path / "sft"),
-         "--output-dir", str(tmp_path / "grpo"), "--max-steps", "2", "--rows", "8"],
-        env=env, capture_output=True, text=True, timeout=300,
+    grpo = run_script(
+        [sys.executable, os.path.join(ROOT, "examples", "tl_training", "grpo.py"), "--model", tmp_path / "sft",
+         "--output-dir", tmp_path / "grpo", "--max-steps", "2", "--rows", "8"], env=env,
     )
-    assert grpo.returncode == 0, grpo.stderr[-3000:]
     assert "mean reward" in grpo.stdout

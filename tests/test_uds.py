@@ -7,7 +7,19 @@ import os
 import shutil
 
 import pytest
+import testing_utils
 import torch
+from testing_utils import (
+    CLI_LORA_DROPOUT,
+    CPU_ARGS,
+    F64,
+    assert_same_parameters,
+    gen,
+    logged,
+    tiny_lora_config,
+    train_and_list_changed_parameters,
+    uninterrupted_and_resumed,
+)
 from torch.utils.data import SequentialSampler
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
@@ -23,26 +35,9 @@ from hf_plugins.losses.uds import (
     sketches_from_logits,
 )
 from hf_plugins.modeling import logit_transform
-from hf_plugins.testing import (
-    CLI_LORA_DROPOUT,
-    CPU_TRAINING_ARGS,
-    LOGIT_TRANSFORM_ARCHS,
-    logged_values as logged,
-    save_tiny_model,
-    tiny_conversational_dataset,
-    tiny_lora_config,
-    train_and_list_changed_parameters,
-    train_and_resume,
-)
-
-F64 = torch.float64
-
+from hf_plugins.testing import LOGIT_TRANSFORM_ARCHS, save_tiny_model, tiny_conversational_dataset
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def make_head(V=300, D=16, bias=True, seed=0, dtype=F64):
@@ -264,7 +259,7 @@ def test_random_mode_is_seeded_and_touches_no_memory():
 
 # ------------------------------------------------------------------------------------------------- bad settings
 
-CPU_ARGS = dict(**CPU_TRAINING_ARGS, learning_rate=5e-3, assistant_only_loss=True, disable_tqdm=True)
+UDS_ARGS = dict(CPU_ARGS, assistant_only_loss=True)
 UDSFusedSFTConfig = with_uds(FusedSFTConfig)
 
 
@@ -286,7 +281,7 @@ UDSFusedSFTConfig = with_uds(FusedSFTConfig)
 )
 def test_bad_settings_raise(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        UDSFusedSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, **{**CPU_ARGS, **overrides})
+        UDSFusedSFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, **{**UDS_ARGS, **overrides})
 
 
 def test_config_from_the_command_line(tmp_path):
@@ -323,46 +318,46 @@ def test_with_uds_refuses_non_sft_classes(cls):
 # -------------------------------------------------------------------------------------------------- the trainers
 
 
-def make_trainer(model_dir, output_dir, trainer_cls=FusedSFTTrainer, model=None, dataset=None, eval_dataset=None,
-                 tokenizer=None, peft_config=None, **overrides):
+def make_trainer(model_dir, output_dir, trainer_cls=FusedSFTTrainer, **overrides):
+    """`trainer_cls` with UDS, selecting from 4 candidates a micro-batch."""
     cls = with_uds(trainer_cls)
     config_cls = getattr(cls, "config_class", None) or with_uds(SFTConfig)
-    settings = {**CPU_ARGS, "max_steps": 3, "per_device_train_batch_size": 4, **overrides}
-    return cls(
-        model=model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir),
-        args=config_cls(output_dir=str(output_dir), **settings),
-        train_dataset=dataset if dataset is not None else tiny_conversational_dataset(32),
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir),
-        peft_config=peft_config,
+    return testing_utils.make_trainer(
+        cls, config_cls, model_dir, output_dir, **{**UDS_ARGS, "per_device_train_batch_size": 4, **overrides}
     )
 
 
-def record_selections(trainer):
-    """Wrap the trainer's subset step: every selected micro-batch's examples (their unpadded token ids)."""
-    selections = []
+def record_subsets(trainer, summary=lambda batch: batch):
+    """Wrap the trainer's subset step: the `summary` of every selected micro-batch, in selection order."""
+    records = []
     original = trainer._uds_subset
 
     def subset(batch, indices):
         out = original(batch, indices)
-        selections.append(
-            [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(out["input_ids"], out["attention_mask"])]
-        )
+        records.append(summary(out))
         return out
 
     trainer._uds_subset = subset
-    return selections
+    return records
+
+
+def record_selections(trainer):
+    """Every selected micro-batch's examples (their unpadded token ids)."""
+
+    def examples(out):
+        return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(out["input_ids"], out["attention_mask"])]
+
+    return record_subsets(trainer, examples)
 
 
 @pytest.mark.parametrize("trainer_cls", [FusedSFTTrainer, ASFTTrainer, SFTTrainer], ids=["fused", "asft", "trl-sft"])
 def test_trainer_trains_on_the_selected_examples(tiny_model_dir, tmp_path, trainer_cls):
     trainer = make_trainer(tiny_model_dir, tmp_path, trainer_cls, gradient_accumulation_steps=2)
     selections = record_selections(trainer)
-    before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train()
+    changed = train_and_list_changed_parameters(trainer)
     losses = logged(trainer)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+    assert changed
     assert len(selections) == 6 and all(len(s) == 1 for s in selections)  # 1 of 4, two micro-batches per step
     assert logged(trainer, "uds/selected_fraction") == [0.25] * 3
     utilities, diversities = logged(trainer, "uds/utility"), logged(trainer, "uds/diversity")
@@ -377,16 +372,7 @@ def test_trainer_trains_on_the_selected_examples(tiny_model_dir, tmp_path, train
 
 
 def test_frozen_head_factors_computed_once_per_run(tiny_model_dir, tmp_path):
-    from peft import LoraConfig
-
-    cls = with_uds(FusedSFTTrainer)
-    trainer = cls(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=cls.config_class(output_dir=str(tmp_path), **{**CPU_ARGS, "max_steps": 3, "per_device_train_batch_size": 4}),
-        train_dataset=tiny_conversational_dataset(32),
-        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-    )
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=tiny_lora_config())
     trainer.train()
     assert all(math.isfinite(x) for x in logged(trainer))
     assert trainer.uds_callback.factor_computations == 1
@@ -493,19 +479,13 @@ def test_gradient_accumulation_normalisation_equals_training_on_the_selected_exa
     order = [i for micro_batch in selected_example_indices(uds, selections) for i in micro_batch]
     assert len(order) == 12
 
-    plain = InOrderFusedSFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=FusedSFTConfig(
-            output_dir=str(tmp_path / "plain"),
-            **{**CPU_ARGS, "max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
-        ),
-        train_dataset=dataset.select(order),
-        processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    plain = testing_utils.make_trainer(
+        InOrderFusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "plain", dataset.select(order), **UDS_ARGS,
+        max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
     )
     plain.train()
     assert logged(uds) == pytest.approx(logged(plain), rel=1e-5, abs=1e-6)
-    for p_uds, p_plain in zip(uds.model.parameters(), plain.model.parameters()):
-        torch.testing.assert_close(p_uds, p_plain, rtol=1e-4, atol=1e-6)
+    assert_same_parameters(plain, uds, rtol=1e-4, atol=1e-6)
     # the candidates' token count would have given a smaller loss
     assert logged(uds)[0] > 0
 
@@ -526,9 +506,7 @@ def test_resume_selects_the_same_examples_and_gives_the_same_losses(tiny_model_d
         selections[output_dir.name] = record_selections(trainer)
         return trainer
 
-    full = make(tmp_path / "full")
-    full.train()
-    resumed, checkpoint = train_and_resume(make, tmp_path / "run")
+    full, resumed, checkpoint = uninterrupted_and_resumed(make, tmp_path)
     assert os.path.isfile(os.path.join(checkpoint, "uds_state.pt"))
     assert selections["run"] == selections["full"][4:]  # micro-batches of steps 3 and 4
     assert logged(resumed)[2:] == pytest.approx(logged(full)[2:], abs=1e-6)
@@ -618,7 +596,7 @@ def test_batch_longer_than_the_sketch_is_refused(tiny_model_dir, tmp_path):
 def test_callback_without_the_trainer_hook_is_refused(tiny_model_dir, tmp_path):
     trainer = FusedSFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        args=FusedSFTConfig(output_dir=str(tmp_path), max_steps=1, **CPU_ARGS),
+        args=FusedSFTConfig(output_dir=str(tmp_path), max_steps=1, **UDS_ARGS),
         train_dataset=tiny_conversational_dataset(8),
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
         callbacks=[UDSCallback()],
@@ -629,7 +607,7 @@ def test_callback_without_the_trainer_hook_is_refused(tiny_model_dir, tmp_path):
 
 def test_callback_settings_must_match_the_config(tiny_model_dir, tmp_path):
     cls = with_uds(FusedSFTTrainer)
-    args = cls.config_class(output_dir=str(tmp_path), per_device_train_batch_size=4, **CPU_ARGS)
+    args = cls.config_class(output_dir=str(tmp_path), per_device_train_batch_size=4, **UDS_ARGS)
     common = dict(
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         args=args,
@@ -665,15 +643,7 @@ def test_method_trainers_with_extra_columns_select_them_with_the_examples(tiny_m
     else:
         trainer = make_trainer(tiny_model_dir, tmp_path, OTRTrainer)
         column = None
-    batches = []
-    original = trainer._uds_subset
-
-    def subset(batch, indices):
-        out = original(batch, indices)
-        batches.append(out)
-        return out
-
-    trainer._uds_subset = subset
+    batches = record_subsets(trainer)
     trainer.train()
     assert all(math.isfinite(x) for x in logged(trainer)) and len(logged(trainer)) == 3
     assert logged(trainer, "uds/selected_fraction") == [0.25] * 3

@@ -12,12 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer
-from hf_plugins.testing import tiny_conversational_dataset
+from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
 model_dir, out, which = sys.argv[1:4]
 cls, cfg = (FusedSFTTrainer, FusedSFTConfig) if which == "fused" else (SFTTrainer, SFTConfig)
-args = cfg(output_dir=out, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, bf16=False, use_cpu=True,
-           gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no", seed=0, learning_rate=5e-3,
-           assistant_only_loss=True, dataloader_num_workers=0)
+args = cfg(output_dir=out, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+           learning_rate=5e-3, assistant_only_loss=True, **CPU_TRAINING_ARGS)
 t = cls(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=tiny_conversational_dataset(32),
         processing_class=AutoTokenizer.from_pretrained(model_dir))
 t.train()
