@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 
+
 MIB = 1024 * 1024
 GIB = 1024**3
 
@@ -101,8 +102,9 @@ def log(*parts) -> None:
 
 
 # ------------------------------------------------------------------------------------- paired, interleaved timing
-def interleaved(names, run, rounds: int, batches: int = 1, warmup: bool = False, rotate: bool = True,
-                after_round=None) -> dict:
+def interleaved(
+    names, run, rounds: int, batches: int = 1, warmup: bool = False, rotate: bool = True, after_round=None
+) -> dict:
     """`{name: [run(name, index), ...]}`: every batch index runs on every variant back to back, `rounds` times.
 
     The order rotates with the round and the batch (with `rotate`), so a burst of load from other processes lands on
@@ -137,8 +139,10 @@ def ratio_table(times: dict, baseline: str, width: int = 12, paired: bool = True
     base = statistics.median(times[baseline])
     lines = []
     if header:
-        lines.append(f"{'variant':<{width}}{'median s':>10}{'throughput vs ' + baseline:>{width + 10}}"
-                     + (f"{'paired ratio':>14}" if paired else ""))
+        lines.append(
+            f"{'variant':<{width}}{'median s':>10}{'throughput vs ' + baseline:>{width + 10}}"
+            + (f"{'paired ratio':>14}" if paired else "")
+        )
     for name, values in times.items():
         median = statistics.median(values)
         row = f"{name:<{width}}{median:>10.4f}{base / median:>{width + 9}.3f}x"
@@ -286,8 +290,9 @@ def tiny_model_folder(hidden: int, layers: int, heads: int, kv_heads: int, inter
     return folder, tokenizer, model.get_output_embeddings().weight.shape[0]
 
 
-def make_trainer(trainer_cls, model, dataset, tokenizer=None, *, config_cls=None, peft_config=None, seed=None,
-                 **config):
+def make_trainer(
+    trainer_cls, model, dataset, tokenizer=None, *, config_cls=None, peft_config=None, seed=None, **config
+):
     """A trainer of a timed benchmark.
 
     Its config (`config_cls`, default `trainer_cls.config_class`) takes `hf_plugins.testing.CPU_TRAINING_ARGS` (fast,
@@ -306,13 +311,15 @@ def make_trainer(trainer_cls, model, dataset, tokenizer=None, *, config_cls=None
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model)
         model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     config_cls = config_cls if config_cls is not None else trainer_cls.config_class
-    args = config_cls(**{
-        **CPU_TRAINING_ARGS,
-        "learning_rate": 1e-4,
-        "disable_tqdm": True,
-        "output_dir": tempfile.mkdtemp(prefix=f"bench-{trainer_cls.__name__}-"),
-        **config,
-    })
+    args = config_cls(
+        **{
+            **CPU_TRAINING_ARGS,
+            "learning_rate": 1e-4,
+            "disable_tqdm": True,
+            "output_dir": tempfile.mkdtemp(prefix=f"bench-{trainer_cls.__name__}-"),
+            **config,
+        }
+    )
     extra = {} if peft_config is None else {"peft_config": peft_config}
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **extra)
     # no log dicts on stdout, which holds the results (the trainer's log_history keeps them)
@@ -331,8 +338,9 @@ def add_step_arguments(parser, vocab: int = 0, batch_size: bool = True) -> None:
     """The model, data and timing options of the `training_step` benchmarks (otr_step.py, poft_step.py, uds.py)."""
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=vocab,
-                        help="pad the lm_head to this many rows (0: the tokenizer's)")
+    parser.add_argument(
+        "--vocab", type=int, default=vocab, help="pad the lm_head to this many rows (0: the tokenizer's)"
+    )
     if batch_size:
         parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
@@ -353,8 +361,15 @@ def step_data(args, batch_size: int):
 def step_trainer(trainer_cls, args, folder, tokenizer, dataset, batch_size: int, **config):
     """A trainer whose `training_step` the step benchmarks time: full fine-tuning on the GPU when there is one."""
     return make_trainer(
-        trainer_cls, folder, dataset, tokenizer, use_cpu=not cuda_available(),
-        per_device_train_batch_size=batch_size, max_length=args.max_length, assistant_only_loss=True, **config,
+        trainer_cls,
+        folder,
+        dataset,
+        tokenizer,
+        use_cpu=not cuda_available(),
+        per_device_train_batch_size=batch_size,
+        max_length=args.max_length,
+        assistant_only_loss=True,
+        **config,
     )
 
 
@@ -385,8 +400,9 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[name]
 
 
-def head_inputs(rows: int, vocab: int, hidden: int, dtype="float32", seed: int = 0, scale: float | None = None,
-                device: str = "cpu"):
+def head_inputs(
+    rows: int, vocab: int, hidden: int, dtype="float32", seed: int = 0, scale: float | None = None, device: str = "cpu"
+):
     """`({"hidden": [N, D], "weight": [V, D], "labels": [N]}, generator)`: random inputs of a loss head.
 
     hidden and weight are leaves that require grad, drawn in that order (then the labels) from one generator seeded
@@ -400,7 +416,9 @@ def head_inputs(rows: int, vocab: int, hidden: int, dtype="float32", seed: int =
     generator = torch.Generator(device=device).manual_seed(seed)
     inputs = {
         "hidden": torch.randn(rows, hidden, device=device, generator=generator).to(dtype).requires_grad_(),
-        "weight": torch.randn(vocab, hidden, device=device, generator=generator).mul_(scale).to(dtype)
+        "weight": torch.randn(vocab, hidden, device=device, generator=generator)
+        .mul_(scale)
+        .to(dtype)
         .requires_grad_(),
         "labels": torch.randint(0, vocab, (rows,), device=device, generator=generator),
     }
@@ -443,7 +461,7 @@ def run_worker(argv: list, label: str, env: dict | None = None) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{label} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len(RESULT):])
+    return json.loads(lines[-1][len(RESULT) :])
 
 
 def write_json(path: str | None, data, indent: int = 2) -> str:

@@ -32,9 +32,16 @@ def time_mode(mode: str, model_dir: str, args) -> dict:
     trainers, timers = {}, {}
     for kind, (trainer_cls, method_args) in setups.items():
         trainers[kind] = bench.make_trainer(
-            trainer_cls, model_dir, dataset, seed=0, peft_config=bench.lora_config() if mode == "lora" else None,
-            max_steps=args.steps_per_round, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-            assistant_only_loss=True, **method_args,
+            trainer_cls,
+            model_dir,
+            dataset,
+            seed=0,
+            peft_config=bench.lora_config() if mode == "lora" else None,
+            max_steps=args.steps_per_round,
+            per_device_train_batch_size=args.batch_size,
+            max_length=args.max_length,
+            assistant_only_loss=True,
+            **method_args,
         )
         timers[kind] = bench.step_timer()
         trainers[kind].add_callback(timers[kind])

@@ -31,6 +31,7 @@ import sys
 
 import _harness as bench
 
+
 VARIANTS = ("ours", "trl", "floor")
 #: TRL 1.16's vocabulary tile in GRPOTrainer's patched head (`trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`)
 TRL_CHUNK = 32768
@@ -47,7 +48,7 @@ def make_inputs(cfg: dict, with_floor: bool = False) -> dict:
     labels = base["labels"].view(batch, length).clone()
     for row in range(batch):  # completions of different lengths: the last quarter of some rows is padding
         if row % 2:
-            labels[row, length - length // 4:] = -100
+            labels[row, length - length // 4 :] = -100
     with torch.no_grad():
         logits = base["hidden"] @ base["weight"].t()
         lp = torch.log_softmax(logits.float(), -1).gather(-1, base["labels"].clamp(min=0).unsqueeze(-1))
@@ -99,17 +100,45 @@ def trl_loss(lp, entropies, inputs: dict, level: str):
 
     mask = inputs["labels"] != -100
     defaults = GRPOConfig.__dataclass_fields__
-    args = SimpleNamespace(**{name: defaults[name].default for name in (
-        "use_bias_correction_kl", "delta", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
-        "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_target")}, steps_per_generation=1)
+    args = SimpleNamespace(
+        **{
+            name: defaults[name].default
+            for name in (
+                "use_bias_correction_kl",
+                "delta",
+                "sapo_temperature_pos",
+                "sapo_temperature_neg",
+                "vespo_k_pos",
+                "vespo_lambda_pos",
+                "vespo_k_neg",
+                "vespo_lambda_neg",
+                "entropy_target",
+            )
+        },
+        steps_per_generation=1,
+    )
     trainer = SimpleNamespace(
-        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level, beta=0.04,
-        loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, args=args, use_vllm=False,
-        vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1, max_completion_length=mask.shape[1], accelerator=_Accelerator(),
-        _entropy_bonus_enabled=False, use_adaptive_entropy=False, entropy_coef=0.0, aux_loss_enabled=False,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        importance_sampling_level=level,
+        beta=0.04,
+        loss_type="dapo",
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        args=args,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1,
+        max_completion_length=mask.shape[1],
+        accelerator=_Accelerator(),
+        _entropy_bonus_enabled=False,
+        use_adaptive_entropy=False,
+        entropy_coef=0.0,
+        aux_loss_enabled=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        get_off_policy_mask=GRPOTrainer.get_off_policy_mask, get_gamma_weights=GRPOTrainer.get_gamma_weights,
+        get_off_policy_mask=GRPOTrainer.get_off_policy_mask,
+        get_gamma_weights=GRPOTrainer.get_gamma_weights,
         _get_per_token_logps_and_entropies=lambda *a, **k: (lp, entropies, None),
     )
     batch = {
@@ -133,16 +162,30 @@ def run_variant(variant: str, level: str, inputs: dict, cfg: dict) -> float:
     if variant == "floor":
         buffers = inputs["floor"]
         with torch.no_grad():
-            bench.head_matmuls(h.view(-1, h.shape[-1]), w, inputs["floor_G"], buffers["logits"],
-                               buffers["grad_hidden"], buffers["grad_weight"])
+            bench.head_matmuls(
+                h.view(-1, h.shape[-1]),
+                w,
+                inputs["floor_G"],
+                buffers["logits"],
+                buffers["grad_hidden"],
+                buffers["grad_weight"],
+            )
         return float("nan")
     h.grad = w.grad = None
     if variant == "ours":
         from hf_plugins.ops import fused_linear_loss
 
         loss, metrics = fused_linear_loss(
-            h, w, y, "grpo", backend="chunked", return_metrics=True, advantages=inputs["advantages"],
-            old_log_probs=inputs["old"], ref_log_probs=inputs["ref"], num_items_in_batch=(y != -100).sum(),
+            h,
+            w,
+            y,
+            "grpo",
+            backend="chunked",
+            return_metrics=True,
+            advantages=inputs["advantages"],
+            old_log_probs=inputs["old"],
+            ref_log_probs=inputs["ref"],
+            num_items_in_batch=(y != -100).sum(),
             **options(level),
         )
         metrics["grpo_statistics"].metrics()
@@ -192,8 +235,9 @@ def worker(spec: dict) -> dict:
 def peak_memory(cfg: dict, threads: int, variant: str, level: str) -> float:
     spec = {"cfg": cfg, "threads": threads, "variant": variant, "level": level}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    return bench.run_worker([os.path.abspath(__file__), "--worker", json.dumps(spec)], f"{variant}/{level}",
-                            env=env)["peak_extra_mib"]
+    return bench.run_worker([os.path.abspath(__file__), "--worker", json.dumps(spec)], f"{variant}/{level}", env=env)[
+        "peak_extra_mib"
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -218,8 +262,14 @@ def main(argv=None) -> int:
         return 0
     if args.rows % args.batch:
         p.error("--rows must be a multiple of --batch")
-    cfg = {"rows": args.rows, "vocab": args.vocab, "hidden": args.hidden, "batch": args.batch, "dtype": args.dtype,
-           "seed": args.seed}
+    cfg = {
+        "rows": args.rows,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "seed": args.seed,
+    }
 
     # memory first: the workers' peaks start at this process's, which has allocated nothing large yet
     memory = {}
@@ -244,21 +294,27 @@ def main(argv=None) -> int:
 
         for variant in VARIANTS:  # warm-up
             run_variant(variant, level, inputs, cfg)
+
         def progress(r, level=level):
             bench.log(f"  {level}: round {r + 1}/{args.rounds}")
 
         times = bench.interleaved(VARIANTS, run, args.rounds, after_round=progress)
         timings[level] = times
         median = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
-        rows.append({
-            "level": level,
-            "ours_s": median["ours"], "trl_s": median["trl"], "floor_s": median["floor"],
-            "ours_over_trl": bench.paired_ratio(times, "ours", "trl"),
-            "ours_over_floor": bench.paired_ratio(times, "ours", "floor"),
-            "trl_over_floor": bench.paired_ratio(times, "trl", "floor"),
-            "ours_mib": memory.get(f"ours/{level}"), "trl_mib": memory.get(f"trl/{level}"),
-            "floor_mib": memory.get(f"floor/{level}"),
-        })
+        rows.append(
+            {
+                "level": level,
+                "ours_s": median["ours"],
+                "trl_s": median["trl"],
+                "floor_s": median["floor"],
+                "ours_over_trl": bench.paired_ratio(times, "ours", "trl"),
+                "ours_over_floor": bench.paired_ratio(times, "ours", "floor"),
+                "trl_over_floor": bench.paired_ratio(times, "trl", "floor"),
+                "ours_mib": memory.get(f"ours/{level}"),
+                "trl_mib": memory.get(f"trl/{level}"),
+                "floor_mib": memory.get(f"floor/{level}"),
+            }
+        )
 
     def fmt(value, spec=".3f", suffix=""):
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:{spec}}{suffix}"
@@ -268,18 +324,52 @@ def main(argv=None) -> int:
         f"{args.dtype}, {bench.device_label(args.threads)}, torch {torch.__version__}; paired medians of "
         f"{args.rounds} rounds (process CPU time)"
     )
-    text = header + "\n\n" + bench.table(
-        ["level", "ours", "TRL head + loss", "floor", "ours/TRL", "ours/floor", "TRL/floor", "ours MiB", "TRL MiB"],
-        [[r["level"], fmt(r["ours_s"], ".3f", " s"), fmt(r["trl_s"], ".3f", " s"), fmt(r["floor_s"], ".3f", " s"),
-          fmt(r["ours_over_trl"], ".2f", "x"), fmt(r["ours_over_floor"], ".2f", "x"),
-          fmt(r["trl_over_floor"], ".2f", "x"), fmt(r["ours_mib"], ".0f"), fmt(r["trl_mib"], ".0f")] for r in rows],
-        align="lrrrrrrrr",
+    text = (
+        header
+        + "\n\n"
+        + bench.table(
+            [
+                "level",
+                "ours",
+                "TRL head + loss",
+                "floor",
+                "ours/TRL",
+                "ours/floor",
+                "TRL/floor",
+                "ours MiB",
+                "TRL MiB",
+            ],
+            [
+                [
+                    r["level"],
+                    fmt(r["ours_s"], ".3f", " s"),
+                    fmt(r["trl_s"], ".3f", " s"),
+                    fmt(r["floor_s"], ".3f", " s"),
+                    fmt(r["ours_over_trl"], ".2f", "x"),
+                    fmt(r["ours_over_floor"], ".2f", "x"),
+                    fmt(r["trl_over_floor"], ".2f", "x"),
+                    fmt(r["ours_mib"], ".0f"),
+                    fmt(r["trl_mib"], ".0f"),
+                ]
+                for r in rows
+            ],
+            align="lrrrrrrrr",
+        )
     )
     print(text)
     bench.write_text(args.markdown, text + "\n")
     if args.json:
-        bench.write_json(args.json, {"config": cfg, "threads": args.threads, "rows": rows, "checks": checks,
-                                     "times": timings, "memory_mib": memory})
+        bench.write_json(
+            args.json,
+            {
+                "config": cfg,
+                "threads": args.threads,
+                "rows": rows,
+                "checks": checks,
+                "times": timings,
+                "memory_mib": memory,
+            },
+        )
     return 0
 
 

@@ -39,12 +39,20 @@ def build(trainer_cls, model_dir, tokenizer, args, lora: bool):
     )
 
     config_cls = FusedGRPOConfig if trainer_cls is FusedGRPOTrainer else GRPOConfig
-    config = config_cls(**{
-        **CPU_TRAINING_ARGS, "use_cpu": not bench.cuda_available(), "output_dir": tempfile.mkdtemp(),
-        "learning_rate": 1e-6, "disable_tqdm": True, "per_device_train_batch_size": args.batch_size,
-        "num_generations": args.num_generations, "max_completion_length": args.completion_length, "beta": 0.04,
-        "loss_type": "dapo",
-    })
+    config = config_cls(
+        **{
+            **CPU_TRAINING_ARGS,
+            "use_cpu": not bench.cuda_available(),
+            "output_dir": tempfile.mkdtemp(),
+            "learning_rate": 1e-6,
+            "disable_tqdm": True,
+            "per_device_train_batch_size": args.batch_size,
+            "num_generations": args.num_generations,
+            "max_completion_length": args.completion_length,
+            "beta": 0.04,
+            "loss_type": "dapo",
+        }
+    )
     torch.manual_seed(0)
     trainer = trainer_cls(
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
@@ -84,8 +92,9 @@ def main(argv=None) -> int:
     from hf_plugins import FusedGRPOTrainer
 
     if args.model == "tiny":
-        model_dir, tokenizer, vocab = bench.tiny_model_folder(args.hidden, args.layers, 4, 2, 4 * args.hidden,
-                                                              args.vocab)
+        model_dir, tokenizer, vocab = bench.tiny_model_folder(
+            args.hidden, args.layers, 4, 2, 4 * args.hidden, args.vocab
+        )
     else:
         from hf_plugins.demo.model import resolve_model
 
@@ -112,26 +121,41 @@ def main(argv=None) -> int:
 
     results = {}
     for part, run in (("step", step), ("loss", loss)):
-        times = bench.interleaved(variants, run, args.rounds, batches=args.batches, warmup=True,
-                                  after_round=lambda r, part=part: bench.log(f"  {part}: round {r + 1}/{args.rounds}"))
+        times = bench.interleaved(
+            variants,
+            run,
+            args.rounds,
+            batches=args.batches,
+            warmup=True,
+            after_round=lambda r, part=part: bench.log(f"  {part}: round {r + 1}/{args.rounds}"),
+        )
         results[part] = {
-            "stock_s": statistics.median(times["stock"]), "fused_s": statistics.median(times["fused"]),
-            "fused_over_stock": bench.paired_ratio(times, "fused", "stock"), "times": times,
+            "stock_s": statistics.median(times["stock"]),
+            "fused_s": statistics.median(times["fused"]),
+            "fused_over_stock": bench.paired_ratio(times, "fused", "stock"),
+            "times": times,
         }
     # the same loss on the same prepared batch (the head's float32 reductions differ)
-    losses = {name: float(trainers[name].compute_loss(trainers[name].model, prepared[name][0]).detach())
-              for name in variants}
+    losses = {
+        name: float(trainers[name].compute_loss(trainers[name].model, prepared[name][0]).detach()) for name in variants
+    }
 
     mode = "LoRA r=8 (frozen lm_head)" if args.lora else "full fine-tuning"
-    print(f"GRPO step, dapo beta=0.04, model={args.model} (V={vocab}), {mode}, {args.batch_size} completions of "
-          f"{args.completion_length} tokens (replayed), {bench.device_label(args.threads)}, "
-          f"torch {torch.__version__}; medians over {args.batches} batches x {args.rounds} rounds")
-    print(bench.table(
-        ["part", "stock", "fused", "fused/stock (paired)"],
-        [[part, f"{r['stock_s']:.3f} s", f"{r['fused_s']:.3f} s", f"{r['fused_over_stock']:.2f}x"]
-         for part, r in results.items()],
-        align="lrrr",
-    ))
+    print(
+        f"GRPO step, dapo beta=0.04, model={args.model} (V={vocab}), {mode}, {args.batch_size} completions of "
+        f"{args.completion_length} tokens (replayed), {bench.device_label(args.threads)}, "
+        f"torch {torch.__version__}; medians over {args.batches} batches x {args.rounds} rounds"
+    )
+    print(
+        bench.table(
+            ["part", "stock", "fused", "fused/stock (paired)"],
+            [
+                [part, f"{r['stock_s']:.3f} s", f"{r['fused_s']:.3f} s", f"{r['fused_over_stock']:.2f}x"]
+                for part, r in results.items()
+            ],
+            align="lrrr",
+        )
+    )
     print(f"loss on batch 0: stock {losses['stock']:.6f}, fused {losses['fused']:.6f}")
     if args.json:
         bench.write_json(args.json, {"args": vars(args), "vocab": vocab, "results": results, "losses": losses})

@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import _harness as bench
 
+
 DEFAULT_CHUNK = "default"
 #: Methods with a counterpart in TRL's SFTTrainer (`loss_type="nll"` / `"dft"`): loss from TRL's per-token log-probs.
 TRL_METHODS = ("sft", "dft")
@@ -73,8 +74,12 @@ def method_inputs(name: str, cfg: dict, generator) -> dict:
         return {"ref_scores": -torch.rand(b, generator=generator) * 3}
     if name == "grpo":  # TRL's default loss (dapo), off-policy, with the KL to a reference (beta 0.04)
         log_probs = lambda: (0.3 * torch.randn(b, n // b, generator=generator) - math.log(v)).to(dtype)  # noqa: E731
-        return {"advantages": torch.randn(b, generator=generator).to(dtype), "old_log_probs": log_probs(),
-                "ref_log_probs": log_probs(), "beta": 0.04}
+        return {
+            "advantages": torch.randn(b, generator=generator).to(dtype),
+            "old_log_probs": log_probs(),
+            "ref_log_probs": log_probs(),
+            "beta": 0.04,
+        }
     return {}
 
 
@@ -112,8 +117,14 @@ def run_variant(variant: str, method: str, inputs: dict, cfg: dict, chunk_size=N
         r = cfg["rows"] if rows is None else rows
         buffers = inputs["floor"]
         with torch.no_grad():
-            bench.head_matmuls(h[:r], w, inputs["floor_G"][:r], buffers["logits"][:r], buffers["grad_hidden"][:r],
-                               buffers["grad_weight"])
+            bench.head_matmuls(
+                h[:r],
+                w,
+                inputs["floor_G"][:r],
+                buffers["logits"][:r],
+                buffers["grad_hidden"][:r],
+                buffers["grad_weight"],
+            )
         return float("nan")
 
     extra = dict(inputs.get("method_inputs", {}))
@@ -123,15 +134,20 @@ def run_variant(variant: str, method: str, inputs: dict, cfg: dict, chunk_size=N
         b = cfg["batch"]
         t = n // b if rows is None else max(1, rows // b)
         h, y = h.view(b, n // b, d)[:, :t], y.view(b, n // b)[:, :t]
-        extra = {k: (val[:, :t] if torch.is_tensor(val) and val.shape[:2] == (b, n // b) else val)
-                 for k, val in extra.items()}
+        extra = {
+            k: (val[:, :t] if torch.is_tensor(val) and val.shape[:2] == (b, n // b) else val)
+            for k, val in extra.items()
+        }
     elif rows is not None:
         h, y = h[:rows], y[:rows]
-        extra = {k: (val[:rows] if torch.is_tensor(val) and val.shape[:1] == (n,) else val)
-                 for k, val in extra.items()}
+        extra = {
+            k: (val[:rows] if torch.is_tensor(val) and val.shape[:1] == (n,) else val) for k, val in extra.items()
+        }
     # a sampling method draws the same tokens in every call (and every backend): fresh generator, same seed
-    extra = {k: (torch.Generator().manual_seed(cfg["seed"]) if isinstance(val, torch.Generator) else val)
-             for k, val in extra.items()}
+    extra = {
+        k: (torch.Generator().manual_seed(cfg["seed"]) if isinstance(val, torch.Generator) else val)
+        for k, val in extra.items()
+    }
     inputs["hidden"].grad = None
     w.grad = None
     if variant in ("chunked", "reference"):
@@ -365,25 +381,37 @@ def build_rows(res: dict) -> tuple[list, list, list]:
             scale = (3 + EXTRA_MATMULS.get(method, 0)) / 3
             floor, best_floor = (per.get("floor", {}).get(k) for k in ("median_s", "min_s"))
             floor, best_floor = (None if x is None else x * scale for x in (floor, best_floor))
-            get = lambda key: per.get(key, {}).get("median_s")  # noqa: E731
-            chunked, ref, trl = get(f"{method}/chunked"), get(f"{method}/reference"), get(f"{method}/trl")
-            time_rows.append({
-                "threads": int(threads), "method": method, "chunked_s": chunked, "reference_s": ref, "trl_s": trl,
-                "floor_s": floor, "chunked_over_floor": ratio(chunked, floor),
-                "chunked_over_reference": ratio(chunked, ref),
-                "chunked_over_trl": ratio(chunked, trl),
-                "best_chunked_over_best_floor": ratio(per.get(f"{method}/chunked", {}).get("min_s"), best_floor),
-                "cpu_share": per.get(f"{method}/chunked", {}).get("cpu_share"),
-            })
+            chunked, ref, trl = (per.get(f"{method}/{v}", {}).get("median_s") for v in ("chunked", "reference", "trl"))
+            time_rows.append(
+                {
+                    "threads": int(threads),
+                    "method": method,
+                    "chunked_s": chunked,
+                    "reference_s": ref,
+                    "trl_s": trl,
+                    "floor_s": floor,
+                    "chunked_over_floor": ratio(chunked, floor),
+                    "chunked_over_reference": ratio(chunked, ref),
+                    "chunked_over_trl": ratio(chunked, trl),
+                    "best_chunked_over_best_floor": ratio(per.get(f"{method}/chunked", {}).get("min_s"), best_floor),
+                    "cpu_share": per.get(f"{method}/chunked", {}).get("cpu_share"),
+                }
+            )
     mem_rows = []
     for method in res["methods"]:
         get = lambda key: memory.get(key, {}).get("peak_extra_mib")  # noqa: E731
         chunked, ref, trl = get(f"{method}/chunked"), get(f"{method}/reference"), get(f"{method}/trl")
-        mem_rows.append({
-            "method": method, "chunked_mib": chunked, "reference_mib": ref, "trl_mib": trl,
-            "chunked_over_reference": ratio(chunked, ref), "chunked_over_trl": ratio(chunked, trl),
-            "chunked_range_mib": [memory.get(f"{method}/chunked", {}).get(k) for k in ("min_mib", "max_mib")],
-        })
+        mem_rows.append(
+            {
+                "method": method,
+                "chunked_mib": chunked,
+                "reference_mib": ref,
+                "trl_mib": trl,
+                "chunked_over_reference": ratio(chunked, ref),
+                "chunked_over_trl": ratio(chunked, trl),
+                "chunked_range_mib": [memory.get(f"{method}/chunked", {}).get(k) for k in ("min_mib", "max_mib")],
+            }
+        )
     sweep_rows = []
     for threads, per in timings.items():
         for key, val in per.items():
@@ -391,12 +419,18 @@ def build_rows(res: dict) -> tuple[list, list, list]:
                 method, chunk = key.split("/chunked@")
                 scale = (3 + EXTRA_MATMULS.get(method, 0)) / 3
                 floor = per.get("floor", {}).get("median_s", 0) * scale
-                sweep_rows.append({
-                    "threads": int(threads), "method": method, "chunk_size": int(chunk), "median_s": val["median_s"],
-                    "over_floor": ratio(val["median_s"], floor), "min_s": val["min_s"],
-                    "best_over_best_floor": ratio(val["min_s"], per.get("floor", {}).get("min_s", 0) * scale),
-                    "peak_extra_mib": memory.get(key, {}).get("peak_extra_mib"),
-                })
+                sweep_rows.append(
+                    {
+                        "threads": int(threads),
+                        "method": method,
+                        "chunk_size": int(chunk),
+                        "median_s": val["median_s"],
+                        "over_floor": ratio(val["median_s"], floor),
+                        "min_s": val["min_s"],
+                        "best_over_best_floor": ratio(val["min_s"], per.get("floor", {}).get("min_s", 0) * scale),
+                        "peak_extra_mib": memory.get(key, {}).get("peak_extra_mib"),
+                    }
+                )
     sweep_rows.sort(key=lambda r: (r["threads"], r["method"], r["chunk_size"]))
     return time_rows, mem_rows, sweep_rows
 
@@ -420,13 +454,35 @@ def render(res: dict, markdown: bool) -> str:
         "over fastest floor) is the steadier ratio.",
         "",
         table(
-            ["threads", "method", "chunked", "reference", "TRL", "floor", "chunked/floor", "chunked/ref",
-             "chunked/TRL", "best/best floor", "cpu share"],
-            [[str(r["threads"]), r["method"], fmt(r["chunked_s"]), fmt(r["reference_s"]), fmt(r["trl_s"]),
-              fmt(r["floor_s"]), fmt(r["chunked_over_floor"], ".2f", "x"),
-              fmt(r["chunked_over_reference"], ".2f", "x"),
-              fmt(r["chunked_over_trl"], ".2f", "x"), fmt(r["best_chunked_over_best_floor"], ".2f", "x"),
-              fmt(r["cpu_share"], ".2f")] for r in time_rows],
+            [
+                "threads",
+                "method",
+                "chunked",
+                "reference",
+                "TRL",
+                "floor",
+                "chunked/floor",
+                "chunked/ref",
+                "chunked/TRL",
+                "best/best floor",
+                "cpu share",
+            ],
+            [
+                [
+                    str(r["threads"]),
+                    r["method"],
+                    fmt(r["chunked_s"]),
+                    fmt(r["reference_s"]),
+                    fmt(r["trl_s"]),
+                    fmt(r["floor_s"]),
+                    fmt(r["chunked_over_floor"], ".2f", "x"),
+                    fmt(r["chunked_over_reference"], ".2f", "x"),
+                    fmt(r["chunked_over_trl"], ".2f", "x"),
+                    fmt(r["best_chunked_over_best_floor"], ".2f", "x"),
+                    fmt(r["cpu_share"], ".2f"),
+                ]
+                for r in time_rows
+            ],
         ),
     ]
     if res.get("memory"):
@@ -440,10 +496,18 @@ def render(res: dict, markdown: bool) -> str:
             "",
             table(
                 ["method", "chunked", "(min-max)", "reference", "TRL", "chunked/ref", "chunked/TRL"],
-                [[r["method"], fmt(r["chunked_mib"], ".1f"),
-                  "-".join(fmt(x, ".0f") for x in r["chunked_range_mib"]), fmt(r["reference_mib"], ".1f"),
-                  fmt(r["trl_mib"], ".1f"), fmt(r["chunked_over_reference"], ".3f"), fmt(r["chunked_over_trl"], ".3f")]
-                 for r in mem_rows],
+                [
+                    [
+                        r["method"],
+                        fmt(r["chunked_mib"], ".1f"),
+                        "-".join(fmt(x, ".0f") for x in r["chunked_range_mib"]),
+                        fmt(r["reference_mib"], ".1f"),
+                        fmt(r["trl_mib"], ".1f"),
+                        fmt(r["chunked_over_reference"], ".3f"),
+                        fmt(r["chunked_over_trl"], ".3f"),
+                    ]
+                    for r in mem_rows
+                ],
             ),
         ]
     if sweep_rows:
@@ -452,11 +516,29 @@ def render(res: dict, markdown: bool) -> str:
             "Chunk size sweep (chunked backend):",
             "",
             table(
-                ["threads", "method", "chunk_size", "time s", "time/floor", "best s", "best/best floor",
-                 "peak extra MiB"],
-                [[str(r["threads"]), r["method"], str(r["chunk_size"]), fmt(r["median_s"]),
-                  fmt(r["over_floor"], ".2f", "x"), fmt(r["min_s"]), fmt(r["best_over_best_floor"], ".2f", "x"),
-                  fmt(r["peak_extra_mib"], ".1f")] for r in sweep_rows],
+                [
+                    "threads",
+                    "method",
+                    "chunk_size",
+                    "time s",
+                    "time/floor",
+                    "best s",
+                    "best/best floor",
+                    "peak extra MiB",
+                ],
+                [
+                    [
+                        str(r["threads"]),
+                        r["method"],
+                        str(r["chunk_size"]),
+                        fmt(r["median_s"]),
+                        fmt(r["over_floor"], ".2f", "x"),
+                        fmt(r["min_s"]),
+                        fmt(r["best_over_best_floor"], ".2f", "x"),
+                        fmt(r["peak_extra_mib"], ".1f"),
+                    ]
+                    for r in sweep_rows
+                ],
             ),
         ]
     losses = []
@@ -502,8 +584,11 @@ def render(res: dict, markdown: bool) -> str:
         out += ["", "Skipped methods (inputs unknown to this benchmark):"]
         out += [f"  {name}: {why}" for name, why in res["skipped_methods"].items()]
     phases = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.0f} s" for k, v in res.get("phases_s", {}).items())
-    out += ["", f"Load average (1, 5, 15 min) at start / end: {res['load_start']} / {res['load_end']}.",
-            f"Run time {res['elapsed_s']:.0f} s ({phases})."]
+    out += [
+        "",
+        f"Load average (1, 5, 15 min) at start / end: {res['load_start']} / {res['load_end']}.",
+        f"Run time {res['elapsed_s']:.0f} s ({phases}).",
+    ]
     return "\n".join(out)
 
 
@@ -517,18 +602,35 @@ def parse_args(argv=None):
     p.add_argument("--hidden", "-D", type=int, default=256, help="hidden size D")
     p.add_argument("--batch", type=int, default=8, help="sequences B (per-sequence methods only: hidden [B, N/B, D])")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16"))
-    p.add_argument("--threads", type=int, nargs="+", default=[1],
-                   help="torch thread counts to time (1 2: both, about twice the run time)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="torch thread counts to time (1 2: both, about twice the run time)",
+    )
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per case after one warm-up (median)")
-    p.add_argument("--warmup_rows", type=int, default=512,
-                   help="rows of the warm-up call of each case (loads code, starts thread pools); 0: full size")
+    p.add_argument(
+        "--warmup_rows",
+        type=int,
+        default=512,
+        help="rows of the warm-up call of each case (loads code, starts thread pools); 0: full size",
+    )
     p.add_argument("--methods", nargs="+", default=None, help="subset of hf_plugins.losses.METHODS (default: all)")
     p.add_argument("--chunk_sizes", type=int, nargs="*", default=[], help="also run the chunked backend at these")
     p.add_argument("--sweep_methods", nargs="+", default=["sft"], help="methods the --chunk_sizes sweep runs")
-    p.add_argument("--trl_chunk_size", type=int, default=32768,
-                   help="TRL's vocab tile (SFTTrainer's, trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16)")
-    p.add_argument("--trl_outputs", nargs="+", default=["log_probs"],
-                   help="TRL outputs; SFTTrainer asks for: log_probs entropy is_top1")
+    p.add_argument(
+        "--trl_chunk_size",
+        type=int,
+        default=32768,
+        help="TRL's vocab tile (SFTTrainer's, trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16)",
+    )
+    p.add_argument(
+        "--trl_outputs",
+        nargs="+",
+        default=["log_probs"],
+        help="TRL outputs; SFTTrainer asks for: log_probs entropy is_top1",
+    )
     p.add_argument("--skip_trl", action="store_true")
     p.add_argument("--skip_reference", action="store_true")
     p.add_argument("--skip_memory", action="store_true")
@@ -537,12 +639,22 @@ def parse_args(argv=None):
     p.add_argument("--memory_reps", type=int, default=1, help="fresh workers per variant (median peak reported)")
     p.add_argument("--memory_jobs", type=int, default=2, help="memory workers run side by side")
     p.add_argument("--calibration_mb", type=int, default=500, help="size (1e6 bytes) of the calibration tensor")
-    p.add_argument("--profile", type=int, nargs="*", default=None,
-                   help="profile one chunked sft call at these chunk sizes (no value: the default chunk size)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        nargs="*",
+        default=None,
+        help="profile one chunked sft call at these chunk sizes (no value: the default chunk size)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all results to this path")
-    p.add_argument("--markdown", nargs="?", const="-", default=None,
-                   help="print the tables as markdown (to stdout, or to the given path)")
+    p.add_argument(
+        "--markdown",
+        nargs="?",
+        const="-",
+        default=None,
+        help="print the tables as markdown (to stdout, or to the given path)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress log on stderr")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -565,9 +677,16 @@ def main(argv=None):
     log = (lambda msg: None) if args.quiet else bench.log
     load_start = [round(x, 2) for x in os.getloadavg()]
     cfg = {
-        "rows": args.rows, "vocab": args.vocab, "hidden": args.hidden, "batch": args.batch, "dtype": args.dtype,
-        "seed": args.seed, "trl_chunk_size": args.trl_chunk_size, "trl_outputs": args.trl_outputs,
-        "skip_trl": args.skip_trl, "reps": args.reps,
+        "rows": args.rows,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "trl_chunk_size": args.trl_chunk_size,
+        "trl_outputs": args.trl_outputs,
+        "skip_trl": args.skip_trl,
+        "reps": args.reps,
     }
 
     phases = {}
@@ -603,16 +722,33 @@ def main(argv=None):
         t_phase = time.perf_counter()
         cal, noop = calibration_runs
         calibration = {
-            "expected_mib": expected / bench.MIB, "measured_mib": cal["peak_extra_mib"],
+            "expected_mib": expected / bench.MIB,
+            "measured_mib": cal["peak_extra_mib"],
             "measured_hwm_mib": cal["peak_extra_hwm_mib"],
-            "noop_mib": noop["peak_extra_mib"], "peak_reset": cal["peak_reset"],
+            "noop_mib": noop["peak_extra_mib"],
+            "peak_reset": cal["peak_reset"],
         }
-        log(f"calibration: {expected / bench.MIB:.1f} MiB tensor -> {cal['peak_extra_mib']:.1f} MiB; "
-            f"empty run {noop['peak_extra_mib']:.1f} MiB")
+        log(
+            f"calibration: {expected / bench.MIB:.1f} MiB tensor -> {cal['peak_extra_mib']:.1f} MiB; "
+            f"empty run {noop['peak_extra_mib']:.1f} MiB"
+        )
         jobs = [(f"{m}/{v}", m, v, None) for m in methods for v in variants_of(m)]
         jobs += [(f"{m}/chunked@{c}", m, "chunked", c) for m, c in sweep]
-        specs = [(key, {"kind": "variant", "cfg": cfg, "threads": mem_threads, "method": method, "variant": variant,
-                        "chunk_size": chunk}) for key, method, variant, chunk in jobs for _ in range(args.memory_reps)]
+        specs = [
+            (
+                key,
+                {
+                    "kind": "variant",
+                    "cfg": cfg,
+                    "threads": mem_threads,
+                    "method": method,
+                    "variant": variant,
+                    "chunk_size": chunk,
+                },
+            )
+            for key, method, variant, chunk in jobs
+            for _ in range(args.memory_reps)
+        ]
         runs = {key: [] for key, *_ in jobs}
         # peak RSS is per process, so workers may run side by side; only their speed suffers
         with ThreadPoolExecutor(max_workers=max(1, args.memory_jobs)) as pool:
@@ -621,8 +757,12 @@ def main(argv=None):
                 log(f"memory {key}: {r['peak_extra_mib']:.1f} MiB (VmHWM {r['peak_extra_hwm_mib']:.1f} MiB)")
         for key, rs in runs.items():
             peaks = [r["peak_extra_mib"] for r in rs]
-            memory[key] = {"peak_extra_mib": statistics.median(peaks), "min_mib": min(peaks), "max_mib": max(peaks),
-                           "runs": rs}
+            memory[key] = {
+                "peak_extra_mib": statistics.median(peaks),
+                "min_mib": min(peaks),
+                "max_mib": max(peaks),
+                "runs": rs,
+            }
         phases["memory_s"] = time.perf_counter() - t_phase
 
     # 3. timing, in this process
@@ -660,7 +800,8 @@ def main(argv=None):
         torch.set_num_threads(max(args.threads))
         for m in methods:
             checks[m] = check_gradients(m, inputs_for(m), cfg, None)
-    del base, per_method_inputs
+    # Free the inputs before profiling (the closure above keeps its names, so rebind rather than delete them)
+    base, per_method_inputs = None, {}
     gc.collect()
 
     profiles = []
@@ -671,11 +812,20 @@ def main(argv=None):
                 profiles.append(profile_chunked(cfg, chunk, threads))
 
     res = {
-        "machine": machine_info(), "config": cfg, "methods": methods, "skipped_methods": probe["skipped"],
-        "timings": timings, "memory": memory, "memory_threads": mem_threads,
-        "memory_reps": args.memory_reps, "calibration": calibration,
-        "checks": checks, "profiles": profiles, "load_start": load_start,
-        "load_end": [round(x, 2) for x in os.getloadavg()], "elapsed_s": time.perf_counter() - start,
+        "machine": machine_info(),
+        "config": cfg,
+        "methods": methods,
+        "skipped_methods": probe["skipped"],
+        "timings": timings,
+        "memory": memory,
+        "memory_threads": mem_threads,
+        "memory_reps": args.memory_reps,
+        "calibration": calibration,
+        "checks": checks,
+        "profiles": profiles,
+        "load_start": load_start,
+        "load_end": [round(x, 2) for x in os.getloadavg()],
+        "elapsed_s": time.perf_counter() - start,
         "phases_s": phases,
     }
     time_rows, mem_rows, sweep_rows = build_rows(res)

@@ -35,6 +35,7 @@ import traceback
 import _harness as bench
 import torch
 
+
 GIB = bench.GIB
 TRL_METHODS = ("sft", "dft")
 LIGER_METHODS = ("sft", "dft", "weighted")
@@ -72,8 +73,12 @@ def method_kwargs(method, inputs):
         g = torch.Generator(device="cuda").manual_seed(1)
         shape = (SEQUENCES, inputs["labels"].numel() // SEQUENCES)
         log_probs = lambda: 0.3 * torch.randn(shape, device="cuda", generator=g) - 10.0  # noqa: E731
-        return {"advantages": torch.randn(SEQUENCES, device="cuda", generator=g), "old_log_probs": log_probs(),
-                "ref_log_probs": log_probs(), "beta": 0.04}
+        return {
+            "advantages": torch.randn(SEQUENCES, device="cuda", generator=g),
+            "old_log_probs": log_probs(),
+            "ref_log_probs": log_probs(),
+            "beta": 0.04,
+        }
     return {}
 
 
@@ -142,7 +147,7 @@ def measure_floor(inputs, reps):
     once()
     torch.cuda.synchronize()
     times, _ = bench.cuda_times(once, reps)
-    del buffers
+    buffers.clear()  # free them before the next case (the closure keeps the name)
     torch.cuda.empty_cache()
     return statistics.median(times)
 
@@ -152,8 +157,9 @@ def gradient_errors(fn, ref_grads, leaves):
     clear(leaves)
     loss = fn()
     loss.backward()
-    errors = [float((leaf.grad.float() - ref).norm() / ref.norm().clamp_min(1e-30))
-              for leaf, ref in zip(leaves, ref_grads)]
+    errors = [
+        float((leaf.grad.float() - ref).norm() / ref.norm().clamp_min(1e-30)) for leaf, ref in zip(leaves, ref_grads)
+    ]
     clear(leaves)
     return float(loss), errors
 
@@ -299,10 +305,26 @@ def render(res) -> str:
             rows.append([c["method"], c["variant"], f"failed: {c['error'][:80]}", "", "", "", ""])
             continue
         errors = ", ".join(f"{e:.1e}" for e in c.get("grad_rel_err", [])) or "-"
-        rows.append([c["method"], c["variant"], f"{c['seconds'] * 1e3:.1f}", f"{c['vs_floor']:.2f}",
-                     f"{c['vs_method_floor']:.2f}", f"{c['peak_gib']:.2f}", errors])
-    header = ["method", "backend", "time (ms)", "x floor", "x method floor", "peak memory (GiB)",
-              "grad rel. error (h, W)"]
+        rows.append(
+            [
+                c["method"],
+                c["variant"],
+                f"{c['seconds'] * 1e3:.1f}",
+                f"{c['vs_floor']:.2f}",
+                f"{c['vs_method_floor']:.2f}",
+                f"{c['peak_gib']:.2f}",
+                errors,
+            ]
+        )
+    header = [
+        "method",
+        "backend",
+        "time (ms)",
+        "x floor",
+        "x method floor",
+        "peak memory (GiB)",
+        "grad rel. error (h, W)",
+    ]
     lines.append(bench.table(header, rows, align="llrrrrl"))
     if res.get("kernel_sweep"):
         rows = []
@@ -312,18 +334,27 @@ def render(res) -> str:
                 rows.append([*cells, f"failed: {c['error'][:60]}", ""])
             else:
                 rows.append([*cells, f"{c['seconds'] * 1e3:.1f}", f"{c['vs_floor']:.2f}"])
-        lines += ["", f"Kernel launch sweep (default tile; kept: {res['kernel_settings']}):", "",
-                  bench.table(["method", "block", "warps", "time (ms)", "x floor"], rows, align="lrrrr")]
+        lines += [
+            "",
+            f"Kernel launch sweep (default tile; kept: {res['kernel_settings']}):",
+            "",
+            bench.table(["method", "block", "warps", "time (ms)", "x floor"], rows, align="lrrrr"),
+        ]
     if res["sweep"]:
         rows = []
         for c in res["sweep"]:
             if "error" in c:
                 rows.append([str(c["tile_rows"]), f"failed: {c['error'][:80]}", "", ""])
             else:
-                rows.append([str(c["tile_rows"]), f"{c['seconds'] * 1e3:.1f}", f"{c['vs_floor']:.2f}",
-                             f"{c['peak_gib']:.2f}"])
-        lines += ["", "Triton tile sweep (sft):", "",
-                  bench.table(["tile rows", "time (ms)", "x floor", "peak memory (GiB)"], rows, align="rrrr")]
+                rows.append(
+                    [str(c["tile_rows"]), f"{c['seconds'] * 1e3:.1f}", f"{c['vs_floor']:.2f}", f"{c['peak_gib']:.2f}"]
+                )
+        lines += [
+            "",
+            "Triton tile sweep (sft):",
+            "",
+            bench.table(["tile rows", "time (ms)", "x floor", "peak memory (GiB)"], rows, align="rrrr"),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -337,10 +368,18 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--skip", nargs="+", default=[], help="variants to leave out (e.g. chunked)")
     p.add_argument("--sweep_rows", type=int, nargs="*", default=[256, 512, 1024, 2048])
-    p.add_argument("--sft_kernels", nargs="*", default=["4096x8", "4096x16", "8192x16", "8192x32", "16384x32"],
-                   help="BLOCKxWARPS launch settings tried for the label-target kernel")
-    p.add_argument("--otr_kernels", nargs="*", default=["1024x4", "2048x8", "4096x8", "4096x16"],
-                   help="BLOCKxWARPS launch settings tried for OTR's sampling kernel")
+    p.add_argument(
+        "--sft_kernels",
+        nargs="*",
+        default=["4096x8", "4096x16", "8192x16", "8192x32", "16384x32"],
+        help="BLOCKxWARPS launch settings tried for the label-target kernel",
+    )
+    p.add_argument(
+        "--otr_kernels",
+        nargs="*",
+        default=["1024x4", "2048x8", "4096x8", "4096x16"],
+        help="BLOCKxWARPS launch settings tried for OTR's sampling kernel",
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     return p.parse_args(argv)

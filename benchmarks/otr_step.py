@@ -33,8 +33,7 @@ def make_trainer(name, args, folder, tokenizer, dataset):
     if name == "nll":
         return bench.step_trainer(FusedSFTTrainer, args, folder, tokenizer, dataset, args.batch_size)
     num_samples = None if name == "exact" else int(name.removeprefix("otr-K"))
-    return bench.step_trainer(OTRTrainer, args, folder, tokenizer, dataset, args.batch_size,
-                              num_samples=num_samples)
+    return bench.step_trainer(OTRTrainer, args, folder, tokenizer, dataset, args.batch_size, num_samples=num_samples)
 
 
 def head_only(args, vocab: int) -> None:
@@ -79,8 +78,11 @@ def main() -> None:
     batches = bench.first_batches(trainers[args.variants[0]], args.batches)
     counts = [bench.supervised_tokens(batch) for batch in batches]
     times = bench.interleaved(
-        args.variants, lambda name, i: bench.timed_step(trainers[name], batches[i], counts[i]), args.rounds,
-        batches=len(batches), warmup=True,
+        args.variants,
+        lambda name, i: bench.timed_step(trainers[name], batches[i], counts[i]),
+        args.rounds,
+        batches=len(batches),
+        warmup=True,
     )
 
     print(

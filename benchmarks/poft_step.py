@@ -31,8 +31,10 @@ def main() -> None:
     dataset = dataset.add_column("ref_score", [-3.0 + 0.01 * i for i in range(len(dataset))])
 
     classes = {"nll": FusedSFTTrainer, "poft": PoFTTrainer}
-    trainers = {name: bench.step_trainer(cls, args, folder, tokenizer, dataset, args.batch_size)
-                for name, cls in classes.items()}
+    trainers = {
+        name: bench.step_trainer(cls, args, folder, tokenizer, dataset, args.batch_size)
+        for name, cls in classes.items()
+    }
     batches = {"poft": bench.first_batches(trainers["poft"], args.batches)}
     batches["nll"] = [{k: v for k, v in batch.items() if k != "ref_score"} for batch in batches["poft"]]
     counts = {
@@ -40,13 +42,18 @@ def main() -> None:
         "poft": [int(batch["labels"].shape[0]) for batch in batches["poft"]],  # PoFT normalises by sequences
     }
     times = bench.interleaved(
-        classes, lambda name, i: bench.timed_step(trainers[name], batches[name][i], counts[name][i]), args.rounds,
-        batches=args.batches, warmup=True,
+        classes,
+        lambda name, i: bench.timed_step(trainers[name], batches[name][i], counts[name][i]),
+        args.rounds,
+        batches=args.batches,
+        warmup=True,
     )
 
-    print(f"model: hidden {args.hidden}, {args.layers} layers, V = {vocab}, full fine-tuning; batch "
-          f"{args.batch_size}; {bench.device_label(args.threads)}; forward + backward, {args.rounds} rounds x "
-          f"{args.batches} batches per variant")
+    print(
+        f"model: hidden {args.hidden}, {args.layers} layers, V = {vocab}, full fine-tuning; batch "
+        f"{args.batch_size}; {bench.device_label(args.threads)}; forward + backward, {args.rounds} rounds x "
+        f"{args.batches} batches per variant"
+    )
     print("\n".join(bench.ratio_table(times, "nll", width=10)))
 
     if args.score_examples:
@@ -54,14 +61,22 @@ def main() -> None:
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         subset = dataset.select(range(min(args.score_examples, len(dataset)))).remove_columns("ref_score")
-        elapsed, scored = bench.timed(lambda: score_with_aligned_models(
-            subset, model, tokenizer, max_length=args.max_length, load_from_cache_file=False,
-            cache_dir=tempfile.mkdtemp(),
-        ))
+        elapsed, scored = bench.timed(
+            lambda: score_with_aligned_models(
+                subset,
+                model,
+                tokenizer,
+                max_length=args.max_length,
+                load_from_cache_file=False,
+                cache_dir=tempfile.mkdtemp(),
+            )
+        )
         texts = [tokenizer.apply_chat_template(row["messages"], tokenize=False) for row in subset]
         tokens = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
-        print(f"scoring: {len(scored)} examples, {tokens} rendered tokens in {elapsed:.2f} s: {tokens / elapsed:.0f} "
-              "tokens/s (one aligned model, batch 8, no cache)")
+        print(
+            f"scoring: {len(scored)} examples, {tokens} rendered tokens in {elapsed:.2f} s: {tokens / elapsed:.0f} "
+            "tokens/s (one aligned model, batch 8, no cache)"
+        )
 
 
 if __name__ == "__main__":

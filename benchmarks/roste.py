@@ -32,16 +32,28 @@ def step_times(kind: str, args, dataset, tokenizer) -> tuple[list[float], float 
 
     on_gpu = args.device == "cuda"
     model = build_tiny_model(
-        tokenizer, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-        num_kv_heads=args.kv_heads or max(1, args.heads // 2), intermediate_size=args.intermediate,
-        max_position_embeddings=max(512, args.max_length), dtype=torch.bfloat16 if on_gpu else torch.float32,
+        tokenizer,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.kv_heads or max(1, args.heads // 2),
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max(512, args.max_length),
+        dtype=torch.bfloat16 if on_gpu else torch.float32,
     )
     device_args = dict(use_cpu=False, bf16=True) if on_gpu else {}
     method_args = dict(rotations="all") if kind == "roste" else {}
     trainer = bench.make_trainer(
-        RoSTETrainer if kind == "roste" else FusedSFTTrainer, model, dataset, tokenizer,
-        max_steps=args.steps_per_round, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
-        logging_steps=1000, **device_args, **method_args,
+        RoSTETrainer if kind == "roste" else FusedSFTTrainer,
+        model,
+        dataset,
+        tokenizer,
+        max_steps=args.steps_per_round,
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
+        logging_steps=1000,
+        **device_args,
+        **method_args,
     )
     timer = bench.step_timer(sync_gpu=on_gpu)
     trainer.add_callback(timer)
@@ -54,7 +66,9 @@ def step_times(kind: str, args, dataset, tokenizer) -> tuple[list[float], float 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--preset", choices=("qwen2.5-0.5b",), default=None,
+        "--preset",
+        choices=("qwen2.5-0.5b",),
+        default=None,
         help="the block shapes of a real model (hidden 896, 24 layers, 14/2 heads, MLP 4864 = 76 x 64)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -86,10 +100,13 @@ def main():
     texts = ["\n".join(pieces[i : i + per_row]) for i in range(0, per_row * rows, per_row)]
     dataset = Dataset.from_dict({"text": texts})
     # rounds in a fixed order: SFT, RoSTE, SFT, RoSTE, ...
-    runs = bench.interleaved(("sft", "roste"), lambda kind, _: step_times(kind, args, dataset, tokenizer), args.rounds,
-                             rotate=False)
-    times = {kind: [seconds for step_seconds, _ in kind_runs for seconds in step_seconds]
-             for kind, kind_runs in runs.items()}
+    runs = bench.interleaved(
+        ("sft", "roste"), lambda kind, _: step_times(kind, args, dataset, tokenizer), args.rounds, rotate=False
+    )
+    times = {
+        kind: [seconds for step_seconds, _ in kind_runs for seconds in step_seconds]
+        for kind, kind_runs in runs.items()
+    }
     peaks = {kind: kind_runs[-1][1] if kind_runs else None for kind, kind_runs in runs.items()}
     medians = {kind: statistics.median(values) for kind, values in times.items()}
     result = {

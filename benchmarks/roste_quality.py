@@ -58,10 +58,19 @@ def run_all(args) -> dict:
     fresh_model, tokenizer, train, test = load_inputs(args)
     quant = QuantConfig(QuantSpec(args.w_bits), QuantSpec(args.a_bits), QuantSpec(args.kv_bits))
     common = dict(
-        max_steps=args.steps, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=8,
-        learning_rate=args.learning_rate, lr_scheduler_type="constant", max_length=args.max_length,
-        use_cpu=args.device == "cpu", bf16=args.bf16, report_to="none", logging_steps=1, save_strategy="no",
-        seed=args.seed, disable_tqdm=True,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=8,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        max_length=args.max_length,
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        seed=args.seed,
+        disable_tqdm=True,
     )
     results: dict = {}
 
@@ -72,8 +81,13 @@ def run_all(args) -> dict:
         return bench.timed(trainer.train, clock=time.perf_counter)[0]
 
     # SFT in float, then post-training quantisation of the same trained weights, with and without rotations
-    sft = FusedSFTTrainer(model=fresh_model(), args=FusedSFTConfig(output_dir=tempfile.mkdtemp(), **common),
-                          train_dataset=train, eval_dataset=test, processing_class=tokenizer)
+    sft = FusedSFTTrainer(
+        model=fresh_model(),
+        args=FusedSFTConfig(output_dir=tempfile.mkdtemp(), **common),
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+    )
     results["base_float"] = sft.evaluate()["eval_loss"]
     seconds = timed_train(sft)
     trained = copy.deepcopy(sft.model)
@@ -88,18 +102,27 @@ def run_all(args) -> dict:
 
     for name, rotations in (("ste", "none"), ("roste", "adaptive")):
         config = RoSTEConfig(
-            output_dir=tempfile.mkdtemp(), rotations=rotations, rotation_search_samples=args.search_samples,
-            w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits, **common,
+            output_dir=tempfile.mkdtemp(),
+            rotations=rotations,
+            rotation_search_samples=args.search_samples,
+            w_bits=args.w_bits,
+            a_bits=args.a_bits,
+            kv_bits=args.kv_bits,
+            **common,
         )
         start = time.perf_counter()
-        trainer = RoSTETrainer(model=fresh_model(), args=config, train_dataset=train, eval_dataset=test,
-                               processing_class=tokenizer)
+        trainer = RoSTETrainer(
+            model=fresh_model(), args=config, train_dataset=train, eval_dataset=test, processing_class=tokenizer
+        )
         setup = time.perf_counter() - start
         before = trainer.evaluate()["eval_loss"]
         seconds = timed_train(trainer)
         results[name] = {
-            "before_training": before, "quantized": trainer.evaluate()["eval_loss"],
-            "train_loss": train_losses(trainer), "train_s": seconds, "setup_s": setup,
+            "before_training": before,
+            "quantized": trainer.evaluate()["eval_loss"],
+            "train_loss": train_losses(trainer),
+            "train_s": seconds,
+            "setup_s": setup,
             "rotation_config": trainer.model.config.rotation_config,
         }
         del trainer
@@ -137,8 +160,10 @@ def main():
     print(f"  SFT, then RTN                   {sft['rtn']:.3f}")
     print(f"  SFT, then rotations + RTN       {sft['rotated_rtn']:.3f}")
     print(f"  STE QAT, no rotation            {ste['quantized']:.3f}   (before training {ste['before_training']:.3f})")
-    print(f"  RoSTE (adaptive rotations)      {roste['quantized']:.3f}   "
-          f"(before training {roste['before_training']:.3f})")
+    print(
+        f"  RoSTE (adaptive rotations)      {roste['quantized']:.3f}   "
+        f"(before training {roste['before_training']:.3f})"
+    )
 
 
 if __name__ == "__main__":

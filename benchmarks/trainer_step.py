@@ -40,8 +40,14 @@ def worker(args) -> dict:
 
     trainer_cls, config_cls = (FusedSFTTrainer, None) if args.worker == "fused" else (SFTTrainer, SFTConfig)
     trainer = bench.make_trainer(
-        trainer_cls, model_dir, dataset, config_cls=config_cls, peft_config=None if args.full else bench.lora_config(),
-        max_steps=args.steps, per_device_train_batch_size=args.batch_size, max_length=args.max_length,
+        trainer_cls,
+        model_dir,
+        dataset,
+        config_cls=config_cls,
+        peft_config=None if args.full else bench.lora_config(),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_length,
     )
     timer = bench.step_timer()
     trainer.add_callback(timer)
@@ -85,12 +91,16 @@ def main() -> None:
 
     stock, fused = results["stock"], results["fused"]
     mode = "full fine-tuning" if args.full else "LoRA r=8 all-linear"
-    print(f"model={args.model} (V={fused['vocab_size']}), {mode}, batch {args.batch_size} x <= {args.max_length} "
-          f"tokens, {args.threads} threads, median of steps {args.warmup + 1}..{args.steps}")
+    print(
+        f"model={args.model} (V={fused['vocab_size']}), {mode}, batch {args.batch_size} x <= {args.max_length} "
+        f"tokens, {args.threads} threads, median of steps {args.warmup + 1}..{args.steps}"
+    )
     print(f"{'trainer':<18}{'s/step':>10}{'peak RSS MiB':>15}{'growth in train MiB':>22}")
     for row in (stock, fused):
-        print(f"{row['trainer']:<18}{row['seconds_per_step']:>10.3f}{row['peak_rss_mib']:>15.0f}"
-              f"{row['training_growth_mib']:>22.0f}")
+        print(
+            f"{row['trainer']:<18}{row['seconds_per_step']:>10.3f}{row['peak_rss_mib']:>15.0f}"
+            f"{row['training_growth_mib']:>22.0f}"
+        )
     print(f"speed-up (stock / fused time): {stock['seconds_per_step'] / fused['seconds_per_step']:.2f}x")
     diff = max(abs(a - b) for a, b in zip(stock["losses"], fused["losses"]))
     print(f"max |loss difference| over {len(fused['losses'])} steps: {diff:.2e}")

@@ -44,8 +44,9 @@ def step_benchmark(args) -> None:
 
     folder, tokenizer, vocab, dataset = bench.step_data(args, args.candidates)
     full = bench.step_trainer(FusedSFTTrainer, args, folder, tokenizer, dataset, args.candidates)
-    uds = bench.step_trainer(with_uds(FusedSFTTrainer), args, folder, tokenizer, dataset, args.candidates,
-                             uds_keep=args.keep)
+    uds = bench.step_trainer(
+        with_uds(FusedSFTTrainer), args, folder, tokenizer, dataset, args.candidates, uds_keep=args.keep
+    )
     batches = bench.first_batches(uds, args.batches, prepare=True)
     counts = [bench.supervised_tokens(batch) for batch in batches]
     steps = {
@@ -54,15 +55,19 @@ def step_benchmark(args) -> None:
     }
     times = bench.interleaved(steps, lambda name, i: steps[name](i), args.rounds, batches=args.batches, warmup=True)
 
-    print(f"step: hidden {args.hidden}, {args.layers} layers, V = {vocab}, full fine-tuning; {args.candidates} "
-          f"candidates, keep {args.keep}; {bench.device_label(args.threads)}; {args.rounds} rounds x {args.batches} "
-          "batches, interleaved")
+    print(
+        f"step: hidden {args.hidden}, {args.layers} layers, V = {vocab}, full fine-tuning; {args.candidates} "
+        f"candidates, keep {args.keep}; {bench.device_label(args.threads)}; {args.rounds} rounds x {args.batches} "
+        "batches, interleaved"
+    )
     full_median, uds_median = statistics.median(times["full"]), statistics.median(times["uds"])
     print(f"  full batch (forward + backward on {args.candidates}): {full_median:.4f} s")
     print(f"  UDS (score {args.candidates}, forward + backward on {args.keep}): {uds_median:.4f} s")
     paired = bench.paired_ratio(times, "uds", "full")
-    print(f"  UDS / full: {uds_median / full_median:.3f} (paired median {paired:.3f}); theory "
-          f"{(args.candidates + 3 * args.keep) / (3 * args.candidates):.3f} without the head")
+    print(
+        f"  UDS / full: {uds_median / full_median:.3f} (paired median {paired:.3f}); theory "
+        f"{(args.candidates + 3 * args.keep) / (3 * args.candidates):.3f} without the head"
+    )
     # The lm_head factors are recomputed once per optimizer step while the head trains (above: once, as no optimizer
     # step is taken); their cost per micro-step shrinks with gradient accumulation
     callback = uds.uds_callback
@@ -74,8 +79,10 @@ def step_benchmark(args) -> None:
 
     factors, _ = bench.timed(recompute_factors)
     for accumulation in (1, 8, 32):
-        print(f"  with the lm_head factors ({factors:.4f} s per optimizer step) at {accumulation} micro-batches per "
-              f"step: UDS / full = {(uds_median + factors / accumulation) / full_median:.3f}")
+        print(
+            f"  with the lm_head factors ({factors:.4f} s per optimizer step) at {accumulation} micro-batches per "
+            f"step: UDS / full = {(uds_median + factors / accumulation) / full_median:.3f}"
+        )
 
 
 def scoring_benchmark(args) -> None:
@@ -113,13 +120,19 @@ def scoring_benchmark(args) -> None:
     ref_time, (u_ref, s_ref) = best_of(reference, max(1, args.score_repeats // 2))
     err_u = ((u_ours - u_ref).abs() / u_ref.abs()).max().item()
     err_s = ((s_ours.double() - s_ref.double()).norm() / s_ref.double().norm()).item()
-    print(f"scoring: B = {args.candidates}, N = {args.score_tokens}, D = {args.hidden}, V = {vocab}, T = "
-          f"{args.sketch_length}, sketch 8 x 128, float32")
+    print(
+        f"scoring: B = {args.candidates}, N = {args.score_tokens}, D = {args.hidden}, V = {vocab}, T = "
+        f"{args.sketch_length}, sketch 8 x 128, float32"
+    )
     print(f"  reference (logits, svdvals, FFT sketch): {ref_time:.4f} s per batch")
-    print(f"  hidden states (Gram + eigvalsh, projected sketch): {ours_time:.5f} s per batch "
-          f"({ref_time / ours_time:.0f}x faster)")
-    print(f"  lm_head factors (once per optimizer step, or per run with a frozen head): {factor_time:.4f} s; the "
-          f"vocabulary cosines they use (once per run): {cosines_time:.4f} s")
+    print(
+        f"  hidden states (Gram + eigvalsh, projected sketch): {ours_time:.5f} s per batch "
+        f"({ref_time / ours_time:.0f}x faster)"
+    )
+    print(
+        f"  lm_head factors (once per optimizer step, or per run with a frozen head): {factor_time:.4f} s; the "
+        f"vocabulary cosines they use (once per run): {cosines_time:.4f} s"
+    )
     print(f"  largest relative difference: utility {err_u:.1e}, sketch {err_s:.1e}")
 
 

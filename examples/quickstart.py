@@ -11,6 +11,7 @@ from hf_plugins import FusedSFTConfig, FusedSFTTrainer
 from hf_plugins.demo import load_chatterbot, resolve_model
 from hf_plugins.demo.model import prepare_chat_template
 
+
 model_path = resolve_model("smollm2")  # the embedded GGUF, converted once to a cached safetensors folder
 tokenizer = AutoTokenizer.from_pretrained(model_path)
 prepare_chat_template(tokenizer)  # marks the assistant's turns, so that only they are trained
@@ -27,12 +28,19 @@ args = FusedSFTConfig(
     assistant_only_loss=True,
     logging_steps=5,
     save_strategy="no",
-    use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none",  # CPU settings
+    use_cpu=True,
+    bf16=False,
+    activation_checkpointing=False,
+    report_to="none",  # CPU settings
 )
 lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
 trainer = FusedSFTTrainer(
-    model=model, args=args, processing_class=tokenizer, peft_config=lora,
-    train_dataset=dataset["train"], eval_dataset=dataset["test"],
+    model=model,
+    args=args,
+    processing_class=tokenizer,
+    peft_config=lora,
+    train_dataset=dataset["train"],
+    eval_dataset=dataset["test"],
 )
 
 print(f"held-out loss before: {trainer.evaluate()['eval_loss']:.3f}")
@@ -43,5 +51,5 @@ trainer.save_model()  # the LoRA adapter (and tokenizer) in quickstart-adapter/
 question = [{"role": "user", "content": dataset["test"][0]["messages"][0]["content"]}]
 inputs = tokenizer.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 output = trainer.model.eval().generate(**inputs, max_new_tokens=40, do_sample=False)
-answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 print(f"{question[0]['content']!r} -> {answer!r}")

@@ -11,5 +11,6 @@ import sys
 
 from hf_plugins.cli import main
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@
 import importlib
 from typing import TYPE_CHECKING
 
+
 __version__ = "0.1.0.dev0"
 
 #: The methods, readable without importing them (the trainers import TRL and transformers: seconds), for the exports
@@ -10,7 +11,9 @@ __version__ = "0.1.0.dev0"
 #: `hf_plugins.trainers.TRAINERS` holds, which tests/test_structure.py checks.
 _TRAIN_COMMANDS = {
     "sft": (
-        "FusedSFTConfig", "FusedSFTTrainer", "SFT (loss_type nll) or DFT (loss_type dft) with the fused loss head"
+        "FusedSFTConfig",
+        "FusedSFTTrainer",
+        "SFT (loss_type nll) or DFT (loss_type dft) with the fused loss head",
     ),
     "asft": ("ASFTConfig", "ASFTTrainer", "Anchored SFT: DFT plus a KL anchor to a frozen reference model"),
     "otr": ("OTRConfig", "OTRTrainer", "One-Token Rollout: a one-step policy gradient at every token"),

@@ -1,9 +1,9 @@
 """The `hf-plugins` command.
 
-    hf-plugins <method> --config run.yaml [...]    train with a method's trainer (`hf_plugins.training_script`;
-                                                   the methods: `hf_plugins.trainers.TRAINERS`)
-    hf-plugins demo [--model ...] [--method ...]   fine-tune the embedded default model offline (see `hf_plugins.demo`)
-    hf-plugins env                                 print the versions to paste into a bug report
+hf-plugins <method> --config run.yaml [...]    train with a method's trainer (`hf_plugins.training_script`;
+                                               the methods: `hf_plugins.trainers.TRAINERS`)
+hf-plugins demo [--model ...] [--method ...]   fine-tune the embedded default model offline (see `hf_plugins.demo`)
+hf-plugins env                                 print the versions to paste into a bug report
 """
 
 from __future__ import annotations
@@ -32,8 +32,17 @@ other commands:
 
 
 _PACKAGES = (
-    "hf-plugins", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "liger-kernel", "triton",
-    "bitsandbytes", "tokenizers",
+    "hf-plugins",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "liger-kernel",
+    "triton",
+    "bitsandbytes",
+    "tokenizers",
 )
 
 

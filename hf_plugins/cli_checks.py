@@ -14,6 +14,7 @@ import difflib
 import os
 from pathlib import Path
 
+
 #: Rows read from a streaming dataset to check it (a `Dataset` is checked whole).
 STREAMING_ROWS_CHECKED = 1000
 
@@ -25,8 +26,9 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------------------ field names
 
 
-def unknown_field_message(name: str, known: list[str], other_commands: dict[str, list[str]], command: str,
-                          on_command_line: bool) -> str:
+def unknown_field_message(
+    name: str, known: list[str], other_commands: dict[str, list[str]], command: str, on_command_line: bool
+) -> str:
     """What to say about a field `name` that `hf-plugins <command>` does not have: the command whose config has it,
     or the closest known name. Names are shown as flags (`--name`) or as YAML keys."""
 
@@ -54,8 +56,13 @@ def _offline() -> bool:
     return constants.is_offline_mode() or flag
 
 
-def check_model_path(name: str, flag: str = "--model_name_or_path", revision: str | None = None, cache_dir=None,
-                     gguf_file: str | None = None):
+def check_model_path(
+    name: str,
+    flag: str = "--model_name_or_path",
+    revision: str | None = None,
+    cache_dir=None,
+    gguf_file: str | None = None,
+):
     """`name` is a local model folder (with a config, an adapter config or the `gguf_file`), or a Hub repo id (one
     that the local cache holds when the Hub is offline)."""
     path = Path(name).expanduser()
@@ -300,8 +307,9 @@ def _assistant_turns_arrow(dataset, column: str):
     return checked, missing, first, roles
 
 
-def check_assistant_turns(dataset, found: str, split: str, assistant_only: bool, explicit: bool,
-                          every_row_needs_one: bool) -> None:
+def check_assistant_turns(
+    dataset, found: str, split: str, assistant_only: bool, explicit: bool, every_row_needs_one: bool
+) -> None:
     """Conversations without an assistant turn: with assistant-only loss TRL cannot mask them (`every_row_needs_one`:
     each row is checked); with the default settings a dataset where no conversation has one would silently train
     on the user's turns. An explicit `assistant_only_loss=False` trains on every token, as asked."""

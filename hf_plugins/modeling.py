@@ -35,6 +35,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from .ops import fused_linear_loss
 from .ops.method import PLAIN_LOGITS, LogitTransform, LossMethod
 
+
 #: Config attributes that scale the logits, in the order TRL's fused head reads them: the first one set wins
 #: (Cohere's `logit_scale`; `output_multiplier`; Falcon-H1's `lm_head_multiplier`; `logits_scaling`, which Granite and
 #: MiniCPM3 divide by and HyperCLOVA X multiplies by)
@@ -75,7 +76,9 @@ def lm_head_parameters(lm_head: torch.nn.Module) -> tuple[torch.Tensor, torch.Te
     # PEFT `modules_to_save=["lm_head"]` wraps the head: the trained copy is the active adapter's, unless disabled
     if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
         active = [name for name in module.active_adapters if name in module.modules_to_save]
-        module = module.modules_to_save[active[0]] if active and not module.disable_adapters else module.original_module
+        module = (
+            module.modules_to_save[active[0]] if active and not module.disable_adapters else module.original_module
+        )
     if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
         raise ValueError(
             "A LoRA adapter on the lm_head is not supported: the fused head reads `lm_head.weight` directly, so the "

@@ -52,6 +52,7 @@ from transformers import (
 
 from .chat_templates import load_template
 
+
 __all__ = [
     "BOS_TOKEN",
     "CHAT_TEMPLATE",
@@ -443,13 +444,17 @@ def build_tiny_model(
     head_dim = hidden_size // num_heads
     if arch == "qwen3_moe":
         config_kwargs.update(
-            num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, moe_intermediate_size=intermediate_size,
+            num_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            moe_intermediate_size=intermediate_size,
             head_dim=head_dim,
         )
     elif arch == "gpt_oss":
         # Plain rotary embeddings: GPT-OSS's YaRN scaling is set up for 131072 positions and warns at fewer
         config_kwargs.update(
-            num_local_experts=num_experts, num_experts_per_tok=num_experts_per_tok, head_dim=head_dim,
+            num_local_experts=num_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            head_dim=head_dim,
             rope_parameters={"rope_type": "default", "rope_theta": 150000.0},
         )
     elif arch == "gemma2":
@@ -633,20 +638,45 @@ def _tool_task(rng: random.Random) -> tuple[str, str, dict, str, str]:
     topic = rng.choice(_TOPICS)
     if kind == "weather":
         _, colour = rng.choice(_COLOURS)
-        return (f"What is the weather in {city}?", "get_weather", {"city": city},
-                json.dumps({"city": city, "sky": colour}), f"The sky in {city} is {colour}.")
+        return (
+            f"What is the weather in {city}?",
+            "get_weather",
+            {"city": city},
+            json.dumps({"city": city, "sky": colour}),
+            f"The sky in {city} is {colour}.",
+        )
     if kind == "time":
         hour = rng.randint(1, 9)
-        return (f"What time is it in {city}?", "get_time", {"city": city}, json.dumps({"time": f"{hour}:00"}),
-                f"It is {hour}:00 in {city}.")
+        return (
+            f"What time is it in {city}?",
+            "get_time",
+            {"city": city},
+            json.dumps({"time": f"{hour}:00"}),
+            f"It is {hour}:00 in {city}.",
+        )
     if kind == "papers":
-        return (f"Find papers about {topic}.", "getPapersByKeywords", {"keywords": topic},
-                json.dumps([paper, f"P{rng.randint(1, 9)}"]), f"I found {paper} about {topic}.")
+        return (
+            f"Find papers about {topic}.",
+            "getPapersByKeywords",
+            {"keywords": topic},
+            json.dumps([paper, f"P{rng.randint(1, 9)}"]),
+            f"I found {paper} about {topic}.",
+        )
     if kind == "details":
-        return (f"Tell me about paper {paper}.", "getPaperDetails", {"paper_id": paper},
-                json.dumps({"title": f"On {topic}"}), f"{paper} is called On {topic}.")
-    return (f"Who wrote paper {paper}?", "getPaperAuthors", {"paper_id": paper},
-            json.dumps({"authors": [country]}), f"{paper} was written by {country}.")
+        return (
+            f"Tell me about paper {paper}.",
+            "getPaperDetails",
+            {"paper_id": paper},
+            json.dumps({"title": f"On {topic}"}),
+            f"{paper} is called On {topic}.",
+        )
+    return (
+        f"Who wrote paper {paper}?",
+        "getPaperAuthors",
+        {"paper_id": paper},
+        json.dumps({"authors": [country]}),
+        f"{paper} was written by {country}.",
+    )
 
 
 def _tool_call(name: str, arguments: dict) -> dict:
@@ -688,7 +718,7 @@ def tiny_tool_calling_dataset(
             messages.append({"role": "system", "content": rng.choice(_SYSTEM_PROMPTS)})
         messages.append({"role": "user", "content": question})
         if rng.random() < error_fraction:
-            (param, value), = arguments.items()
+            ((param, value),) = arguments.items()
             wrong = rng.choice(("name", "query", "id"))
             messages.append({"role": "assistant", "content": None, "tool_calls": [_tool_call(name, {wrong: value})]})
             messages.append(
@@ -730,8 +760,9 @@ class ReplayedCompletions:
         ```
     """
 
-    def __init__(self, tokenizer, max_completion_length: int, bank_size: int = 12, seed: int = 0,
-                 logprobs: bool = False):
+    def __init__(
+        self, tokenizer, max_completion_length: int, bank_size: int = 12, seed: int = 0, logprobs: bool = False
+    ):
         if max_completion_length < 2:
             raise ValueError(f"`max_completion_length` must be at least 2, got {max_completion_length}.")
         self.tokenizer = tokenizer

@@ -34,6 +34,7 @@ from .cli_checks import (
     unknown_field_message,
 )
 
+
 _DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
@@ -134,7 +135,9 @@ def load_training_data(script_args, dataset_args):
         return get_dataset(dataset_args)
     name = script_args.dataset_name
     if not name:
-        raise UsageError("no dataset: pass --dataset_name (a Hub id, a local file or folder) or `datasets:` in the YAML")
+        raise UsageError(
+            "no dataset: pass --dataset_name (a Hub id, a local file or folder) or `datasets:` in the YAML"
+        )
     path = Path(name)
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         data = load_from_disk(str(path))
@@ -142,14 +145,18 @@ def load_training_data(script_args, dataset_args):
     if path.is_file():
         builder = _DATA_FILE_BUILDERS.get(path.suffix)
         if builder is None:
-            raise UsageError(f"--dataset_name {name}: unknown file type {path.suffix!r} (json, jsonl, csv, parquet, txt)")
+            raise UsageError(
+                f"--dataset_name {name}: unknown file type {path.suffix!r} (json, jsonl, csv, parquet, txt)"
+            )
         return load_dataset(builder, data_files={script_args.dataset_train_split: str(path)})
     return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
 
 
 def _split(data, name: str, what: str):
     if name not in data:
-        raise UsageError(f"the dataset has no {what} split {name!r} (it has: {', '.join(data)}); set --dataset_{what}_split")
+        raise UsageError(
+            f"the dataset has no {what} split {name!r} (it has: {', '.join(data)}); set --dataset_{what}_split"
+        )
     return data[name]
 
 
@@ -238,7 +245,9 @@ def check_inputs(method: str, training_args, model_args) -> None:
     init_kwargs = training_args.model_init_kwargs or {}
     cache_dir = init_kwargs.get("cache_dir")
     check_model_path(
-        model_args.model_name_or_path, revision=model_args.model_revision, cache_dir=cache_dir,
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        cache_dir=cache_dir,
         gguf_file=init_kwargs.get("gguf_file"),
     )
     ref_model = getattr(training_args, "ref_model", None)

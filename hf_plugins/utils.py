@@ -11,6 +11,7 @@ from accelerate.logging import MultiProcessAdapter
 from accelerate.logging import get_logger as accelerate_get_logger
 from accelerate.state import PartialState
 
+
 _teardown_registered = False
 
 

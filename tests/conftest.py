@@ -6,6 +6,7 @@ is busy, small matmuls get hundreds of times slower.
 
 import os
 
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +18,7 @@ os.environ.setdefault("DISABLE_MLFLOW_INTEGRATION", "TRUE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 
 # Honour a thread count the user set (the suite must pass at 1, 2 or 4 threads: tolerances allow any reduction order)
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -36,9 +36,11 @@ from hf_plugins.testing import (
     tiny_tool_calling_dataset,
 )
 
+
 # Each family's special tokens (added to the fixtures' tokenizer, which already has <|im_start|> and <|im_end|>)
 _LLAMA_TOKENS = dict(
-    bos="<|begin_of_text|>", eos="<|eot_id|>",
+    bos="<|begin_of_text|>",
+    eos="<|eot_id|>",
     extra=("<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"),
 )
 FAMILY_TOKENS = {
@@ -47,9 +49,17 @@ FAMILY_TOKENS = {
     "llama3_1": _LLAMA_TOKENS,
     "llama3_2": _LLAMA_TOKENS,
     "mistral": dict(
-        bos="<s>", eos="</s>",
-        extra=("[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
-               "[/TOOL_RESULTS]"),
+        bos="<s>",
+        eos="</s>",
+        extra=(
+            "[INST]",
+            "[/INST]",
+            "[TOOL_CALLS]",
+            "[AVAILABLE_TOOLS]",
+            "[/AVAILABLE_TOOLS]",
+            "[TOOL_RESULTS]",
+            "[/TOOL_RESULTS]",
+        ),
     ),
 }
 FAMILIES = sorted(FAMILY_TOKENS)
@@ -110,9 +120,13 @@ def plain_conversations():
         pass
     conversations += [
         [{"role": "user", "content": "Hi!"}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi!  "},
-         {"role": "assistant", "content": "\n\nHello.  "}, {"role": "user", "content": "Bye."},
-         {"role": "assistant", "content": "Bye!\n"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "  Hi!  "},
+            {"role": "assistant", "content": "\n\nHello.  "},
+            {"role": "user", "content": "Bye."},
+            {"role": "assistant", "content": "Bye!\n"},
+        ],
     ]
     return conversations
 
@@ -129,20 +143,34 @@ def tool_conversations(family):
         return []  # the original renders no tools
     return [
         [user, first, response, answer],
-        [{"role": "system", "content": "Be brief."}, user, first, response, answer,
-         {"role": "user", "content": "And the time?"},
-         {"role": "assistant", "tool_calls": [call("get_time", {"city": "Paris"}, "zyxWVU987")]}],
+        [
+            {"role": "system", "content": "Be brief."},
+            user,
+            first,
+            response,
+            answer,
+            {"role": "user", "content": "And the time?"},
+            {"role": "assistant", "tool_calls": [call("get_time", {"city": "Paris"}, "zyxWVU987")]},
+        ],
     ]
 
 
 def render_kwargs(family):
     """The keyword arguments each family's template reads, in every combination the tests render."""
     if family == "smollm3":
-        return [{"enable_thinking": True}, {"enable_thinking": False},
-                {"xml_tools": [WEATHER, TIME]}, {"python_tools": [WEATHER], "enable_thinking": False}]
+        return [
+            {"enable_thinking": True},
+            {"enable_thinking": False},
+            {"xml_tools": [WEATHER, TIME]},
+            {"python_tools": [WEATHER], "enable_thinking": False},
+        ]
     if family.startswith("llama3"):
-        return [{}, {"date_string": "26 Jul 2024"}, {"tools": [WEATHER, TIME]},
-                {"tools": [WEATHER], "tools_in_user_message": False}]
+        return [
+            {},
+            {"date_string": "26 Jul 2024"},
+            {"tools": [WEATHER, TIME]},
+            {"tools": [WEATHER], "tools_in_user_message": False},
+        ]
     if family == "mistral":
         return [{}, {"tools": [WEATHER, TIME]}]
     return [{}]
@@ -188,7 +216,11 @@ def test_training_template_renders_exactly_like_the_original(base_tokenizer, fam
                         options = dict(tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
                         expected = tokenizer.apply_chat_template(prefix, chat_template=original(family), **options)
                         assert tokenizer.apply_chat_template(prefix, chat_template=training, **options) == expected, (
-                            family, prefix, kwargs, add_generation_prompt)
+                            family,
+                            prefix,
+                            kwargs,
+                            add_generation_prompt,
+                        )
                         checked += 1
     assert checked > 100
 
@@ -203,22 +235,28 @@ def test_tool_templates_render_the_tools_the_originals_drop(base_tokenizer):
         {"role": "assistant", "content": "The sky is blue."},
     ]
     tokenizer = family_tokenizer(base_tokenizer, "smollm2")
-    text = tokenizer.apply_chat_template(messages, tools=[WEATHER], chat_template=load_template("smollm2"),
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        messages, tools=[WEATHER], chat_template=load_template("smollm2"), tokenize=False
+    )
     assert "You are an expert in composing functions." in text
     assert '<tools>[{"name": "get_weather", "description": "The weather in a city."' in text
-    assert ('<|im_start|>assistant\n<tool_call>[\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
-            ']</tool_call><|im_end|>\n') in text
+    assert (
+        '<|im_start|>assistant\n<tool_call>[\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        "]</tool_call><|im_end|>\n"
+    ) in text
     assert '<|im_start|>user\n<tool_response>\n{"sky": "blue"}\n</tool_response><|im_end|>\n' in text
     assert "named SmolLM" not in text  # the function-calling prompt replaces the default system prompt
     assert_call_is_rewarded(text)
 
     tokenizer = family_tokenizer(base_tokenizer, "smollm3")
-    text = tokenizer.apply_chat_template(messages, tools=[WEATHER], chat_template=load_template("smollm3"),
-                                         tokenize=False, enable_thinking=False)
+    text = tokenizer.apply_chat_template(
+        messages, tools=[WEATHER], chat_template=load_template("smollm3"), tokenize=False, enable_thinking=False
+    )
     assert "<tools>\n{'type': 'function'" in text  # `tools` listed as the original lists `xml_tools`
-    assert ('<|im_start|>assistant\n<think>\n\n</think>\n<tool_call>\n{"name": "get_weather", "arguments": '
-            '{"city": "Paris"}}\n</tool_call><|im_end|>\n') in text
+    assert (
+        '<|im_start|>assistant\n<think>\n\n</think>\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}\n</tool_call><|im_end|>\n'
+    ) in text
     assert_call_is_rewarded(text)
 
 
@@ -238,17 +276,23 @@ def generated_parts(tokenizer, template, messages, **kwargs):
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:k], chat_template=template, tokenize=False,
-                                               add_generation_prompt=True, **kwargs)
-        full = tokenizer.apply_chat_template(messages[:k + 1], chat_template=template, tokenize=False, **kwargs)
+        prompt = tokenizer.apply_chat_template(
+            messages[:k], chat_template=template, tokenize=False, add_generation_prompt=True, **kwargs
+        )
+        full = tokenizer.apply_chat_template(messages[: k + 1], chat_template=template, tokenize=False, **kwargs)
         assert full.startswith(prompt), (prompt, full)
-        parts.append(full[len(prompt):].rstrip("\n"))
+        parts.append(full[len(prompt) :].rstrip("\n"))
     return parts
 
 
 MASKED_CASES = [
-    ("smollm2", {}), ("smollm3", {"enable_thinking": False}), ("smollm3", {"enable_thinking": True}),
-    ("llama3_1", {}), ("llama3_2", {}), ("mistral", {}), ("chatml_tools", {}),
+    ("smollm2", {}),
+    ("smollm3", {"enable_thinking": False}),
+    ("smollm3", {"enable_thinking": True}),
+    ("llama3_1", {}),
+    ("llama3_2", {}),
+    ("mistral", {}),
+    ("chatml_tools", {}),
 ]
 
 
@@ -258,17 +302,22 @@ def test_generation_markers_cover_exactly_what_the_assistant_writes(base_tokeniz
     tokenizer = family_tokenizer(base_tokenizer, family)
     template = load_template(name)
     conversations = [
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is AI?"},
-         {"role": "assistant", "content": "Machines that think."}, {"role": "user", "content": "Really?"},
-         {"role": "assistant", "content": "Sort of."}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is AI?"},
+            {"role": "assistant", "content": "Machines that think."},
+            {"role": "user", "content": "Really?"},
+            {"role": "assistant", "content": "Sort of."},
+        ],
     ]
     if name != "smollm3" or kwargs.get("enable_thinking") is False:
-        conversations += [c for c in tool_conversations("llama3_1")]  # a call, its response, an answer, a call
+        conversations += list(tool_conversations("llama3_1"))  # a call, its response, an answer, a call
     for messages in conversations:
         if name == "mistral":  # Mistral writes the system prompt into the last user turn: no prompt is a prefix
             messages = [m for m in messages if m["role"] != "system"]
-        out = tokenizer.apply_chat_template(messages, chat_template=template, return_dict=True,
-                                            return_assistant_tokens_mask=True, **kwargs)
+        out = tokenizer.apply_chat_template(
+            messages, chat_template=template, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+        )
         masked = tokenizer.decode([t for t, keep in zip(out["input_ids"], out["assistant_masks"]) if keep])
         assert masked == "".join(generated_parts(tokenizer, template, messages, **kwargs)), messages
     assert is_chat_template_stop_token_trained(tokenizer, chat_template=template)
@@ -280,8 +329,13 @@ def test_smollm3_original_trains_on_its_prompt_cue(base_tokenizer):
     tokenizer = family_tokenizer(base_tokenizer, "smollm3")
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     assert has_generation_markers(original("smollm3"))
-    out = tokenizer.apply_chat_template(messages, chat_template=original("smollm3"), return_dict=True,
-                                        return_assistant_tokens_mask=True, enable_thinking=False)
+    out = tokenizer.apply_chat_template(
+        messages,
+        chat_template=original("smollm3"),
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        enable_thinking=False,
+    )
     masked = tokenizer.decode([t for t, keep in zip(out["input_ids"], out["assistant_masks"]) if keep])
     assert masked == "<|im_start|>assistant\n<think>\n\n</think>\nHello.<|im_end|>\n"
 
@@ -345,8 +399,9 @@ def test_templates_by_name_and_the_fixture_alias():
 
 
 def sft_args(tmp_path, **kwargs):
-    return FusedSFTConfig(str(tmp_path / "out"), max_steps=1, assistant_only_loss=True, max_length=256,
-                          **{**CPU_TRAINING_ARGS, **kwargs})
+    return FusedSFTConfig(
+        str(tmp_path / "out"), max_steps=1, assistant_only_loss=True, max_length=256, **{**CPU_TRAINING_ARGS, **kwargs}
+    )
 
 
 @pytest.fixture
@@ -364,8 +419,9 @@ def supervised_text(trainer, tokenizer, index=0):
 
 def test_trainer_swaps_in_the_training_template(tmp_path, tiny_model_dir, smollm2_tokenizer):
     dataset = tiny_conversational_dataset(4)
-    trainer = FusedSFTTrainer(model=tiny_model_dir, args=sft_args(tmp_path), train_dataset=dataset,
-                              processing_class=smollm2_tokenizer)
+    trainer = FusedSFTTrainer(
+        model=tiny_model_dir, args=sft_args(tmp_path), train_dataset=dataset, processing_class=smollm2_tokenizer
+    )
     assert trainer.processing_class.chat_template == load_template("smollm2")
     expected = [m["content"] + "<|im_end|>" for m in dataset[0]["messages"] if m["role"] == "assistant"]
     assert supervised_text(trainer, smollm2_tokenizer) == "".join(expected)
@@ -389,15 +445,22 @@ def test_unknown_template_fails_before_the_model_loads(tmp_path, tiny_model_dir)
     tokenizer.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
     tokenizer.save_pretrained(tmp_path / "tokenizer-only")
     with pytest.raises(ValueError, match=r"no `\{% generation %\}` markers.*assistant_only_loss=False"):
-        FusedSFTTrainer(model=str(tmp_path / "tokenizer-only"), args=sft_args(tmp_path),
-                        train_dataset=tiny_conversational_dataset(4))
+        FusedSFTTrainer(
+            model=str(tmp_path / "tokenizer-only"),
+            args=sft_args(tmp_path),
+            train_dataset=tiny_conversational_dataset(4),
+        )
 
 
 def test_chat_template_path_takes_a_shipped_name(tmp_path, tiny_model_dir, smollm2_tokenizer):
     args = sft_args(tmp_path, chat_template_path="smollm2")
     smollm2_tokenizer.chat_template = None
-    trainer = FusedSFTTrainer(model=tiny_model_dir, args=args, train_dataset=tiny_conversational_dataset(4),
-                              processing_class=smollm2_tokenizer)
+    trainer = FusedSFTTrainer(
+        model=tiny_model_dir,
+        args=args,
+        train_dataset=tiny_conversational_dataset(4),
+        processing_class=smollm2_tokenizer,
+    )
     assert trainer.processing_class.chat_template == load_template("smollm2")
     assert args.chat_template_path == "smollm2"  # the config keeps what the user wrote
 
@@ -405,15 +468,23 @@ def test_chat_template_path_takes_a_shipped_name(tmp_path, tiny_model_dir, smoll
 def test_chat_template_path_file(tmp_path, tiny_model_dir, smollm2_tokenizer):
     known = tmp_path / "smollm2_original.jinja"
     known.write_text(original("smollm2"))
-    trainer = FusedSFTTrainer(model=tiny_model_dir, args=sft_args(tmp_path, chat_template_path=str(known)),
-                              train_dataset=tiny_conversational_dataset(4), processing_class=smollm2_tokenizer)
+    trainer = FusedSFTTrainer(
+        model=tiny_model_dir,
+        args=sft_args(tmp_path, chat_template_path=str(known)),
+        train_dataset=tiny_conversational_dataset(4),
+        processing_class=smollm2_tokenizer,
+    )
     assert trainer.processing_class.chat_template == load_template("smollm2")
 
     unknown = tmp_path / "plain.jinja"
     unknown.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     with pytest.raises(ValueError, match=f"The template in `chat_template_path` \\({unknown}\\) has no"):
-        FusedSFTTrainer(model=tiny_model_dir, args=sft_args(tmp_path, chat_template_path=str(unknown)),
-                        train_dataset=tiny_conversational_dataset(4), processing_class=smollm2_tokenizer)
+        FusedSFTTrainer(
+            model=tiny_model_dir,
+            args=sft_args(tmp_path, chat_template_path=str(unknown)),
+            train_dataset=tiny_conversational_dataset(4),
+            processing_class=smollm2_tokenizer,
+        )
 
 
 def test_tl_trainer_on_the_smollm2_template_weighs_the_tool_calls(tmp_path, tiny_model_dir, smollm2_tokenizer):

@@ -18,20 +18,45 @@ from hf_plugins.testing import (
 )
 from hf_plugins.trainers import TRAINERS
 
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "configs"
 #: What every CLI run here overrides: a CPU, two steps, small batches, no saving of checkpoints.
 CPU_FLAGS = [
-    "--max_steps", "2", "--bf16", "False", "--use_cpu", "True", "--gradient_checkpointing", "False",
-    "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "128",
-    "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--dataloader_num_workers", "0",
+    "--max_steps",
+    "2",
+    "--bf16",
+    "False",
+    "--use_cpu",
+    "True",
+    "--gradient_checkpointing",
+    "False",
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "1",
+    "--max_length",
+    "128",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+    "--dataloader_num_workers",
+    "0",
 ]
 #: The same for `hf-plugins grpo` (prompts completed by generation instead of `--max_length` sequences), with a reward
 #: by import path, as `trl grpo` takes one
 GRPO_FLAGS = [
-    *CPU_FLAGS[: CPU_FLAGS.index("--max_length")], *CPU_FLAGS[CPU_FLAGS.index("--max_length") + 2:],
-    "--max_completion_length", "8", "--num_generations", "2",
-    "--reward_funcs", "hf_plugins.testing.replayed_completion_reward",
+    *CPU_FLAGS[: CPU_FLAGS.index("--max_length")],
+    *CPU_FLAGS[CPU_FLAGS.index("--max_length") + 2 :],
+    "--max_completion_length",
+    "8",
+    "--num_generations",
+    "2",
+    "--reward_funcs",
+    "hf_plugins.testing.replayed_completion_reward",
 ]
 
 
@@ -47,7 +72,9 @@ def data_dirs(tmp_path_factory):
     tools = root / "tools"
     tiny_tool_calling_dataset(8).save_to_disk(str(tools))
     scored = root / "scored"  # PoFT's `ref_score` column, as score_with_aligned_models adds it
-    tiny_conversational_dataset(12).add_column("ref_score", [-3.0 + 0.1 * i for i in range(12)]).save_to_disk(str(scored))
+    tiny_conversational_dataset(12).add_column("ref_score", [-3.0 + 0.1 * i for i in range(12)]).save_to_disk(
+        str(scored)
+    )
     prompts = root / "prompts"  # GRPO's prompts, which generation completes
     tiny_prompt_completion_dataset(12).select_columns(["prompt"]).save_to_disk(str(prompts))
     return {"chat": str(chat), "tools": str(tools), "poft": str(scored), "grpo": str(prompts)}
@@ -98,8 +125,18 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
     out = tmp_path / "out"
     extra = ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"] if method == "roste" else []
     code, _, err = run_cli(
-        capsys, method, "--config", config, "--model_name_or_path", model, "--dataset_name", data,
-        "--output_dir", out, *cpu_flags(method), *extra,
+        capsys,
+        method,
+        "--config",
+        config,
+        "--model_name_or_path",
+        model,
+        "--dataset_name",
+        data,
+        "--output_dir",
+        out,
+        *cpu_flags(method),
+        *extra,
     )
     assert code == 0, err[-2000:]
     assert len(logged_in(out)) == 2 and all(loss == loss for loss in logged_in(out))
@@ -119,8 +156,10 @@ def test_model_card_links_hub_ids_and_names_local_paths(tiny_model_dir, tmp_path
     from huggingface_hub import ModelCard
 
     trainer = hf_plugins.FusedSFTTrainer(
-        tiny_model_dir, args=hf_plugins.FusedSFTConfig(output_dir=str(tmp_path / "my-run"), max_steps=1, bf16=False,
-                                                       use_cpu=True, report_to="none"),
+        tiny_model_dir,
+        args=hf_plugins.FusedSFTConfig(
+            output_dir=str(tmp_path / "my-run"), max_steps=1, bf16=False, use_cpu=True, report_to="none"
+        ),
         train_dataset=tiny_conversational_dataset(4),
     )
     trainer.model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -142,22 +181,26 @@ def test_model_card_links_hub_ids_and_names_local_paths(tiny_model_dir, tmp_path
 def test_trl_sft_yaml_runs_unchanged_under_sft_and_asft(capsys, tmp_path, tiny_model_dir, data_dirs):
     """A YAML with only `trl sft` keys (model, dataset, SFTConfig fields) works for our commands."""
     trl_yaml = tmp_path / "trl_sft.yaml"
-    trl_yaml.write_text(yaml.safe_dump({
-        "model_name_or_path": tiny_model_dir,
-        "dataset_name": data_dirs["chat"],
-        "learning_rate": 5.0e-3,
-        "max_length": 128,
-        "packing": False,
-        "assistant_only_loss": True,
-        "per_device_train_batch_size": 2,
-        "max_steps": 2,
-        "bf16": False,
-        "use_cpu": True,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-    }))
+    trl_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": tiny_model_dir,
+                "dataset_name": data_dirs["chat"],
+                "learning_rate": 5.0e-3,
+                "max_length": 128,
+                "packing": False,
+                "assistant_only_loss": True,
+                "per_device_train_batch_size": 2,
+                "max_steps": 2,
+                "bf16": False,
+                "use_cpu": True,
+                "gradient_checkpointing": False,
+                "report_to": "none",
+                "save_strategy": "no",
+                "logging_steps": 1,
+            }
+        )
+    )
     for method in ("sft", "asft"):
         out = tmp_path / method
         code, _, err = run_cli(capsys, method, "--config", trl_yaml, "--output_dir", out)
@@ -170,22 +213,41 @@ def test_sft_command_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_
 
     out = tmp_path / "cli"
     code, _, err = run_cli(
-        capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"],
-        "--output_dir", out, "--learning_rate", "5e-3", *CPU_FLAGS,
+        capsys,
+        "sft",
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        out,
+        "--learning_rate",
+        "5e-3",
+        *CPU_FLAGS,
     )
     assert code == 0, err
     config = hf_plugins.FusedSFTConfig(
-        output_dir=str(tmp_path / "py"), learning_rate=5e-3, max_steps=2, bf16=False, use_cpu=True,
-        gradient_checkpointing=False, per_device_train_batch_size=2, max_length=128, report_to="none",
-        save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+        output_dir=str(tmp_path / "py"),
+        learning_rate=5e-3,
+        max_steps=2,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=2,
+        max_length=128,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
     )
     trainer = hf_plugins.FusedSFTTrainer(tiny_model_dir, args=config, train_dataset=load_from_disk(data_dirs["chat"]))
     trainer.train()
     assert logged_in(out) == pytest.approx(logged(trainer), abs=1e-6)
 
 
-def test_grpo_command_reads_trl_grpo_yaml_and_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_dir,
-                                                                             data_dirs, monkeypatch):
+def test_grpo_command_reads_trl_grpo_yaml_and_matches_the_trainer_in_python(
+    capsys, tmp_path, tiny_model_dir, data_dirs, monkeypatch
+):
     """A YAML of `trl grpo` (its script's `reward_funcs`, a reward by dotted path from the working directory, as
     TRL's script imports it) runs under `hf-plugins grpo`, with the losses of FusedGRPOTrainer built in Python; TRL's
     own `grpo` parser reads the same file, and the shipped example, without a leftover key."""
@@ -193,18 +255,37 @@ def test_grpo_command_reads_trl_grpo_yaml_and_matches_the_trainer_in_python(caps
     from trl.scripts.grpo import make_parser
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "my_rewards.py").write_text("def length_reward(completion_ids, **kwargs):\n"
-                                            "    return [len(ids) + ids[0] / 1000 for ids in completion_ids]\n")
+    (tmp_path / "my_rewards.py").write_text(
+        "def length_reward(completion_ids, **kwargs):\n"
+        "    return [len(ids) + ids[0] / 1000 for ids in completion_ids]\n"
+    )
     settings = {
-        "learning_rate": 5.0e-3, "max_steps": 2, "bf16": False, "use_cpu": True, "gradient_checkpointing": False,
-        "per_device_train_batch_size": 2, "num_generations": 2, "max_completion_length": 8, "beta": 0.04,
-        "report_to": "none", "save_strategy": "no", "logging_steps": 1, "dataloader_num_workers": 0,
+        "learning_rate": 5.0e-3,
+        "max_steps": 2,
+        "bf16": False,
+        "use_cpu": True,
+        "gradient_checkpointing": False,
+        "per_device_train_batch_size": 2,
+        "num_generations": 2,
+        "max_completion_length": 8,
+        "beta": 0.04,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "dataloader_num_workers": 0,
     }
     trl_yaml = tmp_path / "trl_grpo.yaml"
-    trl_yaml.write_text(yaml.safe_dump({
-        "model_name_or_path": tiny_model_dir, "dataset_name": data_dirs["grpo"],
-        "reward_funcs": ["my_rewards.length_reward"], "output_dir": str(tmp_path / "cli"), **settings,
-    }))
+    trl_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": tiny_model_dir,
+                "dataset_name": data_dirs["grpo"],
+                "reward_funcs": ["my_rewards.length_reward"],
+                "output_dir": str(tmp_path / "cli"),
+                **settings,
+            }
+        )
+    )
     for config in (trl_yaml, EXAMPLES / "grpo.yaml"):
         # (the example's `bf16: true` needs a GPU to build the config)
         *_, remaining = make_parser().parse_args_and_config(
@@ -217,8 +298,12 @@ def test_grpo_command_reads_trl_grpo_yaml_and_matches_the_trainer_in_python(caps
     import my_rewards
 
     config = hf_plugins.FusedGRPOConfig(output_dir=str(tmp_path / "py"), **settings)
-    trainer = hf_plugins.FusedGRPOTrainer(tiny_model_dir, reward_funcs=[my_rewards.length_reward], args=config,
-                                          train_dataset=load_from_disk(data_dirs["grpo"]))
+    trainer = hf_plugins.FusedGRPOTrainer(
+        tiny_model_dir,
+        reward_funcs=[my_rewards.length_reward],
+        args=config,
+        train_dataset=load_from_disk(data_dirs["grpo"]),
+    )
     trainer.train()
     expected = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(expected) == 2 and logged_in(tmp_path / "cli") == pytest.approx(expected, abs=1e-6)
@@ -250,8 +335,17 @@ def test_missing_dataset(capsys, tiny_model_dir, tmp_path):
 
 def test_field_of_another_method(capsys, tiny_model_dir, data_dirs, tmp_path):
     code, _, err = run_cli(
-        capsys, "otr", "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"],
-        "--output_dir", tmp_path, "--kl_coef", "0.1", *CPU_FLAGS,
+        capsys,
+        "otr",
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
+        "--kl_coef",
+        "0.1",
+        *CPU_FLAGS,
     )
     _one_line_error(code, err, "--kl_coef")
 
@@ -286,8 +380,15 @@ def unloadable_model_dir(tmp_path_factory):
 def test_the_unloadable_model_fails_loudly_once_the_input_is_fine(capsys, unloadable_model_dir, data_dirs, tmp_path):
     """The premise of the tests below: with good input, the run reaches the model and fails there."""
     code, _, err = run_cli(
-        capsys, "sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"],
-        "--output_dir", tmp_path, *CPU_FLAGS,
+        capsys,
+        "sft",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
     )
     assert code != 0 and "not-a-model-type" in err
 
@@ -310,21 +411,39 @@ def bad_data_dirs(tmp_path_factory):
 
 def test_dataset_column_conversation_instead_of_messages(capsys, unloadable_model_dir, bad_data_dirs, tmp_path):
     code, _, err = run_cli(
-        capsys, "sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", bad_data_dirs["conversation"],
-        "--output_dir", tmp_path, *CPU_FLAGS,
+        capsys,
+        "sft",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--dataset_name",
+        bad_data_dirs["conversation"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
     )
     _one_line_error(code, err, "`conversation`", "`messages`", "rename_column('conversation', 'messages')")
 
 
-@pytest.mark.parametrize("method,data,needles", [
-    ("poft", "chat", ["`ref_score`", "score_with_aligned_models"]),
-    ("tl", "text", ["`text`", "`messages` column of conversations"]),
-])
-def test_dataset_without_what_the_method_reads(capsys, unloadable_model_dir, data_dirs, bad_data_dirs, tmp_path,
-                                               method, data, needles):
+@pytest.mark.parametrize(
+    "method,data,needles",
+    [
+        ("poft", "chat", ["`ref_score`", "score_with_aligned_models"]),
+        ("tl", "text", ["`text`", "`messages` column of conversations"]),
+    ],
+)
+def test_dataset_without_what_the_method_reads(
+    capsys, unloadable_model_dir, data_dirs, bad_data_dirs, tmp_path, method, data, needles
+):
     code, _, err = run_cli(
-        capsys, method, "--model_name_or_path", unloadable_model_dir, "--output_dir", tmp_path, *CPU_FLAGS,
-        "--dataset_name", {**data_dirs, **bad_data_dirs}[data],
+        capsys,
+        method,
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
+        "--dataset_name",
+        {**data_dirs, **bad_data_dirs}[data],
     )
     _one_line_error(code, err, *needles)
 
@@ -332,27 +451,56 @@ def test_dataset_without_what_the_method_reads(capsys, unloadable_model_dir, dat
 def test_model_path_that_does_not_exist(capsys, data_dirs, tmp_path):
     missing = tmp_path / "no-such-model"
     code, _, err = run_cli(
-        capsys, "sft", "--model_name_or_path", missing, "--dataset_name", data_dirs["chat"], "--output_dir", tmp_path,
+        capsys,
+        "sft",
+        "--model_name_or_path",
+        missing,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
         *CPU_FLAGS,
     )
     _one_line_error(code, err, "--model_name_or_path", str(missing), "no such folder")
     # a Hub id is looked up in the local cache when the Hub is offline (the tests run with HF_HUB_OFFLINE=1)
     code, _, err = run_cli(
-        capsys, "sft", "--model_name_or_path", "some-org/not-in-the-cache", "--dataset_name", data_dirs["chat"],
-        "--output_dir", tmp_path, *CPU_FLAGS,
+        capsys,
+        "sft",
+        "--model_name_or_path",
+        "some-org/not-in-the-cache",
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
     )
     _one_line_error(code, err, "some-org/not-in-the-cache", "offline", "local Hub cache")
     # a folder that holds no model
     code, _, err = run_cli(
-        capsys, "sft", "--model_name_or_path", tmp_path, "--dataset_name", data_dirs["chat"], "--output_dir", tmp_path,
+        capsys,
+        "sft",
+        "--model_name_or_path",
+        tmp_path,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
         *CPU_FLAGS,
     )
     _one_line_error(code, err, "config.json")
 
 
 def test_resume_from_a_checkpoint_that_does_not_exist(capsys, unloadable_model_dir, data_dirs, tmp_path):
-    args = ["sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"], "--output_dir",
-            tmp_path, *CPU_FLAGS]
+    args = [
+        "sft",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
+    ]
     code, _, err = run_cli(capsys, *args, "--resume_from_checkpoint", tmp_path / "checkpoint-9")
     _one_line_error(code, err, "--resume_from_checkpoint", "checkpoint-9", "does not exist")
     # the output folder instead of one of its checkpoints
@@ -362,21 +510,39 @@ def test_resume_from_a_checkpoint_that_does_not_exist(capsys, unloadable_model_d
     _one_line_error(code, err, "not a checkpoint", str(tmp_path / "run" / "checkpoint-4"))
 
 
-def test_assistant_only_loss_on_conversations_without_an_assistant_turn(capsys, unloadable_model_dir, bad_data_dirs,
-                                                                        tmp_path):
-    args = ["sft", "--model_name_or_path", unloadable_model_dir, "--output_dir", tmp_path, *CPU_FLAGS,
-            "--assistant_only_loss", "True"]
+def test_assistant_only_loss_on_conversations_without_an_assistant_turn(
+    capsys, unloadable_model_dir, bad_data_dirs, tmp_path
+):
+    args = [
+        "sft",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
+        "--assistant_only_loss",
+        "True",
+    ]
     code, _, err = run_cli(capsys, *args, "--dataset_name", bad_data_dirs["no-assistant"])
-    _one_line_error(code, err, "assistant_only_loss", "12 of the 12 conversations", "role 'assistant'",
-                    "roles seen: system, user")
+    _one_line_error(
+        code, err, "assistant_only_loss", "12 of the 12 conversations", "role 'assistant'", "roles seen: system, user"
+    )
     # one row is enough for TRL to fail: it is named
     code, _, err = run_cli(capsys, *args, "--dataset_name", bad_data_dirs["one-without-assistant"])
     _one_line_error(code, err, "1 of the 12 conversations", "first: row 0")
 
 
 def test_no_assistant_turn_with_the_default_settings(capsys, unloadable_model_dir, bad_data_dirs, tmp_path):
-    args = ["sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", bad_data_dirs["no-assistant"],
-            "--output_dir", tmp_path, *CPU_FLAGS]
+    args = [
+        "sft",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--dataset_name",
+        bad_data_dirs["no-assistant"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
+    ]
     code, _, err = run_cli(capsys, *args)
     _one_line_error(code, err, "none of the 12 conversations", "role 'assistant'", "--assistant_only_loss False")
     # asked for explicitly, every token is trained: the run goes on (to the model, which fails to load here)
@@ -385,8 +551,16 @@ def test_no_assistant_turn_with_the_default_settings(capsys, unloadable_model_di
 
 
 def test_typo_gets_did_you_mean(capsys, unloadable_model_dir, data_dirs, tmp_path):
-    args = ["sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"], "--output_dir",
-            tmp_path, *CPU_FLAGS]
+    args = [
+        "sft",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
+    ]
     code, _, err = run_cli(capsys, *args, "--learnig_rate", "1e-3")
     _one_line_error(code, err, "`--learnig_rate`", "did you mean `--learning_rate`?")
     config = tmp_path / "typo.yaml"
@@ -397,16 +571,35 @@ def test_typo_gets_did_you_mean(capsys, unloadable_model_dir, data_dirs, tmp_pat
 
 def test_uds_keep_is_a_count_not_a_fraction(capsys, unloadable_model_dir, data_dirs, tmp_path):
     code, _, err = run_cli(
-        capsys, "sft", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"],
-        "--output_dir", tmp_path, *CPU_FLAGS, "--per_device_train_batch_size", "4", "--uds_keep", "0.5",
+        capsys,
+        "sft",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
+        "--per_device_train_batch_size",
+        "4",
+        "--uds_keep",
+        "0.5",
     )
     _one_line_error(code, err, "--uds_keep 0.5", "is a count", "not a fraction", "--uds_keep 2")
 
 
 @pytest.mark.parametrize("how", ["flag", "yaml"])
 def test_roste_with_use_peft_names_the_cli_flag(capsys, unloadable_model_dir, data_dirs, tmp_path, how):
-    args = ["roste", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["chat"],
-            "--output_dir", tmp_path, *CPU_FLAGS]
+    args = [
+        "roste",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
+    ]
     if how == "flag":
         args += ["--use_peft", "True"]
     else:
@@ -425,9 +618,25 @@ def test_bad_input_prints_one_line_in_a_fresh_process(tmp_path, data_dirs):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "hf_plugins.cli", "sft", "--model_name_or_path", str(tmp_path / "nope"),
-         "--dataset_name", data_dirs["chat"], "--output_dir", str(tmp_path), *CPU_FLAGS, "--learnig_rate", "1"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"},
+        [
+            sys.executable,
+            "-m",
+            "hf_plugins.cli",
+            "sft",
+            "--model_name_or_path",
+            str(tmp_path / "nope"),
+            "--dataset_name",
+            data_dirs["chat"],
+            "--output_dir",
+            str(tmp_path),
+            *CPU_FLAGS,
+            "--learnig_rate",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
@@ -444,8 +653,16 @@ def _configs():
 
 def _non_defaults(config_class):
     """A few non-default values per config, including the method's own fields and a `*_token` field."""
-    common = dict(learning_rate=3e-4, eos_token="<|im_end|>", lr_scheduler_type="cosine", report_to="none",
-                  use_cpu=True, bf16=False, seed=7, max_length=333)
+    common = dict(
+        learning_rate=3e-4,
+        eos_token="<|im_end|>",
+        lr_scheduler_type="cosine",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        seed=7,
+        max_length=333,
+    )
     own = {
         "FusedSFTConfig": dict(loss_type="dft", loss_backend="chunked", loss_chunk_size=48),
         "ASFTConfig": dict(kl_coef=0.11, ref_model="some/reference"),
@@ -453,8 +670,15 @@ def _non_defaults(config_class):
         "TLConfig": dict(max_weight=4.0, weight_normalization="token", mae=False),
         "PoFTConfig": dict(beta=0.5, gamma=0.1, poft_target_scope="full"),
         "RoSTEConfig": dict(w_bits=3, a_bits=8, kv_sym=False, rotations="all", rotation_search_samples=16),
-        "FusedGRPOConfig": dict(loss_type="cispo", epsilon_high=5.0, beta=0.04, loss_backend="chunked",
-                                loss_chunk_size=48, num_generations=4, steps_per_generation=2),
+        "FusedGRPOConfig": dict(
+            loss_type="cispo",
+            epsilon_high=5.0,
+            beta=0.04,
+            loss_backend="chunked",
+            loss_chunk_size=48,
+            num_generations=4,
+            steps_per_generation=2,
+        ),
     }
     if config_class.__name__ == "FusedGRPOConfig":  # no `max_length` (completions are generated), no `eos_token`
         common.pop("max_length")
@@ -487,8 +711,9 @@ def test_config_round_trip_is_lossless(tmp_path, config_class):
     _same(config, config_class.from_pretrained(folder / "hf_plugins_config.yaml"))
 
 
-@pytest.mark.parametrize("config_class", [hf_plugins.FusedSFTConfig, hf_plugins.with_uds(hf_plugins.ASFTConfig)],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "config_class", [hf_plugins.FusedSFTConfig, hf_plugins.with_uds(hf_plugins.ASFTConfig)], ids=lambda c: c.__name__
+)
 def test_saved_config_holds_only_the_fields_that_were_changed(tmp_path, config_class):
     """Not what `__post_init__` derived from the defaults (`report_to: []`, `debug: []`, `accelerator_config`, the
     tqdm and pin-memory settings), which would be pinned in the file; a change made after construction is kept."""
@@ -498,8 +723,13 @@ def test_saved_config_holds_only_the_fields_that_were_changed(tmp_path, config_c
     def saved():
         return yaml.safe_load((config.save_pretrained(tmp_path / "saved") / "hf_plugins_config.yaml").read_text())
 
-    assert saved() == {"output_dir": str(tmp_path / "run"), "learning_rate": 3e-4, "use_cpu": True, "bf16": False,
-                       "seed": 3}
+    assert saved() == {
+        "output_dir": str(tmp_path / "run"),
+        "learning_rate": 3e-4,
+        "use_cpu": True,
+        "bf16": False,
+        "seed": 3,
+    }
     config.report_to = ["tensorboard"]
     assert saved()["report_to"] == ["tensorboard"]
 
@@ -532,9 +762,18 @@ def test_config_loading_refuses_unknown_fields_and_unsafe_yaml(tmp_path):
 
 def test_saved_config_is_a_cli_config(capsys, tmp_path, tiny_model_dir, data_dirs):
     config = hf_plugins.ASFTConfig(
-        output_dir=str(tmp_path / "out"), kl_coef=0.2, max_steps=2, bf16=False, use_cpu=True,
-        gradient_checkpointing=False, per_device_train_batch_size=2, max_length=128, report_to="none",
-        save_strategy="no", logging_steps=1, dataloader_num_workers=0,
+        output_dir=str(tmp_path / "out"),
+        kl_coef=0.2,
+        max_steps=2,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=2,
+        max_length=128,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
     )
     folder = config.save_pretrained(tmp_path / "asft-config")
     code, _, err = run_cli(
@@ -547,7 +786,10 @@ def test_saved_config_is_a_cli_config(capsys, tmp_path, tiny_model_dir, data_dir
 def test_accelerate_examples_cover_every_engine_and_method():
     folder = ROOT / "examples" / "accelerate"
     engines = {
-        "single_gpu": "NO", "multi_gpu": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+        "single_gpu": "NO",
+        "multi_gpu": "MULTI_GPU",
+        "fsdp2": "FSDP",
+        "deepspeed_zero2": "DEEPSPEED",
         "deepspeed_zero3": "DEEPSPEED",
     }
     for name, kind in engines.items():
@@ -563,8 +805,18 @@ def test_accelerate_examples_cover_every_engine_and_method():
 @pytest.mark.parametrize("how", ["flag", "yaml"])
 def test_uds_is_an_option_of_any_command(capsys, tmp_path, tiny_model_dir, data_dirs, how):
     out = tmp_path / "out"
-    args = ["asft", "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"], "--output_dir", out,
-            *CPU_FLAGS, "--per_device_train_batch_size", "4"]
+    args = [
+        "asft",
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        out,
+        *CPU_FLAGS,
+        "--per_device_train_batch_size",
+        "4",
+    ]
     if how == "flag":
         args += ["--uds", "--uds_keep", "2"]
     else:
@@ -580,34 +832,61 @@ def test_uds_is_an_option_of_any_command(capsys, tmp_path, tiny_model_dir, data_
 def test_uds_fields_without_uds_are_refused(capsys, tmp_path, tiny_model_dir, data_dirs):
     """Without `--uds`, `uds_*` fields on the command line turn UDS on; a bad UDS value is a one-line error."""
     code, _, err = run_cli(
-        capsys, "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", data_dirs["chat"],
-        "--output_dir", tmp_path, *CPU_FLAGS, "--uds_keep", "5",
+        capsys,
+        "sft",
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        data_dirs["chat"],
+        "--output_dir",
+        tmp_path,
+        *CPU_FLAGS,
+        "--uds_keep",
+        "5",
     )
     _one_line_error(code, err, "uds_keep")
 
 
-@pytest.mark.parametrize("reward, needles", [
-    ("shortest_reward", ("--reward_funcs shortest_reward", "not one of TRL's rewards", "accuracy_reward")),
-    ("no_such_module.reward", ("--reward_funcs no_such_module.reward", "cannot import no_such_module")),
-    ("hf_plugins.testing.no_reward", ("--reward_funcs hf_plugins.testing.no_reward", "has no function 'no_reward'")),
-])
+@pytest.mark.parametrize(
+    "reward, needles",
+    [
+        ("shortest_reward", ("--reward_funcs shortest_reward", "not one of TRL's rewards", "accuracy_reward")),
+        ("no_such_module.reward", ("--reward_funcs no_such_module.reward", "cannot import no_such_module")),
+        (
+            "hf_plugins.testing.no_reward",
+            ("--reward_funcs hf_plugins.testing.no_reward", "has no function 'no_reward'"),
+        ),
+    ],
+)
 def test_grpo_reward_that_cannot_be_loaded(capsys, unloadable_model_dir, data_dirs, tmp_path, reward, needles):
     code, _, err = run_cli(
-        capsys, "grpo", "--model_name_or_path", unloadable_model_dir, "--dataset_name", data_dirs["grpo"],
-        "--output_dir", tmp_path, *GRPO_FLAGS, "--reward_funcs", reward,
+        capsys,
+        "grpo",
+        "--model_name_or_path",
+        unloadable_model_dir,
+        "--dataset_name",
+        data_dirs["grpo"],
+        "--output_dir",
+        tmp_path,
+        *GRPO_FLAGS,
+        "--reward_funcs",
+        reward,
     )
     _one_line_error(code, err, *needles)
 
 
 def test_grpo_input_errors_are_one_line_before_the_model_loads(capsys, unloadable_model_dir, data_dirs, tmp_path):
     common = ["--model_name_or_path", unloadable_model_dir, "--output_dir", tmp_path]
-    flags = [flag for flag in GRPO_FLAGS if flag not in ("--reward_funcs", "hf_plugins.testing.replayed_completion_reward")]
+    flags = [
+        flag for flag in GRPO_FLAGS if flag not in ("--reward_funcs", "hf_plugins.testing.replayed_completion_reward")
+    ]
     code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *flags)
     _one_line_error(code, err, "no reward", "--reward_funcs")
     code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["chat"], *GRPO_FLAGS)
     _one_line_error(code, err, "columns `messages`", "needs a `prompt` column", "row['messages'][:-1]")
-    code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *GRPO_FLAGS,
-                           "--top_entropy_quantile", "0.2")
+    code, _, err = run_cli(
+        capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *GRPO_FLAGS, "--top_entropy_quantile", "0.2"
+    )
     _one_line_error(code, err, "top_entropy_quantile")
     code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *GRPO_FLAGS, "--uds")
     _one_line_error(code, err, "not an option of `hf-plugins grpo`")

@@ -14,6 +14,7 @@ from hf_plugins import FusedSFTConfig, FusedSFTTrainer
 from hf_plugins.data import DataCollatorWithExtraColumns
 from hf_plugins.data.packing import batch_sequences, pack_with_columns, sequence_values
 
+
 EXAMPLES = [
     {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "token_weights": [0.0, 1.0, 2.0], "score": 0.5, "idx": 3},
     {"input_ids": [8, 9], "labels": [-100, 9], "token_weights": [0.0, 3.0], "score": -1.0, "idx": 7},
@@ -22,7 +23,9 @@ EXAMPLES = [
 
 def test_pads_token_columns_like_input_ids_and_stacks_example_columns():
     collator = DataCollatorWithExtraColumns(
-        DataCollatorForLanguageModeling(pad_token_id=0), token_columns={"token_weights": 0.0}, example_columns=("score", "idx")
+        DataCollatorForLanguageModeling(pad_token_id=0),
+        token_columns={"token_weights": 0.0},
+        example_columns=("score", "idx"),
     )
     batch = collator([dict(e) for e in EXAMPLES])
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
@@ -75,7 +78,12 @@ def _tokenized_dataset(tokenizer, weight_fn):
 
 def _train(model_dir, tmp_path, trainer_cls, dataset):
     trainer = make_trainer(
-        trainer_cls, FusedSFTConfig, model_dir, tmp_path, dataset, per_device_train_batch_size=4,
+        trainer_cls,
+        FusedSFTConfig,
+        model_dir,
+        tmp_path,
+        dataset,
+        per_device_train_batch_size=4,
         dataset_kwargs={"skip_prepare_dataset": True},
     )
     trainer.train()
@@ -88,7 +96,9 @@ def test_extra_column_reaches_the_loss_through_the_trainer(tiny_model_dir, tmp_p
     plain = _train(tiny_model_dir, tmp_path / "plain", FusedSFTTrainer, ones.remove_columns("token_weights"))
     weighted_ones = _train(tiny_model_dir, tmp_path / "ones", TokenWeightedTrainer, ones)
     assert weighted_ones == pytest.approx(plain, abs=1e-6)
-    doubled = _train(tiny_model_dir, tmp_path / "twos", TokenWeightedTrainer, _tokenized_dataset(tokenizer, lambda t: 2.0))
+    doubled = _train(
+        tiny_model_dir, tmp_path / "twos", TokenWeightedTrainer, _tokenized_dataset(tokenizer, lambda t: 2.0)
+    )
     assert doubled[0] == pytest.approx(2 * plain[0], rel=1e-5)
 
 
@@ -100,8 +110,16 @@ def test_token_columns_pack_with_their_tokens_through_the_trainer(tiny_model_dir
     runs = []
     for packing in (False, True):
         trainer = make_trainer(
-            TokenWeightedTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / str(packing), dataset,
-            tokenizer=tokenizer, per_device_train_batch_size=16, optim="sgd", learning_rate=0.5, packing=packing,
+            TokenWeightedTrainer,
+            FusedSFTConfig,
+            tiny_model_dir,
+            tmp_path / str(packing),
+            dataset,
+            tokenizer=tokenizer,
+            per_device_train_batch_size=16,
+            optim="sgd",
+            learning_rate=0.5,
+            packing=packing,
             max_length=48,
         )
         trainer.train()
@@ -133,10 +151,20 @@ def test_padding_free_spreads_example_columns_over_their_tokens():
 def _packed_examples():
     """Two packed rows (as `pack_dataset` with `bfd` leaves them): sequences of 3 + 2 and of 2 tokens."""
     return [
-        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "token_weights": [0.0, 1.0, 2.0, 0.0, 3.0],
-         "score": [0.5, 0.5, 0.5, -1.0, -1.0], "seq_lengths": [3, 2]},
-        {"input_ids": [4, 3], "labels": [-100, 3], "token_weights": [0.0, 4.0], "score": [2.0, 2.0],
-         "seq_lengths": [2]},
+        {
+            "input_ids": [5, 6, 7, 8, 9],
+            "labels": [-100, 6, 7, -100, 9],
+            "token_weights": [0.0, 1.0, 2.0, 0.0, 3.0],
+            "score": [0.5, 0.5, 0.5, -1.0, -1.0],
+            "seq_lengths": [3, 2],
+        },
+        {
+            "input_ids": [4, 3],
+            "labels": [-100, 3],
+            "token_weights": [0.0, 4.0],
+            "score": [2.0, 2.0],
+            "seq_lengths": [2],
+        },
     ]
 
 
@@ -146,7 +174,8 @@ def test_packed_rows_keep_their_per_token_example_values():
     batch = padded(_packed_examples())
     assert batch["score"].tolist() == [[0.5, 0.5, 0.5, -1.0, -1.0], [2.0, 2.0, 0.0, 0.0, 0.0]]
     flat = DataCollatorWithExtraColumns(
-        DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=4), padding_free=True,
+        DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=4),
+        padding_free=True,
         **columns,
     )
     batch = flat(_packed_examples())
@@ -163,7 +192,8 @@ def test_a_sequence_with_two_values_raises():
     examples = _packed_examples()
     examples[0]["score"] = [0.5, 0.5, 0.5, -1.0, 7.0]
     collator = DataCollatorWithExtraColumns(
-        DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True), example_columns=("score",),
+        DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True),
+        example_columns=("score",),
         padding_free=True,
     )
     batch = collator(examples)
@@ -214,11 +244,11 @@ def test_packing_moves_the_columns_with_their_tokens(strategy):
     for row in packed:
         start = 0
         for length in row["seq_lengths"]:
-            scores = set(row["score"][start:start + length])
+            scores = set(row["score"][start : start + length])
             assert len(scores) == 1
             source_ids = source["input_ids"][int(scores.pop())]
-            pieces_of_8 = [source_ids[k:k + 8] for k in range(0, len(source_ids), 8)]
-            assert row["input_ids"][start:start + length] in pieces_of_8
+            pieces_of_8 = [source_ids[k : k + 8] for k in range(0, len(source_ids), 8)]
+            assert row["input_ids"][start : start + length] in pieces_of_8
             start += length
             pieces += 1
     assert pieces == (9 if strategy == "bfd_split" else 8)  # the row of 11 tokens is cut in two, or truncated

@@ -12,6 +12,7 @@ import pytest
 
 from hf_plugins.demo.packages import DEMO_INSTALL_HINT, missing_demo_packages
 
+
 _MISSING = missing_demo_packages()
 needs_demo_packages = pytest.mark.skipif(
     bool(_MISSING),
@@ -113,12 +114,18 @@ def test_demo_end_to_end(tmp_path, capsys):
     # Small everything: 5 steps of 4 conversations, a short eval set and short sample answers keep it near a minute.
     status = main(
         [
-            "--max_steps", "5",
-            "--batch_size", "4",
-            "--eval_samples", "16",
-            "--max_new_tokens", "8",
-            "--num_threads", "1",
-            "--output_dir", str(output_dir),
+            "--max_steps",
+            "5",
+            "--batch_size",
+            "4",
+            "--eval_samples",
+            "16",
+            "--max_new_tokens",
+            "8",
+            "--num_threads",
+            "1",
+            "--output_dir",
+            str(output_dir),
         ]
     )
     out = capsys.readouterr().out

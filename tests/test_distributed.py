@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from testing_utils import TORCHRUN, logged_in, run_script
 
+
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
 
 
@@ -42,15 +43,45 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_d
     data = tmp_path / "data"
     tiny_conversational_dataset(24).save_to_disk(str(data))
     common = [
-        str(TRAIN), method, "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--max_steps", "3",
-        "--bf16", "False", "--use_cpu", "True", "--gradient_checkpointing", "False", "--report_to", "none",
-        "--save_strategy", "no", "--logging_steps", "1", "--seed", "0", "--learning_rate", "5e-3",
-        "--max_length", "128", "--dataloader_num_workers", "0", "--assistant_only_loss", "True",
+        str(TRAIN),
+        method,
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--dataset_name",
+        str(data),
+        "--max_steps",
+        "3",
+        "--bf16",
+        "False",
+        "--use_cpu",
+        "True",
+        "--gradient_checkpointing",
+        "False",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "0",
+        "--learning_rate",
+        "5e-3",
+        "--max_length",
+        "128",
+        "--dataloader_num_workers",
+        "0",
+        "--assistant_only_loss",
+        "True",
     ]
-    one = _cli_losses([sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir",
-                       str(tmp_path / "one")], tmp_path / "one")
-    two = _cli_losses([*TORCHRUN, *common,
-                       "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")], tmp_path / "two")
+    one = _cli_losses(
+        [sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")],
+        tmp_path / "one",
+    )
+    two = _cli_losses(
+        [*TORCHRUN, *common, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "two")],
+        tmp_path / "two",
+    )
     assert len(one) == 3
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
 

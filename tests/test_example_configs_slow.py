@@ -19,6 +19,7 @@ from hf_plugins.chat_templates import load_template
 from hf_plugins.demo.packages import DEMO_INSTALL_HINT, missing_demo_packages
 from hf_plugins.testing import tiny_conversational_dataset, tiny_prompt_completion_dataset, tiny_tool_calling_dataset
 
+
 _MISSING = missing_demo_packages()
 pytestmark = [
     pytest.mark.slow,
@@ -62,8 +63,18 @@ def test_example_config_runs_on_smollm2(capsys, tmp_path, smollm2_dir, local_dat
     }.get(method, [])
     out = tmp_path / "out"
     code, _, err = run_cli(
-        capsys, method, "--config", EXAMPLES / f"{method}.yaml", "--model_name_or_path", smollm2_dir,
-        "--dataset_name", data, "--output_dir", out, *cpu_flags(method), *extra,
+        capsys,
+        method,
+        "--config",
+        EXAMPLES / f"{method}.yaml",
+        "--model_name_or_path",
+        smollm2_dir,
+        "--dataset_name",
+        data,
+        "--output_dir",
+        out,
+        *cpu_flags(method),
+        *extra,
     )
     assert code == 0, err[-3000:]
     assert len(logged_in(out)) == 2 and all(math.isfinite(loss) for loss in logged_in(out))

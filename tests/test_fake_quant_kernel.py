@@ -7,10 +7,10 @@ On CPU the kernel runs under `TRITON_INTERPRET=1` (set by conftest.py when there
 import pytest
 import torch
 
-from hf_plugins.quantization import fake_quant_kernel
+from hf_plugins.quantization import QuantSpec, fake_quant_kernel, fake_quantize, fake_quantize_values
 from hf_plugins.quantization.fake_quant_kernel import fake_quantize_rows
-from hf_plugins.quantization import QuantSpec, fake_quantize, fake_quantize_values
 from hf_plugins.quantization.quantizer import fake_quantize_values_reference, use_fake_quant_kernel
+
 
 SPECS = [
     QuantSpec(4),

@@ -23,6 +23,7 @@ from testing_utils import (
 from hf_plugins.losses import SFTMethod, dft_loss, sft_loss, weighted_sft_loss
 from hf_plugins.ops import fused_linear_loss
 
+
 METHODS = ("sft", "dft", "weighted")
 
 
@@ -69,7 +70,10 @@ def assert_fused_matches(method, backend, hidden, weight, bias, labels, token_we
     got, _ = assert_matches(
         fused_fn(method, backend, labels, token_weights, **kwargs),
         functional_fn(method, labels, token_weights, kwargs.get("num_items_in_batch")),
-        (hidden, weight, bias), rtol=tol, atol=tol, upstream=upstream,
+        (hidden, weight, bias),
+        rtol=tol,
+        atol=tol,
+        upstream=upstream,
     )
     return got.loss, got.grads
 
@@ -122,10 +126,14 @@ def _stateful_method_calls(name, shape, seed):
     inputs = {
         "weighted": [{"token_weights": token_weights}] * 2,
         "asft": [reference(0.3), reference(0.0)],
-        "otr": [{"num_samples": 4, "temperature": 0.7, "generator": torch.Generator().manual_seed(1)},
-                {"num_samples": None, "temperature": 1.3}],
-        "poft": [{"ref_scores": -3 * torch.rand(shape[0], generator=g, dtype=F64), "beta": beta, "gamma": gamma}
-                 for beta, gamma in ((2.0, 0.5), (0.5, -0.2))],
+        "otr": [
+            {"num_samples": 4, "temperature": 0.7, "generator": torch.Generator().manual_seed(1)},
+            {"num_samples": None, "temperature": 1.3},
+        ],
+        "poft": [
+            {"ref_scores": -3 * torch.rand(shape[0], generator=g, dtype=F64), "beta": beta, "gamma": gamma}
+            for beta, gamma in ((2.0, 0.5), (0.5, -0.2))
+        ],
     }.get(name, [{}, {}])
     return REGISTERED[name], (hidden, weight, b, labels), inputs
 
@@ -349,9 +357,7 @@ def _largest_tensor(method, backend, n_rows, V=50_000, D=16, chunk=64, return_me
     return mode
 
 
-@pytest.mark.parametrize(
-    "method, return_metrics", [("sft", False), ("sft", True), ("dft", True), ("weighted", True)]
-)
+@pytest.mark.parametrize("method, return_metrics", [("sft", False), ("sft", True), ("dft", True), ("weighted", True)])
 def test_chunked_never_holds_more_than_a_tile(method, return_metrics):
     N, V, chunk = 512, 50_000, 64
     mode = _largest_tensor(method, "chunked", N, V=V, chunk=chunk, return_metrics=return_metrics)

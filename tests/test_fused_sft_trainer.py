@@ -9,7 +9,6 @@ import pytest
 import testing_utils
 import torch
 from datasets import Dataset
-from torch.utils._python_dispatch import TorchDispatchMode
 from testing_utils import (
     CLI_LORA_DROPOUT,
     CPU_ARGS,
@@ -21,6 +20,7 @@ from testing_utils import (
     train_and_list_changed_parameters,
     uninterrupted_and_resumed,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
@@ -53,7 +53,9 @@ def test_matches_stock_sft_trainer_step_by_step(tiny_model_dir, tmp_path, loss_t
     extra.update(optim="sgd", learning_rate=0.5 if loss_type == "nll" else 50.0)
     stock = make_trainer(SFTTrainer, SFTConfig, tiny_model_dir, tmp_path, dataset, loss_type=loss_type, **extra)
     stock.train()
-    fused = make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, loss_type=loss_type, **extra)
+    fused = make_trainer(
+        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, loss_type=loss_type, **extra
+    )
     fused.train()
     stock_losses, fused_losses = logged(stock), logged(fused)
     assert len(fused_losses) == 5
@@ -68,13 +70,27 @@ def test_matches_stock_sft_trainer_step_by_step(tiny_model_dir, tmp_path, loss_t
 def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
     dataset = tiny_conversational_dataset(32)
     one_by_four = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "a", dataset,
-        max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=1, assistant_only_loss=True,
+        FusedSFTTrainer,
+        FusedSFTConfig,
+        tiny_model_dir,
+        tmp_path / "a",
+        dataset,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        assistant_only_loss=True,
     )
     one_by_four.train()
     four_by_one = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "b", dataset,
-        max_steps=3, per_device_train_batch_size=1, gradient_accumulation_steps=4, assistant_only_loss=True,
+        FusedSFTTrainer,
+        FusedSFTConfig,
+        tiny_model_dir,
+        tmp_path / "b",
+        dataset,
+        max_steps=3,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=4,
+        assistant_only_loss=True,
     )
     four_by_one.train()
     assert logged(four_by_one) == pytest.approx(logged(one_by_four), abs=1e-5)
@@ -84,8 +100,14 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path):
 def test_never_applies_lm_head_to_all_positions(tiny_model_dir, tmp_path):
     dataset = tiny_conversational_dataset(16)
     trainer = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, eval_dataset=dataset,
-        max_steps=2, assistant_only_loss=True,
+        FusedSFTTrainer,
+        FusedSFTConfig,
+        tiny_model_dir,
+        tmp_path,
+        dataset,
+        eval_dataset=dataset,
+        max_steps=2,
+        assistant_only_loss=True,
     )
     calls = []
     trainer.model.lm_head.register_forward_hook(lambda module, args, output: calls.append(tuple(output.shape)))
@@ -114,13 +136,18 @@ def test_eval_loss_matches_stock_and_materialised_logits(tiny_model_dir, tmp_pat
         for example in dataset:
             prompt_ids = tokenizer(example["prompt"])["input_ids"]
             full_ids = tokenizer(example["prompt"] + example["completion"])["input_ids"] + [tokenizer.eos_token_id]
-            labels = torch.tensor([-100] * len(prompt_ids) + full_ids[len(prompt_ids):])
+            labels = torch.tensor([-100] * len(prompt_ids) + full_ids[len(prompt_ids) :])
             logits = model(input_ids=torch.tensor([full_ids])).logits[0, :-1]
             total += sft_loss(logits, labels[1:], num_items_in_batch=1).item()
             count += int((labels[1:] != -100).sum())
     # eval batches are means per batch; compare the per-token mean over one batch of everything
     one_batch = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "one", dataset, eval_dataset=dataset,
+        FusedSFTTrainer,
+        FusedSFTConfig,
+        tiny_model_dir,
+        tmp_path / "one",
+        dataset,
+        eval_dataset=dataset,
         per_device_eval_batch_size=16,
     )
     assert one_batch.evaluate()["eval_loss"] == pytest.approx(total / count, rel=1e-5)
@@ -132,12 +159,19 @@ def test_assistant_only_mask_ignores_prompt_tokens(tiny_model_dir, tmp_path):
     base = tiny_conversational_dataset(16, multi_turn=False)
     variants = []
     for text in ("what is the capital of france ?", "one two three four five six seven"):
-        variants.append(Dataset.from_dict({"messages": [m + [{"role": "user", "content": text}] for m in base["messages"]]}))
+        variants.append(
+            Dataset.from_dict({"messages": [m + [{"role": "user", "content": text}] for m in base["messages"]]})
+        )
 
     def losses(dataset, assistant_only, tag):
         trainer = make_trainer(
-            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / tag, dataset,
-            max_steps=3, assistant_only_loss=assistant_only,
+            FusedSFTTrainer,
+            FusedSFTConfig,
+            tiny_model_dir,
+            tmp_path / tag,
+            dataset,
+            max_steps=3,
+            assistant_only_loss=assistant_only,
         )
         trainer.train()
         return logged(trainer)
@@ -149,8 +183,15 @@ def test_assistant_only_mask_ignores_prompt_tokens(tiny_model_dir, tmp_path):
 def test_lora_trains_only_adapter_weights(tiny_model_dir, tmp_path):
     dataset = tiny_conversational_dataset(16)
     trainer = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=3, learning_rate=5e-2,
-        assistant_only_loss=True, peft_config=tiny_lora_config(target_modules=["q_proj", "v_proj", "up_proj"]),
+        FusedSFTTrainer,
+        FusedSFTConfig,
+        tiny_model_dir,
+        tmp_path,
+        dataset,
+        max_steps=3,
+        learning_rate=5e-2,
+        assistant_only_loss=True,
+        peft_config=tiny_lora_config(target_modules=["q_proj", "v_proj", "up_proj"]),
     )
     changed = train_and_list_changed_parameters(trainer)
     assert changed, "no parameter changed"
@@ -163,8 +204,15 @@ def test_peft_modules_to_save_lm_head_is_trained(tiny_model_dir, tmp_path):
     dataset = tiny_conversational_dataset(16)
     config = tiny_lora_config(modules_to_save=["lm_head"])
     trainer = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, dataset, max_steps=2, learning_rate=5e-2,
-        assistant_only_loss=True, peft_config=config,
+        FusedSFTTrainer,
+        FusedSFTConfig,
+        tiny_model_dir,
+        tmp_path,
+        dataset,
+        max_steps=2,
+        learning_rate=5e-2,
+        assistant_only_loss=True,
+        peft_config=config,
     )
     head = trainer.model.get_output_embeddings()
     trained_copy = head.modules_to_save["default"].weight
@@ -178,7 +226,12 @@ def test_lora_on_lm_head_is_refused(tiny_model_dir, tmp_path):
     config = tiny_lora_config(target_modules=["q_proj", "lm_head"])
     with pytest.raises(ValueError, match="lm_head"):
         make_trainer(
-            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(8), peft_config=config
+            FusedSFTTrainer,
+            FusedSFTConfig,
+            tiny_model_dir,
+            tmp_path,
+            tiny_conversational_dataset(8),
+            peft_config=config,
         )
 
 
@@ -187,7 +240,12 @@ def test_gradient_checkpointing_gives_same_losses(tiny_model_dir, tmp_path):
     plain = make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "a", dataset, max_steps=3)
     plain.train()
     checkpointed = make_trainer(
-        FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "b", dataset, max_steps=3,
+        FusedSFTTrainer,
+        FusedSFTConfig,
+        tiny_model_dir,
+        tmp_path / "b",
+        dataset,
+        max_steps=3,
         gradient_checkpointing=True,
     )
     checkpointed.train()
@@ -207,8 +265,12 @@ def test_gradient_checkpointing_gives_same_losses(tiny_model_dir, tmp_path):
 def test_packing_matches_stock(tiny_model_dir, tmp_path, loss_type, batching):
     dataset = tiny_conversational_dataset(32)
     settings = dict(
-        max_steps=3, per_device_train_batch_size=4, loss_type=loss_type, optim="sgd",
-        learning_rate=0.5 if loss_type == "nll" else 50.0, **batching,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        loss_type=loss_type,
+        optim="sgd",
+        learning_rate=0.5 if loss_type == "nll" else 50.0,
+        **batching,
     )
     stock = make_trainer(SFTTrainer, SFTConfig, tiny_model_dir, tmp_path, dataset, **settings)
     stock.train()
@@ -226,8 +288,14 @@ def test_chunked_and_reference_backends_agree(tiny_model_dir, tmp_path):
     runs = []
     for backend, chunk in (("chunked", 7), ("reference", None)):
         trainer = make_trainer(
-            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / backend, dataset, max_steps=3,
-            loss_backend=backend, loss_chunk_size=chunk,
+            FusedSFTTrainer,
+            FusedSFTConfig,
+            tiny_model_dir,
+            tmp_path / backend,
+            dataset,
+            max_steps=3,
+            loss_backend=backend,
+            loss_chunk_size=chunk,
         )
         trainer.train()
         runs.append(logged(trainer))
@@ -242,8 +310,14 @@ def test_resume_from_checkpoint_continues_identically(tiny_model_dir, tmp_path, 
         # the same 4-step run (same learning-rate schedule) every time; the interrupted one saves after step 2
         peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
         return make_trainer(
-            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, output_dir, dataset, peft_config=peft_config,
-            max_steps=4, **overrides,
+            FusedSFTTrainer,
+            FusedSFTConfig,
+            tiny_model_dir,
+            output_dir,
+            dataset,
+            peft_config=peft_config,
+            max_steps=4,
+            **overrides,
         )
 
     full, resumed, _ = uninterrupted_and_resumed(make, tmp_path)
@@ -278,7 +352,6 @@ def test_compute_loss_func_is_refused(tiny_model_dir, tmp_path):
         )
 
 
-
 @pytest.mark.parametrize("variant", ["qwen2", "tied_embeddings"])
 def test_matches_stock_on_other_architectures(tmp_path, variant):
     if variant == "qwen2":
@@ -299,7 +372,12 @@ def test_matches_stock_on_other_architectures(tmp_path, variant):
 
 def test_plain_sft_config_is_converted_with_its_values(tiny_model_dir, tmp_path):
     trainer = testing_utils.make_trainer(
-        FusedSFTTrainer, SFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(4), hub_token="secret-token",
+        FusedSFTTrainer,
+        SFTConfig,
+        tiny_model_dir,
+        tmp_path,
+        tiny_conversational_dataset(4),
+        hub_token="secret-token",
         max_steps=7,
     )
     assert isinstance(trainer.args, FusedSFTConfig)
@@ -321,8 +399,15 @@ def test_gpu_backends_train_like_chunked(tiny_model_dir, tmp_path, monkeypatch, 
     runs = {}
     for name in ("chunked", backend):
         trainer = make_trainer(
-            FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / name, dataset, max_steps=2,
-            per_device_train_batch_size=2, loss_backend=name, loss_type=loss_type,
+            FusedSFTTrainer,
+            FusedSFTConfig,
+            tiny_model_dir,
+            tmp_path / name,
+            dataset,
+            max_steps=2,
+            per_device_train_batch_size=2,
+            loss_backend=name,
+            loss_type=loss_type,
         )
         trainer.train()
         runs[name] = trainer
@@ -337,8 +422,14 @@ def test_gpu_backends_are_refused_before_training_without_a_gpu(tiny_model_dir, 
         pytest.skip("checks the CPU-only refusal")
     for backend in ("triton", "liger"):
         with pytest.raises(ValueError, match=f"`loss_backend='{backend}'` needs a CUDA device.*'auto'"):
-            make_trainer(FusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(4),
-                         loss_backend=backend)
+            make_trainer(
+                FusedSFTTrainer,
+                FusedSFTConfig,
+                tiny_model_dir,
+                tmp_path,
+                tiny_conversational_dataset(4),
+                loss_backend=backend,
+            )
 
 
 @needs_triton
@@ -347,8 +438,9 @@ def test_liger_backend_refuses_methods_it_does_not_cover(tiny_model_dir, tmp_pat
     from hf_plugins import OTRConfig, OTRTrainer
 
     with pytest.raises(ValueError, match="`loss_backend='liger'` covers the losses sft, dft, weighted; OTRTrainer"):
-        make_trainer(OTRTrainer, OTRConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(4),
-                     loss_backend="liger")
+        make_trainer(
+            OTRTrainer, OTRConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(4), loss_backend="liger"
+        )
 
 
 class HostReads(TorchDispatchMode):
@@ -447,7 +539,9 @@ def test_device_metrics_are_read_back_as_trl_would_average_them():
     metrics["uds/selected_fraction"] = [0.25]
     read_on_host(metrics)
     assert metrics == {
-        "entropy": [1.5, 0.0], "reward_margin": [0.25, -1.0], "num_tokens": [12345678901],
+        "entropy": [1.5, 0.0],
+        "reward_margin": [0.25, -1.0],
+        "num_tokens": [12345678901],
         "uds/selected_fraction": [0.25],
     }
     assert type(metrics["num_tokens"][0]) is int

@@ -16,6 +16,7 @@ from testing_utils import F64, ON_GPU, gen, needs_triton, random_linear
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.liger import liger_available
 
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -189,7 +190,11 @@ def test_liger_bfloat16_on_gpu(method):
 
 # ------------------------------------------------------------------ model logit transforms and label smoothing, GPU
 
-GPU_TRANSFORMS = {"softcap": dict(softcap=30.0), "scale+softcap": dict(scale=1.7, softcap=2.0), "scale": dict(scale=0.0625)}
+GPU_TRANSFORMS = {
+    "softcap": dict(softcap=30.0),
+    "scale+softcap": dict(scale=1.7, softcap=2.0),
+    "scale": dict(scale=0.0625),
+}
 
 
 @pytest.mark.gpu

@@ -24,6 +24,7 @@ from hf_plugins.losses import grpo as grpo_module
 from hf_plugins.losses.grpo import LOSS_TYPES, STATISTICS_METRIC, GRPOOptions
 from hf_plugins.ops import fused_linear_loss
 
+
 TOLERANCE = dict(rtol=1e-9, atol=1e-12)
 KL_SETTINGS = {
     "beta0": {"beta": 0.0},
@@ -43,7 +44,7 @@ def make_batch(B=4, T=6, V=37, D=8, *, seed=0, temperature=1.0, spread=0.6, bias
     hidden, weight, b = as_leaves(*random_linear(g, (B, T), V, D, bias=bias, scale=1.5))
     labels = torch.randint(0, V, (B, T), generator=g)
     for row in range(B):  # right padding of different lengths
-        labels[row, T - (row % 3):] = IGNORE
+        labels[row, T - (row % 3) :] = IGNORE
     if B > 2:
         labels[B - 1] = IGNORE  # a completion with no loss token (e.g. masked as truncated)
     with torch.no_grad():
@@ -101,8 +102,17 @@ class SingleProcessAccelerator:
         return tensor
 
 
-def trl_compute_loss(logits, labels, advantages, old_log_probs=None, ref_log_probs=None,
-                     importance_sampling_ratio=None, sampling_log_probs=None, num_items_in_batch=None, **options):
+def trl_compute_loss(
+    logits,
+    labels,
+    advantages,
+    old_log_probs=None,
+    ref_log_probs=None,
+    importance_sampling_ratio=None,
+    sampling_log_probs=None,
+    num_items_in_batch=None,
+    **options,
+):
     """TRL 1.16's `GRPOTrainer._compute_loss`, called unbound on the trainer attributes it reads (set here as
     `GRPOTrainer.__init__` sets them from the config), with the per-token log-probs and entropies of `logits` at the
     temperature in place of its model forward (which computes exactly those, zero outside the completion mask).
@@ -155,9 +165,9 @@ def trl_compute_loss(logits, labels, advantages, old_log_probs=None, ref_log_pro
         "completion_ids": labels.clamp(min=0),
         "completion_mask": completion_mask,
         "advantages": advantages,
-        "num_items_in_batch": completion_mask.sum() if num_items_in_batch is None else torch.as_tensor(
-            num_items_in_batch
-        ),
+        "num_items_in_batch": completion_mask.sum()
+        if num_items_in_batch is None
+        else torch.as_tensor(num_items_in_batch),
     }
     optional = {
         "old_per_token_logps": old_log_probs,
@@ -191,8 +201,9 @@ def assert_metrics_equal(got: dict, expected: dict):
     expected = {k: v for k, v in expected.items() if k not in ("policy_loss", "entropy_coef")}
     assert set(got) == set(expected), (sorted(got), sorted(expected))
     for name, value in expected.items():
-        torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(value), rtol=1e-9, atol=1e-12, equal_nan=True,
-                                   msg=name)
+        torch.testing.assert_close(
+            torch.tensor(got[name]), torch.tensor(value), rtol=1e-9, atol=1e-12, equal_nan=True, msg=name
+        )
 
 
 def check_against_trl(batch, off_policy, tensors, options):
@@ -241,12 +252,18 @@ FEATURES = {
     "vllm-is-token": lambda b: {"importance_sampling_ratio": torch.exp(b["old"] - b["sampling"]).clamp(max=3.0)},
     "vllm-is-sequence": lambda b: {"importance_sampling_ratio": torch.rand(b["labels"].shape[0], 1, dtype=F64) + 0.5},
     "accumulation": lambda b: {
-        "gradient_accumulation_steps": 3, "num_processes": 2, "steps_per_generation": 6, "num_items_in_batch": 41
+        "gradient_accumulation_steps": 3,
+        "num_processes": 2,
+        "steps_per_generation": 6,
+        "num_items_in_batch": 41,
     },
     "eval": lambda b: {"training": False, "gradient_accumulation_steps": 3, "steps_per_generation": 6},
     "sapo-temperatures": lambda b: {"sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.9},
     "vespo-params": lambda b: {
-        "vespo_k_pos": 1.5, "vespo_lambda_pos": 0.7, "vespo_k_neg": 2.5, "vespo_lambda_neg": 1.1
+        "vespo_k_pos": 1.5,
+        "vespo_lambda_pos": 0.7,
+        "vespo_k_neg": 2.5,
+        "vespo_lambda_neg": 1.1,
     },
     "entropy-only": lambda b: {"entropy_coef": -0.2},
 }
@@ -277,8 +294,12 @@ def test_the_test_inputs_leave_the_clip_range_on_both_sides():
     batch = make_batch(seed=1, temperature=0.7)
     mask = batch["labels"] != IGNORE
     _, stats = grpo_loss(
-        batch_logits(batch).detach(), batch["labels"], **tensor_inputs(batch, True, {}), temperature=0.7,
-        epsilon_high=0.28, return_statistics=True,
+        batch_logits(batch).detach(),
+        batch["labels"],
+        **tensor_inputs(batch, True, {}),
+        temperature=0.7,
+        epsilon_high=0.28,
+        return_statistics=True,
     )
     metrics = stats.metrics()
     assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
@@ -301,18 +322,33 @@ def test_on_policy_ratios_are_one_and_dapo_is_the_advantage_weighted_nll():
 
 
 def functional(batch, off_policy, tensors, options):
-    h, w, b = (None if t is None else t.detach().clone().requires_grad_(True)
-               for t in (batch["hidden"], batch["weight"], batch["bias"]))
-    loss, stats = grpo_loss(logits_of(h, w, b), batch["labels"], **tensor_inputs(batch, off_policy, tensors),
-                            return_statistics=True, **options)
+    h, w, b = (
+        None if t is None else t.detach().clone().requires_grad_(True)
+        for t in (batch["hidden"], batch["weight"], batch["bias"])
+    )
+    loss, stats = grpo_loss(
+        logits_of(h, w, b),
+        batch["labels"],
+        **tensor_inputs(batch, off_policy, tensors),
+        return_statistics=True,
+        **options,
+    )
     return loss.detach(), torch.autograd.grad(loss, leaves(h, w, b)), stats
 
 
 def fused(batch, off_policy, tensors, options, backend, chunk_size=5, method=None):
     method = GRPOMethod() if method is None else method
     loss, metrics = fused_linear_loss(
-        batch["hidden"], batch["weight"], batch["labels"], method, bias=batch["bias"], backend=backend,
-        chunk_size=chunk_size, return_metrics=True, **tensor_inputs(batch, off_policy, tensors), **options,
+        batch["hidden"],
+        batch["weight"],
+        batch["labels"],
+        method,
+        bias=batch["bias"],
+        backend=backend,
+        chunk_size=chunk_size,
+        return_metrics=True,
+        **tensor_inputs(batch, off_policy, tensors),
+        **options,
     )
     grads = torch.autograd.grad(loss, leaves(batch["hidden"], batch["weight"], batch["bias"]))
     return loss.detach(), grads, metrics[STATISTICS_METRIC]
@@ -349,7 +385,11 @@ def test_fused_triton_equals_grpo_loss(loss_type, level, off_policy):
     """The kernel's two-launch mode under the interpreter: V = 37 spans three vocabulary blocks of 16."""
     batch = make_batch(B=3, T=4, V=37, D=4, seed=6, temperature=0.7)
     options = options_for(
-        loss_type, level, "kl-bias", temperature=0.7, epsilon_high=5.0 if loss_type == "cispo" else 0.28,
+        loss_type,
+        level,
+        "kl-bias",
+        temperature=0.7,
+        epsilon_high=5.0 if loss_type == "cispo" else 0.28,
         entropy_coef=0.05,
     )
     assert_fused_equals_functional(batch, off_policy, {}, options, "triton", chunk_size=4)
@@ -359,8 +399,14 @@ def test_fused_triton_equals_grpo_loss(loss_type, level, off_policy):
 @pytest.mark.parametrize("backend", ["reference", "chunked"])
 def test_fused_equals_grpo_loss_per_feature(backend, feature):
     """Each feature once per loss type family: clipped (dapo, GSPO), cispo, sapo, vespo, luspo."""
-    for loss_type, level in (("dapo", "token"), ("grpo", "sequence"), ("cispo", "token"), ("sapo", "sequence"),
-                             ("vespo", "token"), ("luspo", "sequence")):
+    for loss_type, level in (
+        ("dapo", "token"),
+        ("grpo", "sequence"),
+        ("cispo", "token"),
+        ("sapo", "sequence"),
+        ("vespo", "token"),
+        ("luspo", "sequence"),
+    ):
         batch = make_batch(seed=7, spread=1.0)
         tensors, extra = split(FEATURES[feature](batch))
         options = options_for(loss_type, level, "kl-bias", **extra)
@@ -414,8 +460,14 @@ def test_fused_edge_cases(backend, case, options):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flat_rows_are_one_completion(backend):
     batch = make_batch(B=1, T=7, V=37, D=4, seed=11)
-    flat = {**batch, "hidden": batch["hidden"][0].detach().requires_grad_(True), "labels": batch["labels"][0],
-            "old": batch["old"][0], "ref": batch["ref"][0], "advantages": batch["advantages"]}
+    flat = {
+        **batch,
+        "hidden": batch["hidden"][0].detach().requires_grad_(True),
+        "labels": batch["labels"][0],
+        "old": batch["old"][0],
+        "ref": batch["ref"][0],
+        "advantages": batch["advantages"],
+    }
     options = options_for("grpo", "sequence", "kl-bias", entropy_coef=0.1)
     expected_loss, expected_grads, _ = functional(batch, True, {}, options)
     loss, grads, _ = fused(flat, True, {}, options, backend)
@@ -432,9 +484,18 @@ def test_no_grad_value_and_statistics(backend):
     options = options_for("dapo", "sequence", "kl-bias", entropy_coef=0.1, training=False)
     expected_loss, _, expected_stats = functional(batch, True, {}, options)
     with torch.no_grad():
-        loss, metrics = fused_linear_loss(batch["hidden"], batch["weight"], batch["labels"], GRPOMethod(),
-                                          bias=batch["bias"], backend=backend, chunk_size=4, return_metrics=True,
-                                          **tensor_inputs(batch, True, {}), **options)
+        loss, metrics = fused_linear_loss(
+            batch["hidden"],
+            batch["weight"],
+            batch["labels"],
+            GRPOMethod(),
+            bias=batch["bias"],
+            backend=backend,
+            chunk_size=4,
+            return_metrics=True,
+            **tensor_inputs(batch, True, {}),
+            **options,
+        )
     torch.testing.assert_close(loss, expected_loss, **TOLERANCE)
     assert_metrics_equal(metrics[STATISTICS_METRIC].metrics(), expected_stats.metrics())
 
@@ -464,8 +525,14 @@ def test_float32_inputs_match_float64():
     batch = make_batch(seed=13)
     options = options_for("dapo", "token", "kl-bias", entropy_coef=0.1)
     expected_loss, expected_grads, _ = functional(batch, True, {}, options)
-    batch32 = {k: (v.detach().float().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor)
-                   and v.is_floating_point() else v) for k, v in batch.items()}
+    batch32 = {
+        k: (
+            v.detach().float().requires_grad_(v.requires_grad)
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+            else v
+        )
+        for k, v in batch.items()
+    }
     loss, grads, _ = fused(batch32, True, {}, options, "chunked")
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), expected_loss, rtol=1e-5, atol=1e-6)
@@ -487,8 +554,9 @@ def _tracked(options, off_policy, N_rows=256, V=20_000, D=8, chunk=64, B=4):
     if off_policy:
         inputs["old_log_probs"] = lp - 0.1
     with LargestTensor() as tracker:
-        loss = fused_linear_loss(hidden, weight, labels, "grpo", backend="chunked", chunk_size=chunk, **inputs,
-                                 **options)
+        loss = fused_linear_loss(
+            hidden, weight, labels, "grpo", backend="chunked", chunk_size=chunk, **inputs, **options
+        )
         grads = torch.autograd.grad(loss, [hidden, weight])
     assert all(torch.isfinite(grad).all() for grad in grads)
     logit_tiles = [shape for shape in tracker.matmul_outputs if shape[-1] == V]
@@ -574,8 +642,9 @@ def test_bad_inputs_raise_one_clear_error(case):
     with pytest.raises(ValueError, match=match):
         grpo_loss(batch_logits(batch).detach(), batch["labels"], **inputs)
     with pytest.raises(ValueError, match=match):
-        fused_linear_loss(batch["hidden"], batch["weight"], batch["labels"], "grpo", bias=batch["bias"],
-                          backend="chunked", **inputs)
+        fused_linear_loss(
+            batch["hidden"], batch["weight"], batch["labels"], "grpo", bias=batch["bias"], backend="chunked", **inputs
+        )
 
 
 def test_liger_backend_is_refused_for_grpo(monkeypatch):
@@ -585,5 +654,6 @@ def test_liger_backend_is_refused_for_grpo(monkeypatch):
     monkeypatch.setattr(liger, "liger_available", lambda: True)
     batch = make_batch(seed=17)
     with pytest.raises(ValueError, match="'liger' covers the methods .* not 'grpo'"):
-        dispatch.fused_linear_loss(batch["hidden"], batch["weight"], batch["labels"], "grpo", backend="liger",
-                                   advantages=batch["advantages"])
+        dispatch.fused_linear_loss(
+            batch["hidden"], batch["weight"], batch["labels"], "grpo", backend="liger", advantages=batch["advantages"]
+        )

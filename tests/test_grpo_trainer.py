@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from testing_utils import LargestTensor, tiny_lora_config, train_and_resume
+from testing_utils import logged as logged_values
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-
-from testing_utils import LargestTensor, logged as logged_values, tiny_lora_config, train_and_resume
 
 from hf_plugins import FusedGRPOConfig, FusedGRPOTrainer
 from hf_plugins.testing import (
@@ -35,6 +35,7 @@ from hf_plugins.testing import (
     save_tiny_model,
     tiny_prompt_completion_dataset,
 )
+
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # `rollout_func` is experimental in TRL 1.16
 
@@ -82,8 +83,9 @@ class ParameterRecorder(TrainerCallback):
         self.steps.append({name: p.detach().clone() for name, p in model.named_parameters()})
 
 
-def make_trainer(trainer_cls, model_dir, output_dir, *, peft_config=None, logprobs=False, evaluate=False,
-                 fused=None, **overrides):
+def make_trainer(
+    trainer_cls, model_dir, output_dir, *, peft_config=None, logprobs=False, evaluate=False, fused=None, **overrides
+):
     """A stock or fused trainer on `model_dir` with replayed completions; `fused` holds the FusedGRPOConfig-only
     options (ignored for the stock trainer)."""
     config_cls = FusedGRPOConfig if trainer_cls is FusedGRPOTrainer else GRPOConfig
@@ -152,11 +154,13 @@ MATRIX = {
     "dapo-token-kl-ga-temperature-epsilon_high-entropy-eval": dict(
         loss_type="dapo", **KL, **GA, temperature=0.7, epsilon_high=0.28, entropy_coef=0.01, evaluate=True
     ),
-    "dapo-sequence-iterations-delta-chunk5": dict(loss_type="dapo", **SEQ, **ITERS, delta=1.5,
-                                                  fused={"loss_chunk_size": 5}),
+    "dapo-sequence-iterations-delta-chunk5": dict(
+        loss_type="dapo", **SEQ, **ITERS, delta=1.5, fused={"loss_chunk_size": 5}
+    ),
     "dapo-token-off_policy_mask-old": dict(loss_type="dapo", **ITERS, off_policy_mask_threshold=0.0),
-    "grpo-token-klplain-iterations-truncated": dict(loss_type="grpo", **KL_PLAIN, **ITERS,
-                                                    mask_truncated_completions=True),
+    "grpo-token-klplain-iterations-truncated": dict(
+        loss_type="grpo", **KL_PLAIN, **ITERS, mask_truncated_completions=True
+    ),
     "gspo-kl-ga-adaptive_entropy": dict(
         loss_type="grpo", **SEQ, **KL, **GA, use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=6.0
     ),
@@ -165,8 +169,9 @@ MATRIX = {
         loss_type="bnpo", **SEQ, **KL, gradient_accumulation_steps=2, steps_per_generation=2
     ),
     "dr_grpo-token-kl-iterations-temperature": dict(loss_type="dr_grpo", **KL, **ITERS, temperature=0.7),
-    "dr_grpo-sequence-klplain-reference_backend": dict(loss_type="dr_grpo", **SEQ, **KL_PLAIN,
-                                                       fused={"loss_backend": "reference"}),
+    "dr_grpo-sequence-klplain-reference_backend": dict(
+        loss_type="dr_grpo", **SEQ, **KL_PLAIN, fused={"loss_backend": "reference"}
+    ),
     "cispo-token-ga-cap5": dict(loss_type="cispo", **GA, epsilon_high=5.0),
     "cispo-sequence-kl-iterations-default_cap": dict(loss_type="cispo", **SEQ, **KL, **ITERS),
     "sapo-token-kl-ga": dict(loss_type="sapo", **KL, **GA),
@@ -244,8 +249,17 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_d
     one = make_trainer(FusedGRPOTrainer, tiny_model_dir, tmp_path / "one", **DDP_CELL)
     one.train()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), tiny_model_dir,
-           str(tmp_path / "two"), json.dumps(DDP_CELL)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        tiny_model_dir,
+        str(tmp_path / "two"),
+        json.dumps(DDP_CELL),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "WORLD 2" in result.stdout, result.stdout[-2000:]
@@ -259,8 +273,15 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_d
 def test_resume_from_checkpoint_continues_identically(tiny_model_dir, tmp_path):
     """Adaptive entropy control keeps its coefficient and last entropy in the checkpoint; generation, old log-probs
     (num_iterations... here steps_per_generation=2) and the shuffling restart where they were."""
-    cell = dict(loss_type="grpo", **KL, steps_per_generation=2, use_adaptive_entropy=True, entropy_coef=0.01,
-                entropy_target=6.0, max_steps=4)
+    cell = dict(
+        loss_type="grpo",
+        **KL,
+        steps_per_generation=2,
+        use_adaptive_entropy=True,
+        entropy_coef=0.01,
+        entropy_target=6.0,
+        max_steps=4,
+    )
 
     def make(output_dir, **overrides):
         return make_trainer(FusedGRPOTrainer, tiny_model_dir, output_dir, **{**cell, **overrides})
@@ -293,8 +314,14 @@ def test_no_logits_and_no_lm_head_call_on_the_training_path(tiny_model_dir, tmp_
     makes three head matmuls per tile (logits, grad hidden, grad weight); two with the lm_head frozen (LoRA)."""
     vocab, hidden = AutoModelForCausalLM.from_pretrained(tiny_model_dir).lm_head.weight.shape
     peft_config = tiny_lora_config() if lora else None
-    fused = make_trainer(FusedGRPOTrainer, tiny_model_dir, tmp_path / "fused", peft_config=peft_config, **KL,
-                         fused={"loss_chunk_size": 8})
+    fused = make_trainer(
+        FusedGRPOTrainer,
+        tiny_model_dir,
+        tmp_path / "fused",
+        peft_config=peft_config,
+        **KL,
+        fused={"loss_chunk_size": 8},
+    )
     calls = []
     lm_head = fused.model.get_output_embeddings()
     lm_head.register_forward_hook(lambda module, args, output: calls.append(tuple(output.shape)))
@@ -333,13 +360,21 @@ def test_what_the_head_cannot_match_is_refused_before_training(tiny_model_dir, t
     from peft import PromptTuningConfig
 
     with pytest.raises(ValueError, match="prompt-learning PEFT"):
-        make_trainer(FusedGRPOTrainer, tiny_model_dir, tmp_path,
-                     peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+        make_trainer(
+            FusedGRPOTrainer,
+            tiny_model_dir,
+            tmp_path,
+            peft_config=PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        )
     softcapped = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     softcapped.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        FusedGRPOTrainer(model=softcapped, reward_funcs=replayed_completion_reward,
-                         args=FusedGRPOConfig(output_dir=str(tmp_path), **ARGS), train_dataset=prompts())
+        FusedGRPOTrainer(
+            model=softcapped,
+            reward_funcs=replayed_completion_reward,
+            args=FusedGRPOConfig(output_dir=str(tmp_path), **ARGS),
+            train_dataset=prompts(),
+        )
     from hf_plugins.trainers import grpo_trainer
 
     monkeypatch.setattr(grpo_trainer, "triton_usable", lambda device: False)
@@ -352,10 +387,15 @@ def test_what_the_head_cannot_match_is_refused_before_training(tiny_model_dir, t
 
 
 def test_a_plain_grpo_config_is_converted_with_its_values(tiny_model_dir, tmp_path):
-    args = GRPOConfig(output_dir=str(tmp_path), **{**ARGS, "beta": 0.04, "steps_per_generation": 2,
-                                                   "loss_type": "cispo"})
-    trainer = FusedGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                               reward_funcs=replayed_completion_reward, args=args, train_dataset=prompts())
+    args = GRPOConfig(
+        output_dir=str(tmp_path), **{**ARGS, "beta": 0.04, "steps_per_generation": 2, "loss_type": "cispo"}
+    )
+    trainer = FusedGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        reward_funcs=replayed_completion_reward,
+        args=args,
+        train_dataset=prompts(),
+    )
     assert isinstance(trainer.args, FusedGRPOConfig)
     assert (trainer.args.beta, trainer.args.steps_per_generation, trainer.args.loss_type) == (0.04, 2, "cispo")
     assert trainer.args.generation_batch_size == args.generation_batch_size

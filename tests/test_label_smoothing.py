@@ -6,17 +6,17 @@ import os
 
 import pytest
 import torch
+from testing_utils import logged
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_pt_utils import LabelSmoother
 from trl import SFTConfig, SFTTrainer
-
-from testing_utils import logged
 
 from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, OTRConfig, OTRTrainer
 from hf_plugins.losses import sft_loss
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.liger import liger_available
 from hf_plugins.testing import CPU_TRAINING_ARGS, save_tiny_model, tiny_conversational_dataset
+
 
 F64 = torch.float64
 IGNORE = -100

@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
+from testing_utils import logged
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from trl import SFTConfig, SFTTrainer
-
-from testing_utils import logged
 
 from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer
 from hf_plugins.losses import (
@@ -32,6 +31,7 @@ from hf_plugins.testing import (
     save_tiny_model,
     tiny_conversational_dataset,
 )
+
 
 F64 = torch.float64
 IGNORE = -100

@@ -14,6 +14,7 @@ from testing_utils import IGNORE, gen
 
 from hf_plugins.losses import dft_loss, sft_loss, weighted_sft_loss
 
+
 V = 11
 
 

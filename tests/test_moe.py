@@ -25,6 +25,7 @@ from hf_plugins import (
     TLTrainer,
     with_uds,
 )
+from hf_plugins.modeling import HiddenStateHead, LossHead, add_loss_head_forward
 from hf_plugins.testing import (
     MOE_ARCHS,
     TOOL_CHAT_TEMPLATE,
@@ -32,7 +33,7 @@ from hf_plugins.testing import (
     tiny_conversational_dataset,
     tiny_tool_calling_dataset,
 )
-from hf_plugins.modeling import HiddenStateHead, LossHead, add_loss_head_forward
+
 
 # float32 results of two heads that reduce in different orders (any thread count), a few SGD steps apart
 ATOL, RTOL = 1e-5, 1e-4
@@ -74,8 +75,10 @@ def assert_same_training(stock, fused):
 
 def padded_and_padding_free_batches(tokenizer):
     """The same three conversations as a right-padded batch and as one padding-free row (no attention mask)."""
-    rows = [tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]
-            for m in tiny_conversational_dataset(3)["messages"]]
+    rows = [
+        tokenizer.apply_chat_template(m, tokenize=True, return_dict=True)["input_ids"]
+        for m in tiny_conversational_dataset(3)["messages"]
+    ]
     width = max(map(len, rows))
     input_ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows])
     attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
@@ -126,8 +129,13 @@ def test_matches_stock_with_the_router_aux_loss(moe_model_dir, tmp_path, loss_ty
     """`router_aux_loss_coef=None` takes the config's coefficient (TRL's default); gradient accumulation divides
     the aux loss by the accumulation steps."""
     stock, fused = train_stock_and_fused(
-        moe_model_dir, tmp_path, loss_type=loss_type, router_aux_loss_coef=coef, gradient_accumulation_steps=2,
-        assistant_only_loss=True, learning_rate=0.5 if loss_type == "nll" else 50.0,
+        moe_model_dir,
+        tmp_path,
+        loss_type=loss_type,
+        router_aux_loss_coef=coef,
+        gradient_accumulation_steps=2,
+        assistant_only_loss=True,
+        learning_rate=0.5 if loss_type == "nll" else 50.0,
     )
     expected_coef = fused.model.config.router_aux_loss_coef if coef is None else coef
     assert fused.aux_loss_enabled and fused.router_aux_loss_coef == expected_coef > 0
@@ -148,8 +156,12 @@ def test_matches_stock_on_packed_batches(moe_model_dir, tmp_path, layout):
 
 def test_lora_on_the_experts_matches_stock(moe_model_dir, tmp_path):
     stock, fused = train_stock_and_fused(
-        moe_model_dir, tmp_path, peft_config=LoraConfig(**EXPERT_LORA), router_aux_loss_coef=0.5,
-        gradient_accumulation_steps=2, learning_rate=20.0,
+        moe_model_dir,
+        tmp_path,
+        peft_config=LoraConfig(**EXPERT_LORA),
+        router_aux_loss_coef=0.5,
+        gradient_accumulation_steps=2,
+        learning_rate=20.0,
     )
     assert_same_training(stock, fused)
     trained = {name: p for name, p in fused.model.named_parameters() if p.requires_grad}

@@ -42,6 +42,7 @@ from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.method import Chunk, Rows, chunk_inputs
 from hf_plugins.testing import tiny_conversational_dataset
 
+
 TAU, BETA = 1.3, -0.2  # away from the defaults, so a default silently used instead of the argument shows
 
 
@@ -58,7 +59,15 @@ def functional_fn(labels, generator, num_items=None, **settings):
 def fused_fn(labels, backend, generator, chunk_size=4, **kwargs):
     """The fused head (loss, metrics) as a function of (hidden, weight, bias)."""
     return lambda h, w, b: fused_linear_loss(
-        h, w, labels, "otr", bias=b, backend=backend, chunk_size=chunk_size, generator=generator, return_metrics=True,
+        h,
+        w,
+        labels,
+        "otr",
+        bias=b,
+        backend=backend,
+        chunk_size=chunk_size,
+        generator=generator,
+        return_metrics=True,
         **kwargs,
     )
 
@@ -92,7 +101,9 @@ def test_fused_matches_functional_float64(backend, num_samples, bias, num_items,
     got, _ = assert_matches(
         fused_fn(labels, backend, g_fused, num_items_in_batch=num_items, **settings(num_samples)),
         functional_fn(labels, g_functional, num_items, **settings(num_samples)),
-        (hidden, weight, b), rtol=1e-9, atol=1e-12,
+        (hidden, weight, b),
+        rtol=1e-9,
+        atol=1e-12,
     )
     # both drew the same amount from their generators: the streams stay in step call after call
     assert torch.equal(g_fused.get_state(), g_functional.get_state())
@@ -211,7 +222,9 @@ def test_edge_cases(backend, num_samples, case):
     got, _ = assert_matches(
         fused_fn(labels, backend, gen(2), case["chunk"], **settings(num_samples)),
         functional_fn(labels, gen(2), **settings(num_samples)),
-        (hidden, weight, b), rtol=1e-9, atol=1e-12,
+        (hidden, weight, b),
+        rtol=1e-9,
+        atol=1e-12,
     )
     assert torch.count_nonzero(got.grads[0][labels == IGNORE]) == 0
 
@@ -383,8 +396,13 @@ def test_metrics_of_sampling_mode():
 def test_float32_matches_float64_functional():
     hidden, weight, b, labels = make_inputs((4, 16), V=53, D=16, dtype=torch.float32, seed=17)
     got, _ = assert_matches(
-        fused_fn(labels, "chunked", gen(4), 5, **settings(8)), functional_fn(labels, gen(4), **settings(8)),
-        (hidden, weight, b), rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-6,
+        fused_fn(labels, "chunked", gen(4), 5, **settings(8)),
+        functional_fn(labels, gen(4), **settings(8)),
+        (hidden, weight, b),
+        rtol=1e-5,
+        atol=1e-6,
+        grad_rtol=1e-4,
+        grad_atol=1e-6,
     )
     assert got.loss.dtype == torch.float32
 
@@ -577,8 +595,14 @@ def test_plain_sft_config_gets_otr_defaults(tiny_model_dir, tmp_path):
     from trl import SFTConfig
 
     trainer = testing_utils.make_trainer(
-        OTRTrainer, SFTConfig, tiny_model_dir, tmp_path, tiny_conversational_dataset(8), max_steps=1,
-        learning_rate=1e-3, assistant_only_loss=True,
+        OTRTrainer,
+        SFTConfig,
+        tiny_model_dir,
+        tmp_path,
+        tiny_conversational_dataset(8),
+        max_steps=1,
+        learning_rate=1e-3,
+        assistant_only_loss=True,
     )
     assert isinstance(trainer.args, OTRConfig)
     assert (trainer.args.num_samples, trainer.args.temperature, trainer.args.negative_reward) == (8, 1.2, -0.1)

@@ -15,13 +15,17 @@ import hf_plugins
 from hf_plugins.cli import main
 from hf_plugins.testing import tiny_conversational_dataset
 
+
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("bitsandbytes", "liger_kernel", "triton")
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, **env},
     )
 
@@ -33,7 +37,9 @@ def type_checking_imports() -> dict[str, str]:
     assert len(blocks) == 1
     return {
         alias.asname or alias.name: "." * node.level + (node.module or "")
-        for node in blocks[0].body if isinstance(node, ast.ImportFrom) for alias in node.names
+        for node in blocks[0].body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
     }
 
 
@@ -101,10 +107,25 @@ def test_load_in_4bit_without_bitsandbytes_is_one_line(capsys, monkeypatch, tiny
     capsys.readouterr()
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed, as far as `import` can tell
     for flag in ("--load_in_4bit", "--load_in_8bit"):
-        code = main([
-            "sft", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data), "--output_dir", str(tmp_path),
-            "--use_peft", "True", flag, "True", "--use_cpu", "True", "--bf16", "False",
-        ])
+        code = main(
+            [
+                "sft",
+                "--model_name_or_path",
+                tiny_model_dir,
+                "--dataset_name",
+                str(data),
+                "--output_dir",
+                str(tmp_path),
+                "--use_peft",
+                "True",
+                flag,
+                "True",
+                "--use_cpu",
+                "True",
+                "--bf16",
+                "False",
+            ]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, err
         assert flag in err and "pip install 'hf-plugins[qlora]'" in err, err
@@ -138,4 +159,3 @@ def test_logger_works_before_any_accelerate_state():
         "hf_plugins.example:caller:[RANK 0] main process: 1",
         "hf_plugins.example:caller:[RANK 0] every process",
     ]
-

@@ -59,6 +59,7 @@ from hf_plugins.testing import (
     tiny_prompt_completion_dataset,
 )
 
+
 # A second chat template, unlike ChatML: plain-text role headers and another end-of-turn token
 PLAIN_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -79,7 +80,7 @@ def make_inputs(B=3, T=7, V=37, D=8, *, bias=True, seed=0, prompt=2, empty_rows=
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[:, :prompt] = IGNORE
     for row in range(B):  # right padding of different lengths
-        labels[row, T - (row % 3):] = IGNORE
+        labels[row, T - (row % 3) :] = IGNORE
     for row in empty_rows:
         labels[row] = IGNORE
     ref_scores = -math.log(V) + 0.5 * torch.randn(B, generator=g, dtype=F64)
@@ -112,8 +113,11 @@ def fused(hidden, weight, bias, labels, ref_scores, backend, chunk_size=4, **kwa
 def assert_fused_matches(hidden, weight, bias, labels, ref_scores, backend, *, chunk_size=4, **kwargs):
     """The fused head equals `poft_loss` on float64 materialised logits, in value and gradients."""
     assert_matches(
-        fused_fn(labels, ref_scores, backend, chunk_size, **kwargs), functional_fn(labels, ref_scores, **kwargs),
-        (hidden, weight, bias), rtol=1e-10, atol=1e-10,
+        fused_fn(labels, ref_scores, backend, chunk_size, **kwargs),
+        functional_fn(labels, ref_scores, **kwargs),
+        (hidden, weight, bias),
+        rtol=1e-10,
+        atol=1e-10,
     )
 
 
@@ -190,8 +194,9 @@ def test_logits_gradient_is_weighted_ce_gradient(backend):
     labels[2, 4:] = IGNORE
     ref = torch.tensor([-2.0, -3.0, -2.5], dtype=F64)
     eye = torch.eye(V, dtype=F64, requires_grad=True)
-    loss = fused_linear_loss(logits, eye, labels, "poft", backend=backend, chunk_size=4, ref_scores=ref, beta=beta,
-                             gamma=gamma)
+    loss = fused_linear_loss(
+        logits, eye, labels, "poft", backend=backend, chunk_size=4, ref_scores=ref, beta=beta, gamma=gamma
+    )
     (grad,) = torch.autograd.grad(loss, [logits])
 
     z = logits.detach()
@@ -317,8 +322,17 @@ def test_metrics_are_per_sequence_means_and_plain_nll(backend):
     hidden, weight, b, labels, ref = make_inputs(B=3, T=8, seed=13)
     beta, gamma = 1.5, 0.3
     _, metrics = fused_linear_loss(
-        hidden, weight, labels, "poft", bias=b, backend=backend, chunk_size=4, ref_scores=ref, beta=beta,
-        gamma=gamma, return_metrics=True,
+        hidden,
+        weight,
+        labels,
+        "poft",
+        bias=b,
+        backend=backend,
+        chunk_size=4,
+        ref_scores=ref,
+        beta=beta,
+        gamma=gamma,
+        return_metrics=True,
     )
     logits = logits_of(hidden, weight, b).detach()
     mask = labels != IGNORE
@@ -338,8 +352,9 @@ def test_chunked_never_holds_full_logits():
     weight = (torch.randn(V, D, generator=g) / 4).requires_grad_(True)
     labels = torch.randint(0, V, (4, N_rows // 4), generator=g)
     with LargestTensor() as tracker:
-        loss = fused_linear_loss(hidden, weight, labels, "poft", backend="chunked", chunk_size=32,
-                                 ref_scores=torch.full((4,), -7.0))
+        loss = fused_linear_loss(
+            hidden, weight, labels, "poft", backend="chunked", chunk_size=32, ref_scores=torch.full((4,), -7.0)
+        )
         loss.backward()
     # tiles hold whole sequences (64 rows here, more than chunk_size=32): still never the whole batch's logits
     assert tracker.largest <= 64 * V < N_rows * V
@@ -370,8 +385,9 @@ def test_one_pass_equals_the_first_pass_form(chunk_size):
             rows.whole_sequence_tiles = False
             return super().prepare(rows, **inputs)
 
-    loss = fused_linear_loss(hidden, weight, labels, FirstPass(), bias=b, backend="chunked", chunk_size=chunk_size,
-                             ref_scores=ref)
+    loss = fused_linear_loss(
+        hidden, weight, labels, FirstPass(), bias=b, backend="chunked", chunk_size=chunk_size, ref_scores=ref
+    )
     grads = torch.autograd.grad(loss, [t for t in (hidden, weight, b) if t is not None])
     torch.testing.assert_close(loss.detach(), one_pass[0].detach(), rtol=1e-12, atol=1e-12)
     for grad, exp in zip(grads, one_pass[1]):
@@ -556,10 +572,12 @@ def test_models_given_as_paths_are_not_loaded_on_a_cache_hit(aligned_pair, tmp_p
 
 def test_empty_response_after_truncation_scores_nan_with_a_count(aligned_pair, tmp_path, caplog):
     model, tokenizer = aligned_pair[0]
-    dataset = Dataset.from_dict({
-        "prompt": ["Question: What is 2 plus 2?\nAnswer:", "Q: " + "What colour is snow? " * 8 + "\nA:"],
-        "completion": [" 2 plus 2 is 4.", " The colour of snow is white."],
-    })
+    dataset = Dataset.from_dict(
+        {
+            "prompt": ["Question: What is 2 plus 2?\nAnswer:", "Q: " + "What colour is snow? " * 8 + "\nA:"],
+            "completion": [" 2 plus 2 is 4.", " The colour of snow is white."],
+        }
+    )
     with caplog.at_level(logging.WARNING, logger="hf_plugins.data.scoring"):
         scored = score_with_aligned_models(dataset, model, tokenizer, max_length=40, cache_dir=str(tmp_path))
     first, second = scored["ref_score"]
@@ -588,18 +606,19 @@ def test_scoring_bad_inputs_raise(aligned_pair, tmp_path):
 
 # -------------------------------------------------------------------------------------------------- the trainer
 
+
 @pytest.fixture(scope="module")
 def scored_dataset(aligned_pair, tmp_path_factory):
     """16 conversations scored by the two aligned models (shared by the trainer tests)."""
     return score_with_aligned_models(
-        tiny_conversational_dataset(16), [m for m, _ in aligned_pair], [t for _, t in aligned_pair],
+        tiny_conversational_dataset(16),
+        [m for m, _ in aligned_pair],
+        [t for _, t in aligned_pair],
         cache_dir=str(tmp_path_factory.mktemp("scores")),
     )
 
 
-make_trainer = partial(
-    testing_utils.make_trainer, PoFTTrainer, PoFTConfig, init_seed=0, per_device_train_batch_size=4
-)
+make_trainer = partial(testing_utils.make_trainer, PoFTTrainer, PoFTConfig, init_seed=0, per_device_train_batch_size=4)
 
 
 def manual_loss(trainer, batch, scope="completion"):
@@ -658,8 +677,14 @@ def test_score_then_train_with_lora_and_accumulation(tiny_model_dir, tmp_path, a
     dataset = score_with_aligned_models(tiny_conversational_dataset(16), paths, cache_dir=str(tmp_path / "cache"))
     lora = tiny_lora_config(target_modules=["q_proj", "v_proj", "up_proj"])
     trainer = make_trainer(
-        tiny_model_dir, tmp_path / "out", dataset, peft_config=lora, learning_rate=5e-2, max_steps=4,
-        per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        tiny_model_dir,
+        tmp_path / "out",
+        dataset,
+        peft_config=lora,
+        learning_rate=5e-2,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
     )
     changed = train_and_list_changed_parameters(trainer)
     assert changed and all("lora_" in name for name in changed)
@@ -669,7 +694,7 @@ def test_score_then_train_with_lora_and_accumulation(tiny_model_dir, tmp_path, a
     assert len(weights) == len(margins) == len(nll) == 4
     assert all(0 < w < 1 for w in weights) and all(x > 0 for x in nll)
     assert margins[-1] > margins[0]  # the policy gains on the aligned models
-    for loss, margin, weight in zip(losses, margins, weights):  # weight ~ sigmoid(-margin) at beta=1, gamma=0
+    for loss, weight in zip(losses, weights):  # weight ~ sigmoid(-margin) at beta=1, gamma=0
         assert 0.2 < weight < 0.8 and 0.2 < loss < 3.0
 
 
@@ -677,8 +702,12 @@ def test_gradient_accumulation_4x1_equals_1x4(tiny_model_dir, tmp_path, scored_d
     runs = []
     for batch, accumulation in ((4, 1), (1, 4)):
         trainer = make_trainer(
-            tiny_model_dir, tmp_path / f"{batch}x{accumulation}", scored_dataset, beta=2.0,
-            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+            tiny_model_dir,
+            tmp_path / f"{batch}x{accumulation}",
+            scored_dataset,
+            beta=2.0,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
         )
         if batch == 4:  # the first logged loss is the mean over the first batch's sequences, from the logits
             first_batch = next(iter(trainer.get_train_dataloader()))
@@ -696,7 +725,9 @@ def test_resume_from_checkpoint_continues_the_run(tiny_model_dir, tmp_path, scor
 
     def make(output_dir, **overrides):
         peft_config = None if lora_dropout is None else tiny_lora_config(lora_dropout)
-        return make_trainer(tiny_model_dir, output_dir, scored_dataset, peft_config=peft_config, **settings, **overrides)
+        return make_trainer(
+            tiny_model_dir, output_dir, scored_dataset, peft_config=peft_config, **settings, **overrides
+        )
 
     full, resumed, _ = uninterrupted_and_resumed(make, tmp_path)
     assert len(logged(resumed)) == 4
@@ -707,11 +738,13 @@ def test_resume_from_checkpoint_continues_the_run(tiny_model_dir, tmp_path, scor
 def test_truncation_that_empties_a_response_skips_it_with_a_count(tiny_model_dir, tmp_path, aligned_pair, caplog):
     model, tokenizer = aligned_pair[0]
     long_prompt = [
-        {"role": "user", "content": "What colour is snow? " * 12}, {"role": "assistant", "content": "White."}
+        {"role": "user", "content": "What colour is snow? " * 12},
+        {"role": "assistant", "content": "White."},
     ]
     rows = list(tiny_conversational_dataset(6, multi_turn=False)["messages"]) + [long_prompt]
-    dataset = score_with_aligned_models(Dataset.from_dict({"messages": rows}), model, tokenizer,
-                                        cache_dir=str(tmp_path / "cache"))
+    dataset = score_with_aligned_models(
+        Dataset.from_dict({"messages": rows}), model, tokenizer, cache_dir=str(tmp_path / "cache")
+    )
     assert all(math.isfinite(x) for x in dataset["ref_score"])  # the scorer saw it whole
     with caplog.at_level(logging.WARNING):
         trainer = make_trainer(tiny_model_dir, tmp_path, dataset, max_length=40, max_steps=2)
@@ -724,8 +757,9 @@ def test_truncation_that_empties_a_response_skips_it_with_a_count(tiny_model_dir
 def test_trainer_bad_datasets_raise(tiny_model_dir, tmp_path, scored_dataset):
     with pytest.raises(ValueError, match="no `ref_score` column.*score_with_aligned_models"):
         make_trainer(tiny_model_dir, tmp_path, tiny_conversational_dataset(4))
-    bad = scored_dataset.select(range(4)).map(lambda row, i: {"ref_score": math.nan if i == 2 else row["ref_score"]},
-                                              with_indices=True)
+    bad = scored_dataset.select(range(4)).map(
+        lambda row, i: {"ref_score": math.nan if i == 2 else row["ref_score"]}, with_indices=True
+    )
     with pytest.raises(ValueError, match="holds 1 NaN or infinite.*dataset.filter"):
         make_trainer(tiny_model_dir, tmp_path, bad)
 
@@ -739,7 +773,11 @@ def test_packed_and_padding_free_training_equal_padded_training(
     flattened into one padding-free row) or padding-free, each sequence must get its own score, and the mean must be
     over sequences, not rows."""
     settings = dict(
-        per_device_train_batch_size=16, per_device_eval_batch_size=16, optim="sgd", learning_rate=2.0, beta=1.5,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        optim="sgd",
+        learning_rate=2.0,
+        beta=1.5,
         poft_target_scope=scope,
     )
     padded = make_trainer(tiny_model_dir, tmp_path / "padded", scored_dataset, **settings)

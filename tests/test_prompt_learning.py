@@ -44,13 +44,14 @@ from hf_plugins import (
     with_uds,
 )
 from hf_plugins.data.scoring import tokenize_response
+from hf_plugins.modeling import LossHead
 from hf_plugins.testing import (
     TOOL_CHAT_TEMPLATE,
     tiny_conversational_dataset,
     tiny_language_modeling_dataset,
     tiny_tool_calling_dataset,
 )
-from hf_plugins.modeling import LossHead
+
 
 peft = pytest.importorskip("peft")
 
@@ -76,7 +77,11 @@ def prepended(kind: str) -> int:
 def make_trainer(cls, config_cls, model_dir, output_dir, kind, *, dataset=None, **overrides):
     """`cls` with the prompt-learning adapter `kind` (None: no adapter), on 16 plain texts by default."""
     return testing_utils.make_trainer(
-        cls, config_cls, model_dir, output_dir, tiny_language_modeling_dataset(16) if dataset is None else dataset,
+        cls,
+        config_cls,
+        model_dir,
+        output_dir,
+        tiny_language_modeling_dataset(16) if dataset is None else dataset,
         peft_config=peft_config(kind) if kind is not None else None,
         init_seed=0,  # the same virtual-token initialisation in every trainer of a test
         **{"learning_rate": 5e-2, "per_device_train_batch_size": 4, **overrides},
@@ -148,7 +153,12 @@ def test_asft_loss_and_gradients_equal_a_hand_built_reference(tiny_model_dir, tm
     reference prediction: DFT alone there."""
     kl_coef = 0.5
     trainer = make_trainer(
-        ASFTTrainer, ASFTConfig, tiny_model_dir, tmp_path, kind, kl_coef=kl_coef,
+        ASFTTrainer,
+        ASFTConfig,
+        tiny_model_dir,
+        tmp_path,
+        kind,
+        kl_coef=kl_coef,
         model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=F64),
     )
     assert trainer.ref_model is None  # the adapters-off reference
@@ -186,7 +196,12 @@ def test_asft_separate_ref_model_equals_the_adapters_off_reference(tiny_model_di
     runs = {}
     for source, ref_model in (("adapters-off", None), ("path", tiny_model_dir)):
         trainer = make_trainer(
-            ASFTTrainer, ASFTConfig, tiny_model_dir, tmp_path / source, kind, kl_coef=0.5,
+            ASFTTrainer,
+            ASFTConfig,
+            tiny_model_dir,
+            tmp_path / source,
+            kind,
+            kl_coef=0.5,
             trainer_kwargs={"ref_model": ref_model},
         )
         assert (trainer.ref_model is None) == (ref_model is None)
@@ -202,8 +217,17 @@ def test_asft_triton_backend_trains_like_chunked_under_prompt_tuning(tiny_model_
     one_block_per_row(monkeypatch)
     runs = {}
     for backend in ("chunked", "triton"):
-        trainer = make_trainer(ASFTTrainer, ASFTConfig, tiny_model_dir, tmp_path / backend, "prompt_tuning",
-                               kl_coef=0.5, loss_backend=backend, max_steps=2, per_device_train_batch_size=2)
+        trainer = make_trainer(
+            ASFTTrainer,
+            ASFTConfig,
+            tiny_model_dir,
+            tmp_path / backend,
+            "prompt_tuning",
+            kl_coef=0.5,
+            loss_backend=backend,
+            max_steps=2,
+            per_device_train_batch_size=2,
+        )
         trainer.train()
         runs[backend] = (logged(trainer), logged(trainer, "kl"))
     assert runs["triton"][0] == pytest.approx(runs["chunked"][0], rel=1e-5)
@@ -218,8 +242,17 @@ def test_asft_triton_backend_trains_like_chunked_under_prompt_tuning(tiny_model_
 def test_poft_loss_is_poft_loss_of_peft_logits(tiny_model_dir, tmp_path, kind):
     dataset = tiny_conversational_dataset(8)
     dataset = dataset.add_column("ref_score", [-4.0 - 0.25 * i for i in range(len(dataset))])
-    trainer = make_trainer(PoFTTrainer, PoFTConfig, tiny_model_dir, tmp_path, kind, dataset=dataset, beta=1.5,
-                           gamma=0.5, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=F64))
+    trainer = make_trainer(
+        PoFTTrainer,
+        PoFTConfig,
+        tiny_model_dir,
+        tmp_path,
+        kind,
+        dataset=dataset,
+        beta=1.5,
+        gamma=0.5,
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=F64),
+    )
     batch = first_batch(trainer)
     loss = trainer.compute_loss(trainer.model, dict(batch))
     logits, labels = predicting_logits(trainer, batch, kind)
@@ -231,8 +264,16 @@ def test_poft_loss_is_poft_loss_of_peft_logits(tiny_model_dir, tmp_path, kind):
 def test_tl_loss_weighs_the_tokens_the_virtual_positions_predict(tiny_model_dir, tmp_path, kind):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = TOOL_CHAT_TEMPLATE
-    trainer = make_trainer(TLTrainer, TLConfig, tiny_model_dir, tmp_path, kind, dataset=tiny_tool_calling_dataset(8),
-                           tokenizer=tokenizer, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=F64))
+    trainer = make_trainer(
+        TLTrainer,
+        TLConfig,
+        tiny_model_dir,
+        tmp_path,
+        kind,
+        dataset=tiny_tool_calling_dataset(8),
+        tokenizer=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=F64),
+    )
     batch = first_batch(trainer)
     assert batch["token_weights"].max() > 1  # key tokens weigh more: a misaligned weight changes the loss
     loss = trainer.compute_loss(trainer.model, dict(batch))
@@ -288,10 +329,16 @@ def trl_style_run(cls, config_cls, model_dir, output_dir, kind=None, model=None,
     elif cls is PoFTTrainer:
         dataset = tiny_language_modeling_dataset(8)
         settings["dataset"] = dataset.add_column("ref_score", [-5.0] * len(dataset))
-    config = {"learning_rate": 2e-5, "lr_scheduler_type": "linear", "per_device_train_batch_size": 8,
-              "max_steps": 2, **overrides}
-    trainer = make_trainer(cls, config_cls, model_dir, output_dir, kind, model=model, tokenizer=tokenizer,
-                           **settings, **config)
+    config = {
+        "learning_rate": 2e-5,
+        "lr_scheduler_type": "linear",
+        "per_device_train_batch_size": 8,
+        "max_steps": 2,
+        **overrides,
+    }
+    trainer = make_trainer(
+        cls, config_cls, model_dir, output_dir, kind, model=model, tokenizer=tokenizer, **settings, **config
+    )
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     base_names = {f"base_model.{name}" for name, _ in base.named_parameters()}
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
@@ -332,8 +379,16 @@ def test_trl_prompt_tuning_with_gradient_checkpointing_and_a_peft_model(tiny_mod
     `test_prompt_tuning_peft_model` (the PEFT model built before the trainer)."""
     cls, config_cls, overrides = TRAINERS[trainer_name]
     config = peft.PromptEncoderConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=8)
-    trainer = make_trainer(cls, config_cls, tiny_model_dir, tmp_path / "a", None, gradient_checkpointing=True,
-                           trainer_kwargs={"peft_config": config}, **overrides)
+    trainer = make_trainer(
+        cls,
+        config_cls,
+        tiny_model_dir,
+        tmp_path / "a",
+        None,
+        gradient_checkpointing=True,
+        trainer_kwargs={"peft_config": config},
+        **overrides,
+    )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(logged(trainer))))
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), peft_config("p_tuning", 8))
@@ -347,8 +402,15 @@ def test_trl_prompt_tuning_with_gradient_checkpointing_and_a_peft_model(tiny_mod
 def test_uds_scores_the_callers_positions_under_prompt_tuning(tiny_model_dir, tmp_path, base):
     cls = with_uds(base)
     config_cls = getattr(cls, "config_class", None) or with_uds(SFTConfig)
-    trainer = make_trainer(cls, config_cls, tiny_model_dir, tmp_path, "prompt_tuning", max_steps=2,
-                           dataset=tiny_conversational_dataset(16))
+    trainer = make_trainer(
+        cls,
+        config_cls,
+        tiny_model_dir,
+        tmp_path,
+        "prompt_tuning",
+        max_steps=2,
+        dataset=tiny_conversational_dataset(16),
+    )
     trainer.train()
     assert all(torch.isfinite(torch.tensor(logged(trainer))))
     assert len(logged(trainer, "uds/utility")) == 2 and all(u > 0 for u in logged(trainer, "uds/utility"))

@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
+from testing_utils import logged as logged_values
+from testing_utils import tiny_lora_config
 from transformers import AutoTokenizer, BitsAndBytesConfig
 from trl import SFTConfig, SFTTrainer
 
-from testing_utils import logged as logged_values, tiny_lora_config
-
 from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer
 from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
+
 
 bnb = pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install 'hf-plugins[qlora]'")
 

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,3 +25,13 @@ def test_ci_runs_the_readme_test_line_as_typed():
     assert quickstart_commands()[1] in ci_lines
     # nothing in CI's own environment that a user would not have: the suite sets its defaults itself (conftest.py)
     assert not any(line.startswith("export ") for line in ci_lines)
+
+
+def test_ci_lints_before_the_tests_with_the_pinned_ruff():
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    lint = next(i for i, line in enumerate(ci_lines) if "ruff check ." in line and "ruff format --check ." in line)
+    assert lint < ci_lines.index(quickstart_commands()[1])
+    pinned = re.search(r'"(ruff==[0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert f'"{pinned}"' in ci_lines[lint]
+    hook = re.search(r"ruff-pre-commit\n\s+rev: v([0-9.]+)", (ROOT / ".pre-commit-config.yaml").read_text()).group(1)
+    assert pinned == f"ruff=={hook}"

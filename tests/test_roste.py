@@ -19,10 +19,10 @@ from hf_plugins import FusedSFTConfig, FusedSFTTrainer, RoSTEConfig, RoSTETraine
 from hf_plugins.demo.packages import DEMO_INSTALL_HINT, missing_demo_packages
 from hf_plugins.quantization import (
     HadamardTransform,
-    clear_weight_caches,
     QuantConfig,
     QuantLinear,
     QuantSpec,
+    clear_weight_caches,
     export_roste,
     fake_quantize,
     fake_quantize_values,
@@ -41,6 +41,7 @@ from hf_plugins.quantization import (
 )
 from hf_plugins.quantization.hadamard import _checked_hadamard
 from hf_plugins.testing import CPU_TRAINING_ARGS, build_tiny_model, build_tokenizer, tiny_conversational_dataset
+
 
 OFF = QuantSpec(16)
 QUANT_OFF = QuantConfig(OFF, OFF, OFF)
@@ -87,7 +88,9 @@ def test_asymmetric_quantiser_hand_computed():
     codes, scale, zero = quantize_to_grid(x, QuantSpec(2, symmetric=False))
     assert codes.tolist() == [[0.0, 1.0, 3.0]] and zero.item() == 1.0
     torch.testing.assert_close(scale, torch.tensor([[4.0 / 3]], dtype=F64))
-    torch.testing.assert_close(fake_quantize_values(x, QuantSpec(2, symmetric=False)), 4.0 / 3 * torch.tensor([[-1.0, 0, 2]], dtype=F64))
+    torch.testing.assert_close(
+        fake_quantize_values(x, QuantSpec(2, symmetric=False)), 4.0 / 3 * torch.tensor([[-1.0, 0, 2]], dtype=F64)
+    )
     # an all-positive row still represents 0 exactly (the range is widened to include it)
     y = torch.tensor([[1.0, 2.0, 3.0]], dtype=F64)
     q = fake_quantize_values(y, QuantSpec(3, symmetric=False))
@@ -127,7 +130,9 @@ def test_quantiser_edge_cases():
     assert errors[0] > errors[1] > errors[2] > 0
 
 
-@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(2, symmetric=False, clip_ratio=0.5)], ids=["sym", "asym-clip"])
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(4), QuantSpec(2, symmetric=False, clip_ratio=0.5)], ids=["sym", "asym-clip"]
+)
 def test_ste_gradient_is_the_identity(spec):
     x = (3 * torch.randn(4, 9, dtype=F64)).requires_grad_(True)
     g = torch.randn(4, 9, dtype=F64)
@@ -208,8 +213,18 @@ def test_unknown_size_falls_back_to_a_seeded_random_orthogonal_matrix():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_rotated_unquantised_model_equals_original_float64(tokenizer, arch, tie):
     # hidden 48 = 12 x 4 (Paley), intermediate 80 = 20 x 4, head_dim 12: every transform is a Kronecker one
-    model = random_norms(build_tiny_model(tokenizer, arch=arch, dtype=F64, tie_word_embeddings=tie, hidden_size=48,
-                                          num_heads=4, num_kv_heads=2, intermediate_size=80))
+    model = random_norms(
+        build_tiny_model(
+            tokenizer,
+            arch=arch,
+            dtype=F64,
+            tie_word_embeddings=tie,
+            hidden_size=48,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=80,
+        )
+    )
     ids = input_ids()
     expected = model(ids).logits
     rotated = copy.deepcopy(model)
@@ -250,8 +265,11 @@ def test_quant_linear_weight_gradient_is_ste_through_the_rotation(tokenizer):
     """The cached-weight autograd function equals autograd on `x_q @ (W_eff + sg(Q(W_eff) - W_eff))ᵀ`."""
     model = build_tiny_model(tokenizer, dtype=F64)
     prepare_model_for_roste(model, W4A4KV4, rotations="all")
-    for module in (model.model.layers[0].mlp.down_proj, model.model.layers[0].self_attn.o_proj,
-                   model.model.layers[0].self_attn.v_proj):
+    for module in (
+        model.model.layers[0].mlp.down_proj,
+        model.model.layers[0].self_attn.o_proj,
+        model.model.layers[0].self_attn.v_proj,
+    ):
         x = torch.randn(3, 5, module.in_features, dtype=F64, requires_grad=True)
         g = torch.randn(3, 5, module.out_features, dtype=F64)
         (module(x) * g).sum().backward()
@@ -384,14 +402,43 @@ def test_cli_export_quantized_then_load_roste_model_reproduces_the_training_forw
     from hf_plugins.cli import main
 
     tiny_conversational_dataset(16).save_to_disk(str(tmp_path / "data"))
-    code = main([
-        "roste", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(tmp_path / "data"),
-        "--output_dir", str(tmp_path / "out"), "--export_quantized", str(tmp_path / "q"), "--max_steps", "3",
-        "--learning_rate", "3e-3", "--per_device_train_batch_size", "4", "--max_length", "64",
-        "--rotation_search_samples", "4", "--rotation_search_max_length", "32", "--bf16", "False",
-        "--use_cpu", "True", "--gradient_checkpointing", "False", "--report_to", "none", "--save_strategy", "no",
-        "--dataloader_num_workers", "0",
-    ])
+    code = main(
+        [
+            "roste",
+            "--model_name_or_path",
+            tiny_model_dir,
+            "--dataset_name",
+            str(tmp_path / "data"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--export_quantized",
+            str(tmp_path / "q"),
+            "--max_steps",
+            "3",
+            "--learning_rate",
+            "3e-3",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_length",
+            "64",
+            "--rotation_search_samples",
+            "4",
+            "--rotation_search_max_length",
+            "32",
+            "--bf16",
+            "False",
+            "--use_cpu",
+            "True",
+            "--gradient_checkpointing",
+            "False",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--dataloader_num_workers",
+            "0",
+        ]
+    )
     assert code == 0, capsys.readouterr().err[-2000:]
     assert "quantised model exported to" in capsys.readouterr().out
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # the rotated float model and its configs
@@ -412,10 +459,18 @@ def test_cli_export_quantized_then_load_roste_model_reproduces_the_training_forw
 def make_trainer(tokenizer, cls=RoSTETrainer, config_cls=RoSTEConfig, model=None, steps=8, output_dir=None, **kwargs):
     """`cls` on a tiny model built in memory (by default), 48 conversations and 16 to evaluate on."""
     return testing_utils.make_trainer(
-        cls, config_cls, None, output_dir or mkdtemp(), tiny_conversational_dataset(48),
-        model=model if model is not None else build_tiny_model(tokenizer), tokenizer=tokenizer,
-        eval_dataset=tiny_conversational_dataset(16, seed=1), max_steps=steps, per_device_train_batch_size=4,
-        learning_rate=3e-3, **kwargs,
+        cls,
+        config_cls,
+        None,
+        output_dir or mkdtemp(),
+        tiny_conversational_dataset(48),
+        model=model if model is not None else build_tiny_model(tokenizer),
+        tokenizer=tokenizer,
+        eval_dataset=tiny_conversational_dataset(16, seed=1),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        **kwargs,
     )
 
 
@@ -484,7 +539,9 @@ def test_sixteen_bits_without_rotations_equals_plain_sft(tokenizer):
     assert train_losses(roste) == pytest.approx(train_losses(sft), rel=1e-6)
     # and with quantisation on, the losses differ (this comparison can fail)
     quantised = make_trainer(tokenizer, steps=2, rotations="none")
-    assert train_losses(quantised)[0] != pytest.approx(train_losses(make_trainer(tokenizer, cls=FusedSFTTrainer, config_cls=FusedSFTConfig, steps=2))[0], rel=1e-6)
+    assert train_losses(quantised)[0] != pytest.approx(
+        train_losses(make_trainer(tokenizer, cls=FusedSFTTrainer, config_cls=FusedSFTConfig, steps=2))[0], rel=1e-6
+    )
 
 
 @pytest.mark.slow
@@ -504,29 +561,46 @@ def test_roste_beats_sft_then_rtn_on_the_real_model_at_equal_steps():
     train, test = data["train"].shuffle(seed=0).select(range(12)), data["test"].select(range(8))
     steps = 3
     common = dict(
-        max_steps=steps, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=1e-5,
-        lr_scheduler_type="constant", max_length=48, **{**CPU_TRAINING_ARGS, "logging_steps": 1000},
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        max_length=48,
+        **{**CPU_TRAINING_ARGS, "logging_steps": 1000},
     )
 
     def load():
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
 
-    sft = FusedSFTTrainer(model=load(), args=FusedSFTConfig(output_dir=mkdtemp(), **common), train_dataset=train,
-                          eval_dataset=test, processing_class=tokenizer)
+    sft = FusedSFTTrainer(
+        model=load(),
+        args=FusedSFTConfig(output_dir=mkdtemp(), **common),
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+    )
     sft.train()
     float_eval = sft.evaluate()["eval_loss"]
     prepare_model_for_roste(sft.model, W4A4KV4, rotations="none")
     rtn_eval = sft.evaluate()["eval_loss"]
 
-    roste = RoSTETrainer(model=load(), args=RoSTEConfig(output_dir=mkdtemp(), rotation_search_samples=4, **common),
-                         train_dataset=train, eval_dataset=test, processing_class=tokenizer)
+    roste = RoSTETrainer(
+        model=load(),
+        args=RoSTEConfig(output_dir=mkdtemp(), rotation_search_samples=4, **common),
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+    )
     before = roste.evaluate()["eval_loss"]
     roste.train()
     roste_eval = roste.evaluate()["eval_loss"]
-    print(f"eval loss: SFT float {float_eval:.3f}, SFT -> RTN W4A4KV4 {rtn_eval:.3f}, "
-          f"RoSTE W4A4KV4 {before:.3f} before training, {roste_eval:.3f} after")
-    assert roste_eval < before
-    assert roste_eval < rtn_eval
+    summary = (
+        f"eval loss: SFT float {float_eval:.3f}, SFT -> RTN W4A4KV4 {rtn_eval:.3f}, "
+        f"RoSTE W4A4KV4 {before:.3f} before training, {roste_eval:.3f} after"
+    )
+    assert roste_eval < before, summary
+    assert roste_eval < rtn_eval, summary
 
 
 @pytest.mark.parametrize("attention_dropout", [0.0, 0.1], ids=["no-dropout", "attention-dropout"])
@@ -560,8 +634,17 @@ def test_unsupported_architecture_lists_the_supported_ones(tokenizer):
         prepare_model_for_roste(gpt2, W4A4KV4, rotations="all")
 
 
-@pytest.mark.parametrize("field,value", [("w_bits", 1), ("a_bits", 17), ("kv_bits", 4.5), ("w_clip_ratio", 0.0),
-                                         ("rotations", "some"), ("rotation_search_samples", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("w_bits", 1),
+        ("a_bits", 17),
+        ("kv_bits", 4.5),
+        ("w_clip_ratio", 0.0),
+        ("rotations", "some"),
+        ("rotation_search_samples", 0),
+    ],
+)
 def test_bad_config_values(field, value):
     with pytest.raises(ValueError, match=field):
         RoSTEConfig(output_dir="unused", **{field: value}, **CPU_TRAINING_ARGS)
@@ -592,13 +675,22 @@ def test_quantised_model_peft_and_prebuilt_optimizer_are_refused(tokenizer):
     with pytest.raises(ValueError, match="already quantised"):
         make_trainer(tokenizer, model=model)
     with pytest.raises(ValueError, match="peft_config"):
-        RoSTETrainer(model=build_tiny_model(tokenizer), args=RoSTEConfig(output_dir="unused", **CPU_TRAINING_ARGS),
-                     train_dataset=tiny_conversational_dataset(8), processing_class=tokenizer, peft_config=object())
+        RoSTETrainer(
+            model=build_tiny_model(tokenizer),
+            args=RoSTEConfig(output_dir="unused", **CPU_TRAINING_ARGS),
+            train_dataset=tiny_conversational_dataset(8),
+            processing_class=tokenizer,
+            peft_config=object(),
+        )
     m = build_tiny_model(tokenizer)
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
-        RoSTETrainer(model=m, args=RoSTEConfig(output_dir="unused", **CPU_TRAINING_ARGS),
-                     train_dataset=tiny_conversational_dataset(8), processing_class=tokenizer,
-                     optimizers=(torch.optim.SGD(m.parameters(), lr=0.1), None))
+        RoSTETrainer(
+            model=m,
+            args=RoSTEConfig(output_dir="unused", **CPU_TRAINING_ARGS),
+            train_dataset=tiny_conversational_dataset(8),
+            processing_class=tokenizer,
+            optimizers=(torch.optim.SGD(m.parameters(), lr=0.1), None),
+        )
     prepared = build_tiny_model(tokenizer)
     prepare_model_for_roste(prepared, W4A4KV4, rotations="none")
     with pytest.raises(ValueError, match="only once"):

@@ -2,8 +2,8 @@
 the command line, the demo, the exports, the docs and the examples; imports that flow one way, without cycles."""
 
 import ast
-import importlib
 import graphlib
+import importlib
 import pprint
 import re
 import subprocess
@@ -15,6 +15,7 @@ import pytest
 import hf_plugins
 from hf_plugins import cli
 from hf_plugins.trainers import TRAINERS
+
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_plugins"
@@ -116,6 +117,7 @@ LAYERS = {
     "fused loss head": ("ops",),
     "utilities": ("utils",),
 }
+
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts

@@ -12,8 +12,8 @@ from trl.chat_template_utils import has_generation_markers, is_chat_template_sto
 from trl.data_utils import is_conversational
 
 from hf_plugins.testing import (
-    CPU_TRAINING_ARGS,
     CHAT_TEMPLATE,
+    CPU_TRAINING_ARGS,
     IM_END,
     IM_START,
     build_tiny_model,
@@ -22,6 +22,7 @@ from hf_plugins.testing import (
     tiny_language_modeling_dataset,
     tiny_prompt_completion_dataset,
 )
+
 
 SENTENCE = "What is the capital of France? The capital of France is Paris, and 7 plus 8 is 15."
 

@@ -53,6 +53,7 @@ from hf_plugins.testing import (
 )
 from hf_plugins.trainers.tl_trainer import per_sequence_normalized
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -81,7 +82,9 @@ def call(name, **arguments):
 
 
 PAPER_TOOLS = [
-    schema("getPapersByKeywords", "keywords"), schema("getPaperDetails", "paper_id"), schema("finish", "answer")
+    schema("getPapersByKeywords", "keywords"),
+    schema("getPaperDetails", "paper_id"),
+    schema("finish", "answer"),
 ]
 
 
@@ -90,7 +93,7 @@ def name_tokens(tokenizer, name, left='"', right='"'):
     text = left + name + right
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     low, high = len(left), len(left) + len(name)
-    return [text[max(s, low):min(e, high)] for s, e in encoding["offset_mapping"] if e > low and s < high]
+    return [text[max(s, low) : min(e, high)] for s, e in encoding["offset_mapping"] if e > low and s < high]
 
 
 def trained_text(tokenizer, out):
@@ -122,7 +125,7 @@ def test_shared_prefix_gives_two_key_tokens(tool_tokenizer):
     # everything before the second key token is the common token prefix, and the names differ right there
     assert shared == "".join(other[: keys[1]]) and shared.startswith("get") and "getPaper".startswith(shared[:8])
     assert tokens[keys[1]] != other[keys[1]]
-    assert "".join(tokens[keys[1]:]).startswith("s")  # the `s` of getPaper-s-ByKeywords vs getPaper-D-etails
+    assert "".join(tokens[keys[1] :]).startswith("s")  # the `s` of getPaper-s-ByKeywords vs getPaper-D-etails
 
 
 def test_no_shared_prefix_gives_one_key_token(tool_tokenizer):
@@ -372,7 +375,13 @@ def test_fused_weighted_head_matches_weighted_sft_loss_float64(backend, normaliz
     else:
         num_items = int((labels != IGNORE).sum())
     loss = fused_linear_loss(
-        hidden, weight, labels, "weighted", backend=backend, chunk_size=4, token_weights=weights,
+        hidden,
+        weight,
+        labels,
+        "weighted",
+        backend=backend,
+        chunk_size=4,
+        token_weights=weights,
         num_items_in_batch=num_items,
     )
     grads = torch.autograd.grad(loss, [hidden, weight])
@@ -404,11 +413,17 @@ def test_all_weights_one_is_the_per_sample_mean_sft_loss():
 
 # ---------------------------------------------------------------------------------------------------- the trainer
 
+
 def make_trainer(model_dir, output_dir, dataset=None, **overrides):
     """`TLTrainer` on 16 tool-calling conversations (by default), rendered with the tool-calling template."""
     return testing_utils.make_trainer(
-        TLTrainer, TLConfig, model_dir, output_dir, tiny_tool_calling_dataset(16) if dataset is None else dataset,
-        chat_template=TOOL_CHAT_TEMPLATE, **{"per_device_train_batch_size": 4, **overrides},
+        TLTrainer,
+        TLConfig,
+        model_dir,
+        output_dir,
+        tiny_tool_calling_dataset(16) if dataset is None else dataset,
+        chat_template=TOOL_CHAT_TEMPLATE,
+        **{"per_device_train_batch_size": 4, **overrides},
     )
 
 
@@ -486,8 +501,12 @@ def test_gradient_accumulation_4x1_equals_1x4_with_sample_normalisation(tiny_mod
     runs = []
     for batch, accumulation, normalization in ((4, 1, "sample"), (1, 4, "sample"), (4, 1, "token")):
         trainer = make_trainer(
-            tiny_model_dir, tmp_path / f"{batch}x{accumulation}{normalization}", optim="sgd", learning_rate=0.5,
-            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+            tiny_model_dir,
+            tmp_path / f"{batch}x{accumulation}{normalization}",
+            optim="sgd",
+            learning_rate=0.5,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
             weight_normalization=normalization,
         )
         trainer.train()
@@ -521,7 +540,7 @@ def test_max_length_truncates_the_weights_with_the_tokens(tiny_model_dir, tmp_pa
     rows = trainer.train_dataset
     assert all(len(r["input_ids"]) == len(r["labels"]) == len(r["token_weights"]) <= 200 for r in rows)
     cut = slice(None, 200) if mode == "keep_start" else slice(-200, None)
-    kept = [{k: v[cut] for k, v in f.items()} for f in full if any(l != IGNORE for l in f["labels"][cut])]
+    kept = [{k: v[cut] for k, v in f.items()} for f in full if any(label != IGNORE for label in f["labels"][cut])]
     assert 0 < len(rows) == len(kept) < 16 if mode == "keep_start" else len(rows) == len(kept)
     for row, expected in zip(rows, kept):
         assert row["input_ids"] == expected["input_ids"] and row["token_weights"] == expected["token_weights"]
@@ -566,7 +585,10 @@ def test_packed_and_padding_free_training_equal_padded_training(tiny_model_dir, 
     normalise and count each packed sequence, not each row."""
     dataset = tiny_tool_calling_dataset(12)
     settings = dict(
-        per_device_train_batch_size=12, optim="sgd", learning_rate=2.0, weight_normalization=normalization,
+        per_device_train_batch_size=12,
+        optim="sgd",
+        learning_rate=2.0,
+        weight_normalization=normalization,
         max_steps=3,
     )
     padded = make_trainer(tiny_model_dir, tmp_path / "padded", dataset, **settings)
@@ -592,8 +614,13 @@ def test_wrapped_packing_keeps_the_weights_with_their_tokens(tiny_model_dir, tmp
     dataset = tiny_tool_calling_dataset(8)
     unpacked = make_trainer(tiny_model_dir, tmp_path / "unpacked", dataset, weight_normalization="token")
     wrapped = make_trainer(
-        tiny_model_dir, tmp_path / "wrapped", dataset, weight_normalization="token", packing=True,
-        packing_strategy="wrapped", max_length=128,
+        tiny_model_dir,
+        tmp_path / "wrapped",
+        dataset,
+        weight_normalization="token",
+        packing=True,
+        packing_strategy="wrapped",
+        max_length=128,
     )
     rows = wrapped.train_dataset
     assert all(len(r["token_weights"]) == len(r["input_ids"]) for r in rows) and len(rows) > len(dataset)
@@ -608,8 +635,11 @@ def test_wrapped_packing_keeps_the_weights_with_their_tokens(tiny_model_dir, tmp
 
 @pytest.mark.parametrize("strategy", ["wrapped", "bfd_split"])
 def test_sample_normalisation_refuses_packing_that_cuts_sequences(tiny_model_dir, tmp_path, strategy):
-    with pytest.raises(ValueError, match=f"packing_strategy='{strategy}'` cuts sequences.*TLTrainer needs each "
-                                         "sequence whole.*weight_normalization='sample'"):
+    with pytest.raises(
+        ValueError,
+        match=f"packing_strategy='{strategy}'` cuts sequences.*TLTrainer needs each "
+        "sequence whole.*weight_normalization='sample'",
+    ):
         make_trainer(tiny_model_dir, tmp_path, packing=True, packing_strategy=strategy)
     trainer = make_trainer(
         tiny_model_dir, tmp_path, packing=True, packing_strategy=strategy, weight_normalization="token", max_length=128
@@ -638,9 +668,16 @@ CASES = [
     ("correct", "get_weather", {"unit": "C", "city": "Paris"}, "get_weather(city='Paris', unit='C')"),
 ]
 REWARDS = {
-    "format_error": -2, "tool_hallucination": -2, "wrong_tool": -1.5, "param_hallucinated_redundant_missing": -1.8,
-    "param_hallucinated_and_redundant_or_missing": -1.3, "param_redundant_and_missing": -1.0,
-    "param_hallucinated": -0.8, "param_redundant_or_missing": -0.5, "wrong_value": -0.25, "correct": 1.0,
+    "format_error": -2,
+    "tool_hallucination": -2,
+    "wrong_tool": -1.5,
+    "param_hallucinated_redundant_missing": -1.8,
+    "param_hallucinated_and_redundant_or_missing": -1.3,
+    "param_redundant_and_missing": -1.0,
+    "param_hallucinated": -0.8,
+    "param_redundant_or_missing": -0.5,
+    "wrong_value": -0.25,
+    "correct": 1.0,
 }
 
 
@@ -649,7 +686,7 @@ def python_form(name, arguments):
 
 
 def json_form(name, arguments):
-    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
 def test_category_table_is_the_spec_table():
@@ -719,8 +756,12 @@ def test_reward_logs_category_counts_and_checks_its_columns():
     logs = {}
     completions = ["get_weather(city='Paris')", "nothing", "get_weather(city='Rome')", "nothing either"]
     rewards = tool_call_reward(
-        prompts=["p"] * 4, completions=completions, gold_call=[GOLD] * 4, tools=[REWARD_TOOLS] * 4,
-        log_metric=lambda name, value: logs.__setitem__(name, value), trainer_state=None,
+        prompts=["p"] * 4,
+        completions=completions,
+        gold_call=[GOLD] * 4,
+        tools=[REWARD_TOOLS] * 4,
+        log_metric=lambda name, value: logs.__setitem__(name, value),
+        trainer_state=None,
     )
     assert rewards == [1.0, -2.0, -0.25, -2.0]
     assert logs["tool_call/format_error"] == 2
@@ -780,15 +821,24 @@ def test_grpo_trainer_runs_two_steps_with_the_reward(tiny_model_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = TOOL_CHAT_TEMPLATE
     args = GRPOConfig(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-        max_completion_length=16, learning_rate=1e-3, beta=0.0, **CPU_TRAINING_ARGS,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=16,
+        learning_rate=1e-3,
+        beta=0.0,
+        **CPU_TRAINING_ARGS,
     )
     dataset = tiny_tool_calling_dataset(8, seed=1).map(
         render_tool_prompt, fn_kwargs={"tokenizer": tokenizer}, remove_columns=["messages"]
     )
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=[tool_call_reward], args=args,
-        train_dataset=dataset, processing_class=tokenizer,
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        reward_funcs=[tool_call_reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     trainer.train()
     steps = [entry for entry in trainer.state.log_history if "reward" in entry]
@@ -803,12 +853,32 @@ def test_grpo_trainer_runs_two_steps_with_the_reward(tiny_model_dir, tmp_path):
 def test_examples_run_offline(tmp_path):
     env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     sft = run_script(
-        [sys.executable, os.path.join(ROOT, "examples", "tl_training", "sft.py"),
-         "--output-dir", tmp_path / "sft", "--max-steps", "5", "--rows", "16"], env=env,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "tl_training", "sft.py"),
+            "--output-dir",
+            tmp_path / "sft",
+            "--max-steps",
+            "5",
+            "--rows",
+            "16",
+        ],
+        env=env,
     )
     assert "model saved" in sft.stdout
     grpo = run_script(
-        [sys.executable, os.path.join(ROOT, "examples", "tl_training", "grpo.py"), "--model", tmp_path / "sft",
-         "--output-dir", tmp_path / "grpo", "--max-steps", "2", "--rows", "8"], env=env,
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "tl_training", "grpo.py"),
+            "--model",
+            tmp_path / "sft",
+            "--output-dir",
+            tmp_path / "grpo",
+            "--max-steps",
+            "2",
+            "--rows",
+            "8",
+        ],
+        env=env,
     )
     assert "mean reward" in grpo.stdout

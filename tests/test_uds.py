@@ -37,6 +37,7 @@ from hf_plugins.losses.uds import (
 from hf_plugins.modeling import logit_transform
 from hf_plugins.testing import LOGIT_TRANSFORM_ARCHS, save_tiny_model, tiny_conversational_dataset
 
+
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 
@@ -92,7 +93,9 @@ def test_hidden_state_scores_equal_svdvals_and_fft_sketch_float64(case, bias, ma
     mask = padded_mask(case["lengths"], case["N"], side)
     constants = SketchConstants.draw(T, V, 4, 16, gen(2))
 
-    utility, sketch = scores_from_hidden(hidden, head_factors(weight, b, constants, F64), constants, mask, mask_padding)
+    utility, sketch = scores_from_hidden(
+        hidden, head_factors(weight, b, constants, F64), constants, mask, mask_padding
+    )
 
     logits = reference_logits(hidden, weight, b, mask, mask_padding)
     expected_utility = nuclear_norms_from_logits(logits)
@@ -242,7 +245,10 @@ def test_selection_keeps_the_top_k_of_utility_plus_alpha_diversity():
     plain = attached_callback(keep=2, alpha=0.0)
     assert plain.select_from_scores(utility, diversity, sketch).indices.tolist() == [1, 3]
     # a last batch smaller than keep is kept whole
-    assert attached_callback(keep=3).select_from_scores(utility[:2], diversity[:2], sketch[:2]).indices.tolist() == [0, 1]
+    assert attached_callback(keep=3).select_from_scores(utility[:2], diversity[:2], sketch[:2]).indices.tolist() == [
+        0,
+        1,
+    ]
 
 
 def test_random_mode_is_seeded_and_touches_no_memory():
@@ -286,10 +292,27 @@ def test_bad_settings_raise(tmp_path, overrides, match):
 
 def test_config_from_the_command_line(tmp_path):
     parser = HfArgumentParser(with_uds(FusedSFTConfig))
-    base = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none", "--per_device_train_batch_size", "8"]
+    base = [
+        "--output_dir",
+        str(tmp_path),
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--per_device_train_batch_size",
+        "8",
+    ]
     (config,) = parser.parse_args_into_dataclasses(base)
-    assert (config.uds_keep, config.uds_alpha, config.uds_memory_size, config.uds_sketch_rows, config.uds_sketch_cols,
-            config.uds_start_step, config.uds_mask_padding, config.uds_mode) == (1, 1.5e-3, 1024, 8, 128, 0, True, "uds")
+    assert (
+        config.uds_keep,
+        config.uds_alpha,
+        config.uds_memory_size,
+        config.uds_sketch_rows,
+        config.uds_sketch_cols,
+        config.uds_start_step,
+        config.uds_mask_padding,
+        config.uds_mode,
+    ) == (1, 1.5e-3, 1024, 8, 128, 0, True, "uds")
     (config,) = parser.parse_args_into_dataclasses(
         [*base, "--uds_keep", "2", "--uds_alpha", "0.01", "--uds_mask_padding", "false", "--uds_mode", "random"]
     )
@@ -480,8 +503,15 @@ def test_gradient_accumulation_normalisation_equals_training_on_the_selected_exa
     assert len(order) == 12
 
     plain = testing_utils.make_trainer(
-        InOrderFusedSFTTrainer, FusedSFTConfig, tiny_model_dir, tmp_path / "plain", dataset.select(order), **UDS_ARGS,
-        max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        InOrderFusedSFTTrainer,
+        FusedSFTConfig,
+        tiny_model_dir,
+        tmp_path / "plain",
+        dataset.select(order),
+        **UDS_ARGS,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
     )
     plain.train()
     assert logged(uds) == pytest.approx(logged(plain), rel=1e-5, abs=1e-6)
@@ -541,8 +571,12 @@ def test_gradient_checkpointing_and_evaluation(tiny_model_dir, tmp_path):
     plain = make_trainer(tiny_model_dir, tmp_path / "plain")
     plain.train()
     busy = make_trainer(
-        tiny_model_dir, tmp_path / "busy", eval_dataset=tiny_conversational_dataset(8, seed=1),
-        gradient_checkpointing=True, eval_strategy="steps", eval_steps=1,
+        tiny_model_dir,
+        tmp_path / "busy",
+        eval_dataset=tiny_conversational_dataset(8, seed=1),
+        gradient_checkpointing=True,
+        eval_strategy="steps",
+        eval_steps=1,
     )
     busy.train()
     assert logged(busy) == pytest.approx(logged(plain), abs=1e-6)
@@ -637,8 +671,9 @@ def test_method_trainers_with_extra_columns_select_them_with_the_examples(tiny_m
     elif method == "tl":
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
         tokenizer.chat_template = TOOL_CHAT_TEMPLATE
-        trainer = make_trainer(tiny_model_dir, tmp_path, TLTrainer, dataset=tiny_tool_calling_dataset(16),
-                               tokenizer=tokenizer)
+        trainer = make_trainer(
+            tiny_model_dir, tmp_path, TLTrainer, dataset=tiny_tool_calling_dataset(16), tokenizer=tokenizer
+        )
         column = "token_weights"
     else:
         trainer = make_trainer(tiny_model_dir, tmp_path, OTRTrainer)

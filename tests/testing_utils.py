@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
 from hf_plugins.utils import interpreter_enabled
 
+
 IGNORE = -100
 F64 = torch.float64
 #: Every backend of the fused head that runs on a CPU (Triton under its interpreter)
@@ -128,7 +129,8 @@ def float64_copies(inputs):
     the originals do; everything else as it is."""
     return tuple(
         t.detach().to(F64).requires_grad_(t.requires_grad)
-        if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+        else t
         for t in inputs
     )
 
@@ -161,8 +163,12 @@ def assert_matches(actual_fn, expected_fn, inputs, *, rtol, atol, grad_rtol=None
             assert grad is not None and grad.dtype == leaf.dtype and grad.shape == leaf.shape
     differentiated = [(g, e) for g, e in zip(actual.grads, expected.grads) if e is not None]
     assert_close_loss_and_grads(
-        (actual.loss, [g for g, _ in differentiated]), (expected.loss, [e for _, e in differentiated]),
-        rtol=rtol, atol=atol, grad_rtol=grad_rtol, grad_atol=grad_atol,
+        (actual.loss, [g for g, _ in differentiated]),
+        (expected.loss, [e for _, e in differentiated]),
+        rtol=rtol,
+        atol=atol,
+        grad_rtol=grad_rtol,
+        grad_atol=grad_atol,
     )
     return actual, expected
 
@@ -212,9 +218,22 @@ def tiny_lora_config(lora_dropout: float = 0.0, **overrides):
     return LoraConfig(**{**settings, "lora_dropout": lora_dropout, **overrides})
 
 
-def make_trainer(trainer_cls, config_cls, model_dir, output_dir, dataset=None, *, model=None, tokenizer=None,
-                 chat_template=None, eval_dataset=None, peft_config=None, init_seed=None, trainer_kwargs=None,
-                 **config):
+def make_trainer(
+    trainer_cls,
+    config_cls,
+    model_dir,
+    output_dir,
+    dataset=None,
+    *,
+    model=None,
+    tokenizer=None,
+    chat_template=None,
+    eval_dataset=None,
+    peft_config=None,
+    init_seed=None,
+    trainer_kwargs=None,
+    **config,
+):
     """A `trainer_cls` on the tiny model, configured by `config_cls(output_dir=output_dir, **config)` over `CPU_ARGS`
     and 3 steps. Test files fix their method's defaults with `functools.partial` (or a small wrapper) over this.
 

@@ -19,6 +19,7 @@ import re
 
 import griffe
 
+
 _GROUP_HEADING = re.compile(r"^[ \t]*> Parameters that control\b.*\n(?:[ \t]*\n)?", re.MULTILINE)
 # `[`name`]` not followed by a link target: `(url)` or `[id]`
 _HF_XREF = re.compile(r"\[`(~?)([\w.]+)`\](?![(\[])")

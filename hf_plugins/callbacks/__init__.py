@@ -3,6 +3,7 @@
 
 from .uds import SketchMemory, UDSCallback, UDSSettings
 
+
 __all__ = [
     "SketchMemory",
     "UDSCallback",

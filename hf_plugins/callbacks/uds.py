@@ -31,6 +31,7 @@ from ..losses.uds import (
 from ..ops.method import PLAIN_LOGITS, LogitTransform
 from ..utils import get_logger, is_integer
 
+
 logger = get_logger(__name__)
 
 #: Name of the file, inside a checkpoint folder, that holds the UDS state (one per process when distributed)

@@ -23,6 +23,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+
 __all__ = [
     "SHIPPED_TEMPLATES",
     "TEMPLATES_DIR",

@@ -13,6 +13,7 @@ from .tool_calls import (
 )
 from .tool_prompts import render_tool_prompt
 
+
 __all__ = [
     "DEFAULT_ERROR_PATTERNS",
     "DataCollatorWithExtraColumns",

@@ -12,8 +12,9 @@ sequence_values` turns it into one value per sequence (see that module for why t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

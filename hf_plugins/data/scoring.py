@@ -22,12 +22,14 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..utils import get_logger, is_integer
+
 
 logger = get_logger(__name__)
 
@@ -142,13 +144,18 @@ def tokenize_response(
 
 
 @torch.no_grad()
-def score_batch(model, batch_ids: Sequence[Sequence[int]], batch_scored: Sequence[Sequence[bool]], pad_token_id: int,
-                chunk_size: int | None = None) -> list[float]:
+def score_batch(
+    model,
+    batch_ids: Sequence[Sequence[int]],
+    batch_scored: Sequence[Sequence[bool]],
+    pad_token_id: int,
+    chunk_size: int | None = None,
+) -> list[float]:
     """Mean log-prob of the scored tokens of each example (NaN for an example without one), from the model's last
     hidden state and the chunked head (with the model's logit soft-cap and scale): never more than a `[chunk, V]`
     tile of logits."""
-    from ..ops.chunked import chunked_label_log_probs, default_chunk_size
     from ..modeling import add_loss_head_forward, forward_hidden_states
+    from ..ops.chunked import chunked_label_log_probs, default_chunk_size
 
     # A PEFT model scores through its own forward (adapters, virtual tokens): the patch goes on its base model
     add_loss_head_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
@@ -170,7 +177,11 @@ def score_batch(model, batch_ids: Sequence[Sequence[int]], batch_scored: Sequenc
     rows = scored[:, 1:]
     labels = input_ids[:, 1:][rows]
     log_probs = chunked_label_log_probs(
-        hidden[:, :-1][rows], weight, bias, labels, chunk_size or default_chunk_size(weight.shape[0]),
+        hidden[:, :-1][rows],
+        weight,
+        bias,
+        labels,
+        chunk_size or default_chunk_size(weight.shape[0]),
         transform=outputs.logit_transform,
     )
     sequence = torch.arange(len(batch_ids), device=device).unsqueeze(1).expand_as(rows)[rows]
@@ -220,8 +231,14 @@ def path_fingerprint(path: str, init_kwargs: dict[str, Any]) -> str:
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     vocabulary = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return _hash(type(tokenizer).__name__, vocabulary, getattr(tokenizer, "chat_template", None),
-                 tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(tokenizer, "add_bos_token", None))
+    return _hash(
+        type(tokenizer).__name__,
+        vocabulary,
+        getattr(tokenizer, "chat_template", None),
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        getattr(tokenizer, "add_bos_token", None),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the entry point

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..ops.method import IGNORE_INDEX
 
+
 #: Error patterns of the official MAE code: a tool response containing any of them (after normalisation, see
 #: `normalize_for_matching`) marks the call before it as erroneous. Note that `'error'` and `"error":` both normalise
 #: to `error`, so any response containing the letters "error" (also "errors", "terror") counts as an error.

@@ -12,6 +12,7 @@ Run it with `python -m hf_plugins.demo` (or `hf-plugins demo`); [`hf_plugins.dem
 import os
 import sys
 
+
 # The demo never needs the Hub: the default model and data are local. Offline mode makes `from_pretrained`, PEFT and
 # the model-card code go straight to local files instead of waiting on network timeouts. `setdefault` leaves an
 # explicit `HF_HUB_OFFLINE=0` alone for users who pass a Hub id to `--model`. This runs before the submodules import
@@ -28,5 +29,6 @@ del _hub_constants
 
 from .data import load_chatterbot  # noqa: E402
 from .model import DEFAULT_MODEL, resolve_model  # noqa: E402
+
 
 __all__ = ["DEFAULT_MODEL", "load_chatterbot", "resolve_model"]

@@ -4,4 +4,5 @@ import sys
 
 from .run import main
 
+
 sys.exit(main())

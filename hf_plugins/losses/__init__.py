@@ -14,6 +14,7 @@ from .poft import PoFTMethod, poft_loss
 from .sft import SFTMethod, sft_loss
 from .weighted import WeightedMethod, weighted_sft_loss
 
+
 #: Methods the fused head knows by name. Later methods register here.
 METHODS: dict[str, type[LossMethod]] = {
     SFTMethod.name: SFTMethod,

@@ -204,9 +204,7 @@ class ASFTMethod(LossMethod):
         if kl_weight is not None:
             kl_weight = kl_weight.to(dtype)
             kl = kl * kl_weight
-        targets = ASFTTargets(
-            index=chunk.labels.unsqueeze(-1), value=chunk.label_log_probs.exp().unsqueeze(-1), kl=kl
-        )
+        targets = ASFTTargets(index=chunk.labels.unsqueeze(-1), value=chunk.label_log_probs.exp().unsqueeze(-1), kl=kl)
         if kl_coef and kl_weight is None:  # kl_coef = 0 is exactly DFT: no dense target, no constant
             targets.dense = ref_probs.mul_(kl_coef)
             targets.constant = kl_coef * neg_entropy

@@ -29,14 +29,15 @@ them (four matmuls, like TRL).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Callable
 
 import torch
 
 from ..ops.method import Chunk, KernelSpec, LossMethod, Rows, Targets
 from ..utils import is_integer, is_real
 from ._common import check_labels, compute_dtype
+
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 #: Loss types whose policy term is PPO's clipped ratio objective `-min(r A, clamp(r, 1 - eps, 1 + eps_high) A)`
@@ -516,8 +517,12 @@ def grpo_loss(
     entropies = -(log_probs.exp() * log_probs).sum(-1).masked_fill(~rows_mask, 0.0)
     given = {"advantages": advantages, "old": old, "ref": ref, "is_ratio": is_ratio, "sampling": sampling}
     loss, stats = grpo_objective(
-        lp, entropies, rows_mask, *_objective_inputs(mask, given, lp.dtype),
-        num_items_in_batch=num_items_in_batch, options=o,
+        lp,
+        entropies,
+        rows_mask,
+        *_objective_inputs(mask, given, lp.dtype),
+        num_items_in_batch=num_items_in_batch,
+        options=o,
     )
     return (loss, stats) if return_statistics else loss
 
@@ -597,8 +602,12 @@ class _Call:
         entropy_full = full.masked_scatter(rows_mask, entropy)
         with torch.no_grad():
             _, stats = grpo_objective(
-                lp_full, entropy_full, rows_mask, *_objective_inputs(mask, self.given, lp.dtype),
-                num_items_in_batch=self.num_items, options=self.options,
+                lp_full,
+                entropy_full,
+                rows_mask,
+                *_objective_inputs(mask, self.given, lp.dtype),
+                num_items_in_batch=self.num_items,
+                options=self.options,
             )
         return stats
 
@@ -751,8 +760,9 @@ class GRPOMethod(LossMethod):
 
         def row_targets(rows: slice, lp: torch.Tensor, entropy: torch.Tensor):
             call.keep(rows, lp, entropy)
-            r = _in_dtype({name: value[rows] if name != "call" else value for name, value in row_inputs.items()},
-                          lp.dtype)
+            r = _in_dtype(
+                {name: value[rows] if name != "call" else value for name, value in row_inputs.items()}, lp.dtype
+            )
             coefficient, loss = self._terms_of(lp, entropy, r)
             return coefficient, r.get("entropy_weight"), loss
 

@@ -27,6 +27,7 @@ from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targe
 from ..utils import is_integer, is_real
 from ._common import check_labels, compute_dtype, reduce_sum
 
+
 DEFAULT_NUM_SAMPLES = 8
 DEFAULT_TEMPERATURE = 1.2
 DEFAULT_NEGATIVE_REWARD = -0.1

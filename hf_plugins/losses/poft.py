@@ -33,8 +33,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets, label_targets
+from ..ops.method import Chunk, KernelSpec, KernelStats, LossMethod, Rows, Targets
 from ._common import label_log_probs, reduce_sum, sequence_ids
+
 
 #: Where the aligned models' scores come from, named in every error about missing or invalid scores
 SCORER = "hf_plugins.score_with_aligned_models"
@@ -238,7 +239,7 @@ class PoFTMethod(LossMethod):
         return row_inputs["sequences"].num_trained
 
     def metric_counts(self, rows: Rows, row_inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {name: row_inputs["sequences"].num_trained for name in SEQUENCE_METRICS}
+        return dict.fromkeys(SEQUENCE_METRICS, row_inputs["sequences"].num_trained)
 
     def targets(self, chunk: Chunk) -> Targets:
         dtype = chunk.log_probs.dtype
@@ -268,7 +269,7 @@ class PoFTMethod(LossMethod):
         targets.row_metrics = sequence_metric_rows(r, local_scores, weight, inverse, count)
         return targets
 
-    def metrics(self, chunk: Chunk, targets: "PoFTTargets") -> dict[str, torch.Tensor]:
+    def metrics(self, chunk: Chunk, targets: PoFTTargets) -> dict[str, torch.Tensor]:
         return {"nll": -chunk.label_log_probs, **targets.row_metrics}
 
     def kernel_spec(self, row_inputs) -> KernelSpec:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+
 # Elements per tile when a computation streams over the vocabulary (lm_head rows, soft-capped logits)
 _TILE_ELEMENTS = 2**22
 

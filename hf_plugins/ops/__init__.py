@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .method import Chunk, LogitTransform, LossMethod, Rows, Targets
 
+
 if TYPE_CHECKING:  # the lazy exports, for type checkers, IDEs and the API docs
     from .dispatch import BACKENDS, fused_linear_loss
 

@@ -17,6 +17,7 @@ import torch
 from .method import PLAIN_LOGITS, Chunk, LogitTransform, LossMethod, chunk_inputs
 from .precomputed import precomputed_gradient_loss
 
+
 #: Default tile budget in elements (16 MiB of float32 per buffer; the call keeps two). Measured on CPU
 #: (docs/benchmarks.md, N=4096, V=32000, D=256, 1 thread) with the two buffers reused across tiles: 128-row tiles run
 #: at 1.2x the bare three-matmul time against 1.35-1.4x at 64 rows, for about 105 MiB of peak extra memory.
@@ -182,8 +183,17 @@ def chunked_linear_loss(
 
     def compute(grad_scale, needs_grad):
         loss_sum, grads, metric_sums = run_chunks(
-            hidden, weight, bias, labels, method, row_inputs, chunk_size, grad_scale, metrics_out is not None,
-            needs_grad, transform,
+            hidden,
+            weight,
+            bias,
+            labels,
+            method,
+            row_inputs,
+            chunk_size,
+            grad_scale,
+            metrics_out is not None,
+            needs_grad,
+            transform,
         )
         if metrics_out is not None:
             metrics_out.update(metric_sums)

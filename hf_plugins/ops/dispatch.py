@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import is_integer, triton_usable
 from .chunked import chunked_label_log_probs, chunked_linear_loss, default_chunk_size
 from .method import IGNORE_INDEX, PLAIN_LOGITS, LogitTransform, LossMethod, Rows
 from .reference import reference_linear_loss
-from ..utils import is_integer, triton_usable
+
 
 BACKENDS = ("auto", "chunked", "reference", "triton", "liger")
 
@@ -201,7 +202,16 @@ def fused_linear_loss(
         from .triton.head import triton_linear_loss
 
         loss = triton_linear_loss(
-            row_hidden, weight, bias, row_labels, method, row_inputs, spec, chunk_size_arg, denominator, metric_sums,
+            row_hidden,
+            weight,
+            bias,
+            row_labels,
+            method,
+            row_inputs,
+            spec,
+            chunk_size_arg,
+            denominator,
+            metric_sums,
             transform,
         )
     elif backend == "liger":

@@ -22,6 +22,7 @@ import torch
 
 from .method import PLAIN_LOGITS, LogitTransform, LossMethod
 
+
 LIGER_METHODS = ("sft", "dft", "weighted")
 
 

@@ -20,11 +20,13 @@ and `LossMethod.metric_counts`), not as attributes read off the method afterward
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
 
 IGNORE_INDEX = -100
 
@@ -265,9 +267,7 @@ def chunk_inputs(row_inputs: dict[str, Any], rows: slice) -> dict[str, Any]:
     """`prepare`'s result as one chunk sees it: every tensor is per-row (first dimension N) and is sliced to `rows`;
     any other value (a number, a settings dataclass, a tuple holding per-call tensors such as a reference lm_head)
     is per-call and passed as it is."""
-    return {
-        name: value[rows] if isinstance(value, torch.Tensor) else value for name, value in row_inputs.items()
-    }
+    return {name: value[rows] if isinstance(value, torch.Tensor) else value for name, value in row_inputs.items()}
 
 
 class LossMethod:

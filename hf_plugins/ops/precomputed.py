@@ -6,9 +6,10 @@ in one sweep over the tiles; backward only multiplies those gradients by the inc
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
 
 #: `compute(grad_scale, needs_grad) -> (loss_sum, (grad_hidden, grad_weight, grad_bias))`: the gradients of
 #: `grad_scale * loss_sum` for the inputs `needs_grad` flags (None when `grad_scale` is None).

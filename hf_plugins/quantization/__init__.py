@@ -28,6 +28,7 @@ from .surgery import (
     untie_embeddings,
 )
 
+
 __all__ = [
     "HadamardTransform",
     "QuantConfig",

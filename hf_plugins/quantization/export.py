@@ -29,6 +29,7 @@ from .modules import QuantConfig, QuantLinear
 from .quantizer import dequantize, quantize_to_grid
 from .surgery import current_rotations, freeze_norms, patch_model, set_rotations
 
+
 SAFETENSORS_NAME = "model.safetensors"
 
 
@@ -36,7 +37,9 @@ def _require_prepared(model) -> None:
     if getattr(model.config, "rotation_config", None) is None or not any(
         isinstance(m, QuantLinear) for m in model.modules()
     ):
-        raise ValueError("export_roste needs a model prepared by `prepare_model_for_roste` (or trained by RoSTETrainer).")
+        raise ValueError(
+            "export_roste needs a model prepared by `prepare_model_for_roste` (or trained by RoSTETrainer)."
+        )
 
 
 @torch.no_grad()
@@ -83,8 +86,9 @@ def export_roste(model, path: str | os.PathLike, tokenizer=None) -> str:
 
 
 @torch.no_grad()
-def load_roste_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
-                     attn_implementation: str | None = None):
+def load_roste_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device=None, attn_implementation: str | None = None
+):
     """Load a model written by `export_roste`: the same forward as the model had when it was exported."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -20,6 +20,7 @@ import triton.language as tl
 from ..utils import interpreter_enabled
 from .spec import KERNEL_DTYPES, QuantSpec
 
+
 #: Rows up to this length are held in registers in one block (one read of the row); longer rows take two reads
 MAX_ONE_BLOCK = 8192
 LOOP_BLOCK = 4096
@@ -31,8 +32,9 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _quantize_block(x, scale, zero, BOUND: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                    SYMMETRIC: tl.constexpr):
+def _quantize_block(
+    x, scale, zero, BOUND: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr
+):
     v = tl.math.div_rn(x, scale)
     v = tl.minimum(tl.maximum(v, -BOUND), BOUND)
     if SYMMETRIC:
@@ -44,9 +46,18 @@ def _quantize_block(x, scale, zero, BOUND: tl.constexpr, QMIN: tl.constexpr, QMA
 
 @triton.jit
 def fake_quantize_rows_kernel(
-    x_ptr, out_ptr, params_ptr, n_cols, x_stride, out_stride,
-    BOUND: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr,
-    BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    params_ptr,
+    n_cols,
+    x_stride,
+    out_stride,
+    BOUND: tl.constexpr,
+    QMIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    SYMMETRIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
@@ -125,8 +136,18 @@ def fake_quantize_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     block = triton.next_power_of_2(n_cols) if one_block else LOOP_BLOCK
     params = _clip_tensor(spec.clip_ratio, x.device)
     fake_quantize_rows_kernel[(rows.shape[0],)](
-        rows, out, params, n_cols, rows.stride(0), out.stride(0),
-        BOUND=float(2**spec.bits), QMIN=float(qmin), QMAX=float(qmax), SYMMETRIC=spec.symmetric,
-        BLOCK=block, ONE_BLOCK=one_block, num_warps=8 if block >= 4096 else 4 if block >= 1024 else 2,
+        rows,
+        out,
+        params,
+        n_cols,
+        rows.stride(0),
+        out.stride(0),
+        BOUND=float(2**spec.bits),
+        QMIN=float(qmin),
+        QMAX=float(qmax),
+        SYMMETRIC=spec.symmetric,
+        BLOCK=block,
+        ONE_BLOCK=one_block,
+        num_warps=8 if block >= 4096 else 4 if block >= 1024 else 2,
     )
     return out.to(x.dtype).reshape(x.shape)

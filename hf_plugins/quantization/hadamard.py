@@ -25,6 +25,7 @@ import warnings
 
 import torch
 
+
 __all__ = [
     "HadamardTransform",
     "fwht",
@@ -166,7 +167,9 @@ def _checked_hadamard(n: int) -> torch.Tensor:
         if construction is None:
             raise ValueError(f"no Hadamard construction of order {n} is known here")
         h = construction()
-    if not torch.equal(h @ h.t(), n * torch.eye(n, dtype=torch.float64)) or not torch.equal(h.abs(), torch.ones_like(h)):
+    if not torch.equal(h @ h.t(), n * torch.eye(n, dtype=torch.float64)) or not torch.equal(
+        h.abs(), torch.ones_like(h)
+    ):
         raise AssertionError(f"the constructed Hadamard matrix of order {n} is not Hadamard")  # pragma: no cover
     return h
 
@@ -320,7 +323,7 @@ class HadamardTransform:
         # x viewed as [rows, f_1, ..., f_m]: x @ (H_1 ⊗ ... ⊗ H_m) contracts axis i with H_i, for every i
         y = x.reshape(-1, self.size)
         before = 1
-        for index, factor in enumerate(factors):
+        for factor in factors:
             order = factor.shape[0]
             after = self.size // (before * order)
             m = factor.t() if inverse else factor

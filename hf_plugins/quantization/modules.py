@@ -34,6 +34,7 @@ from .hadamard import HadamardTransform
 from .quantizer import fake_quantize, fake_quantize_values, quantization_error
 from .spec import QuantSpec
 
+
 __all__ = ["QuantConfig", "QuantLinear", "RoSTEAttentionMixin", "convert_attention", "recording_quantization_errors"]
 
 
@@ -58,18 +59,27 @@ class QuantConfig:
     activation: QuantSpec = QuantSpec()
     kv: QuantSpec = QuantSpec()
 
-    def __init__(self, weight: QuantSpec | None = None, activation: QuantSpec | None = None,
-                 kv: QuantSpec | None = None, **settings):
+    def __init__(
+        self,
+        weight: QuantSpec | None = None,
+        activation: QuantSpec | None = None,
+        kv: QuantSpec | None = None,
+        **settings,
+    ):
         specs = {"weight": weight, "activation": activation, "kv": kv}
         for prefix, name in _FLAT_PREFIXES.items():
-            flat = {key: settings.pop(f"{prefix}_{key}") for key in ("bits", "sym", "clip_ratio")
-                    if f"{prefix}_{key}" in settings}
+            flat = {
+                key: settings.pop(f"{prefix}_{key}")
+                for key in ("bits", "sym", "clip_ratio")
+                if f"{prefix}_{key}" in settings
+            }
             if flat and specs[name] is not None:
                 raise TypeError(f"QuantConfig got both `{name}` and {', '.join(f'{prefix}_{k}' for k in flat)}.")
             if specs[name] is None:
                 default = QuantSpec()
                 specs[name] = QuantSpec(
-                    flat.get("bits", default.bits), flat.get("sym", default.symmetric),
+                    flat.get("bits", default.bits),
+                    flat.get("sym", default.symmetric),
                     flat.get("clip_ratio", default.clip_ratio),
                 )
         unknown = sorted(set(settings) - set(_STORAGE_KEYS))
@@ -93,7 +103,7 @@ class QuantConfig:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
+    def from_dict(cls, d: dict) -> QuantConfig:
         return cls(**d)
 
 
@@ -173,8 +183,14 @@ class QuantLinear(nn.Linear):
     ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 
     @classmethod
-    def convert(cls, linear: nn.Linear, role: str, quant: QuantConfig, head_dim: int | None = None,
-                rotation: HadamardTransform | None = None) -> "QuantLinear":
+    def convert(
+        cls,
+        linear: nn.Linear,
+        role: str,
+        quant: QuantConfig,
+        head_dim: int | None = None,
+        rotation: HadamardTransform | None = None,
+    ) -> QuantLinear:
         if role not in cls.ROLES:
             raise ValueError(f"unknown role {role!r}")
         if not isinstance(linear, QuantLinear):
@@ -193,13 +209,17 @@ class QuantLinear(nn.Linear):
         return linear
 
     def extra_repr(self):
-        return (f"{super().extra_repr()}, role={self.role}, w_bits={self.weight_spec.bits}, "
-                f"a_bits={self.input_spec.bits}, rotate={self.rotate}, merged={self.weights_merged}")
+        return (
+            f"{super().extra_repr()}, role={self.role}, w_bits={self.weight_spec.bits}, "
+            f"a_bits={self.input_spec.bits}, rotate={self.rotate}, merged={self.weights_merged}"
+        )
 
     # ------------------------------------------------------------------ rotations
     @property
     def rotates_weight(self) -> bool:
-        return self.rotate and self.rotation is not None and not self.weights_merged and self.role in ("v", "o", "down")
+        return (
+            self.rotate and self.rotation is not None and not self.weights_merged and self.role in ("v", "o", "down")
+        )
 
     @property
     def rotates_input(self) -> bool:
@@ -292,8 +312,15 @@ class RoSTEAttentionMixin:
             interface = ALL_ATTENTION_FUNCTIONS[implementation]
         extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) is not None else {}
         output, weights = interface(
-            self, query, key, value, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs,
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
         )
         output = output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(output), weights

@@ -9,6 +9,7 @@ model's; passing it to `prepare_model_for_roste` again re-applies the saved rota
 
 from __future__ import annotations
 
+from ..utils import get_logger
 from .modules import QuantConfig
 from .search import search_rotations
 from .surgery import (
@@ -21,7 +22,7 @@ from .surgery import (
     set_rotations,
     uniform_rotations,
 )
-from ..utils import get_logger
+
 
 logger = get_logger(__name__)
 

@@ -10,6 +10,7 @@ import torch
 
 from ..utils import is_integer
 
+
 #: Bits at or above which a quantiser is the identity
 OFF_BITS = 16
 MIN_BITS = 2

@@ -15,6 +15,7 @@ from torch import nn
 from .hadamard import HadamardTransform, random_sign_hadamard_matrix
 from .modules import QuantConfig, QuantLinear, convert_attention
 
+
 #: `config.model_type` values whose block structure RoSTE's surgery knows
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 SITES = ("R2", "R3", "R4")

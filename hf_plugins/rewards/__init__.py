@@ -9,6 +9,7 @@ from .tool_call import (
     tool_call_reward,
 )
 
+
 __all__ = [
     "TOOL_CALL_CATEGORIES",
     "ParsedCall",

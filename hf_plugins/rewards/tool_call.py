@@ -35,6 +35,7 @@ from typing import Any
 
 from ..data.tool_calls import declared_tools, message_text
 
+
 #: Each category and its reward, in the order the categories are checked
 TOOL_CALL_CATEGORIES: dict[str, float] = {
     "format_error": -2.0,
@@ -113,7 +114,7 @@ def _python_call(text: str, strict: bool) -> ParsedCall | None:
         return None
     name, body = match.group(1), match.group(2)
     if strict:
-        arguments = {key: value for key, value in _SINGLE_QUOTED_ARG.findall(body)}
+        arguments = dict(_SINGLE_QUOTED_ARG.findall(body))
     else:
         arguments = {
             key: next((value for value in (single, double, bare) if value), "")

@@ -19,6 +19,7 @@ from .tl_trainer import TLTrainer
 from .uds_config import UDSConfig
 from .uds_trainer import UDSMixin, with_uds
 
+
 #: The methods: `hf-plugins <command>` -> trainer class, whose `config_class` is its config and `description` its line
 #: in `hf-plugins --help`. The command line, the demo, the top-level exports and the tests read it: a new method is
 #: one more trainer here (CONTRIBUTING.md lists the rest).

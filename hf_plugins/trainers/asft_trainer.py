@@ -23,10 +23,11 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
-from .asft_config import ASFTConfig
 from ..modeling import add_loss_head_forward, forward_hidden_states, gather_lm_head, lm_head_parameters
 from ..utils import get_logger
+from .asft_config import ASFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
+
 
 logger = get_logger(__name__)
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 from ..chat_templates import find_shipped_template, missing_template_message, template_path, training_chat_template
 
+
 # SFTTrainer(model, args, data_collator, train_dataset, eval_dataset, processing_class, ...): its index in the
 # positional arguments after `model` and `args`
 _PROCESSING_CLASS_POSITION = 3

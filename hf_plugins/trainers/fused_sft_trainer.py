@@ -46,13 +46,14 @@ from trl import SFTTrainer
 
 from ..data import DataCollatorWithExtraColumns
 from ..data.packing import pack_with_columns
+from ..modeling import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
 from ..ops.method import LossMethod
 from ..utils import destroy_process_group_at_exit
-from ..modeling import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
 from .chat_template_setup import use_training_chat_template
 from .fused_sft_config import FusedSFTConfig
 from .metric_logging import read_on_host, reduce_head_metrics
 from .model_card import ModelCardMixin
+
 
 # TRL's `loss_type` names mapped to the fused head's method names
 _LOSS_TYPE_TO_METHOD = {"nll": "sft", "dft": "dft"}
@@ -267,7 +268,9 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
             )
         if backend == "liger":
             if not liger_available():
-                raise ValueError("`loss_backend='liger'` needs liger-kernel: `pip install liger-kernel`, or use 'triton'.")
+                raise ValueError(
+                    "`loss_backend='liger'` needs liger-kernel: `pip install liger-kernel`, or use 'triton'."
+                )
             method = self.loss_method()
             name = method if isinstance(method, str) else method.name
             if name not in LIGER_METHODS:

@@ -27,10 +27,19 @@ from ..utils import destroy_process_group_at_exit, triton_usable
 from .grpo_config import FusedGRPOConfig
 from .model_card import ModelCardMixin
 
+
 #: Batch entries of vision-language models: their forward is not the text backbone the fused head reads
 MULTIMODAL_INPUTS = (
-    "pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes", "token_type_ids",
-    "mm_token_type_ids", "image_position_ids", "num_images", "num_tiles",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+    "num_images",
+    "num_tiles",
 )
 
 

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+
 CONFIG_NAME = "hf_plugins_config.yaml"
 #: Fields never written to a shared file.
 SECRET_FIELDS = ("hub_token", "push_to_hub_token")
@@ -157,7 +158,7 @@ class HubConfigMixin:
                 f"---\nlibrary_name: hf-plugins\ntags:\n- hf-plugins\n- {method.lower()}\n---\n\n"
                 f"# {method} training config\n\nA `{name}` for [hf-plugins](https://pypi.org/project/hf-plugins/).\n\n"
                 "```python\n"
-                f"from hf_plugins import {name}\n\nconfig = {name}.from_pretrained(\"<this repo>\")\n```\n\n"
+                f'from hf_plugins import {name}\n\nconfig = {name}.from_pretrained("<this repo>")\n```\n\n'
                 f"or on the command line: `hf-plugins <method> --config <this repo> --model_name_or_path ... "
                 "--dataset_name ...`\n"
             )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 #: Metric names as TRL's SFTTrainer logs them, for the metrics both compute
 TRL_METRIC_NAMES = {"token_accuracy": "mean_token_accuracy", "entropy": "entropy", "label_prob": "mean_label_prob"}
 

@@ -14,6 +14,7 @@ import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+
 _TEMPLATE = """---
 {{ card_data }}
 ---
@@ -69,8 +70,12 @@ Cite TRL as:
 """
 
 _VERSIONS = (
-    ("hf-plugins", "hf-plugins"), ("TRL", "trl"), ("Transformers", "transformers"), ("PyTorch", "torch"),
-    ("Datasets", "datasets"), ("Tokenizers", "tokenizers"),
+    ("hf-plugins", "hf-plugins"),
+    ("TRL", "trl"),
+    ("Transformers", "transformers"),
+    ("PyTorch", "torch"),
+    ("Datasets", "datasets"),
+    ("Tokenizers", "tokenizers"),
 )
 
 

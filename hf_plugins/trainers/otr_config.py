@@ -8,6 +8,7 @@ from ..losses.otr import DEFAULT_NEGATIVE_REWARD, DEFAULT_NUM_SAMPLES, DEFAULT_T
 from ..utils import is_integer
 from .fused_sft_config import FusedSFTConfig
 
+
 #: Spellings of "no sampling, exact expectation" accepted for `num_samples` from a command line, where None cannot be
 #: typed (a YAML config can say `num_samples: null`)
 _EXACT_SPELLINGS = ("none", "null", "exact")

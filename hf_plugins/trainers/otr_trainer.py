@@ -17,6 +17,7 @@ from ..utils import get_logger
 from .fused_sft_trainer import FusedSFTTrainer
 from .otr_config import OTRConfig
 
+
 logger = get_logger(__name__)
 
 #: Name of the file, inside a checkpoint folder, that holds the OTR generator state (one per process when distributed)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..losses.poft import check_beta_gamma
 from .fused_sft_config import FusedSFTConfig
 
+
 TARGET_SCOPES = ("completion", "full")
 
 

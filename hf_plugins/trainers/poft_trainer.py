@@ -26,6 +26,7 @@ from ..utils import get_logger
 from .fused_sft_trainer import FusedSFTTrainer
 from .poft_config import PoFTConfig
 
+
 logger = get_logger(__name__)
 
 REF_SCORE_COLUMN = "ref_score"
@@ -169,9 +170,7 @@ class PoFTTrainer(FusedSFTTrainer):
 
     def loss_method_inputs(self, model, inputs: dict[str, Any], extra_columns: dict[str, torch.Tensor]):
         if REF_SCORE_COLUMN not in extra_columns:
-            raise ValueError(
-                f"The batch has no `{REF_SCORE_COLUMN}` column: add it to the dataset with `{SCORER}`."
-            )
+            raise ValueError(f"The batch has no `{REF_SCORE_COLUMN}` column: add it to the dataset with `{SCORER}`.")
         # `inputs` is this call's own copy (compute_loss): the scope changes the labels the head sees only
         inputs["labels"] = scoped_labels(inputs, self.args.poft_target_scope)
         # One score per sequence: per row, or per packed sequence (the collator's per-token form, read back at the
@@ -179,7 +178,9 @@ class PoFTTrainer(FusedSFTTrainer):
         ref_scores = sequence_values(extra_columns[REF_SCORE_COLUMN], inputs, REF_SCORE_COLUMN)
         groups = {
             "other_inputs": {
-                "ref_scores": ref_scores.to(inputs["labels"].device), "beta": self.args.beta, "gamma": self.args.gamma
+                "ref_scores": ref_scores.to(inputs["labels"].device),
+                "beta": self.args.beta,
+                "gamma": self.args.gamma,
             }
         }
         position_ids = packed_position_ids(inputs)

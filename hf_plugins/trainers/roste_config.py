@@ -69,7 +69,9 @@ class RoSTEConfig(FusedSFTConfig):
     """
 
     w_bits: int = field(default=4, metadata={"help": "Bits of the weight quantiser, 2..16 (16 = off)."})
-    a_bits: int = field(default=4, metadata={"help": "Bits of the activation (linear input) quantiser, 2..16 (16 = off)."})
+    a_bits: int = field(
+        default=4, metadata={"help": "Bits of the activation (linear input) quantiser, 2..16 (16 = off)."}
+    )
     kv_bits: int = field(default=4, metadata={"help": "Bits of the K/V cache quantiser, 2..16 (16 = off)."})
     w_sym: bool = field(default=True, metadata={"help": "Symmetric weight quantisation (else asymmetric)."})
     a_sym: bool = field(default=True, metadata={"help": "Symmetric activation quantisation (else asymmetric)."})

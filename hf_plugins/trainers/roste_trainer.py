@@ -24,6 +24,7 @@ from ..utils import get_logger
 from .fused_sft_trainer import FusedSFTTrainer
 from .roste_config import RoSTEConfig
 
+
 logger = get_logger(__name__)
 
 

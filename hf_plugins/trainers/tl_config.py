@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..data.tool_calls import check_error_patterns, check_max_weight
 from .fused_sft_config import FusedSFTConfig
 
+
 WEIGHT_NORMALIZATIONS = ("sample", "token")
 
 

@@ -28,6 +28,7 @@ from ..data.tool_calls import IGNORE_INDEX, example_messages, tokenize_tool_conv
 from .fused_sft_trainer import FusedSFTTrainer
 from .tl_config import TLConfig
 
+
 _TOKEN_COLUMNS = ("input_ids", "labels", "token_weights")
 
 

@@ -32,7 +32,9 @@ from ..modeling import (
     lm_head_parameters,
     logit_transform,
 )
+from ..utils import destroy_process_group_at_exit
 from .uds_config import UDSConfig
+
 
 # Keys of a batch that are not model inputs for the scoring forward
 _NOT_MODEL_INPUTS = ("labels", "shift_labels")
@@ -63,6 +65,8 @@ class UDSMixin:
     def __init__(self, model, args=None, *positional, **kwargs):
         args = self._uds_coerce_args(model, args)
         super().__init__(model, args, *positional, **kwargs)
+        # Also for stock trainers made UDS (`with_uds(SFTTrainer)`), whose constructor does not register it
+        destroy_process_group_at_exit()
         self._uds_setup()
 
     # ------------------------------------------------------------------ set-up
@@ -151,7 +155,11 @@ class UDSMixin:
                 hidden, weight, bias = self._uds_hidden_states(batch)
                 with gather_lm_head(weight, bias):
                     utility, diversity, sketch = callback.score(
-                        hidden, weight, bias, batch.get("attention_mask"), self.state.global_step,
+                        hidden,
+                        weight,
+                        bias,
+                        batch.get("attention_mask"),
+                        self.state.global_step,
                         self._uds_logit_transform,
                     )
                 selection = callback.select_from_scores(utility, diversity, sketch)
@@ -297,8 +305,6 @@ def with_uds(cls: type) -> type:
             attrs["config_class"] = with_uds(cls.config_class)
         new = type(name, (UDSMixin, cls), attrs)
     else:
-        raise ValueError(
-            f"`with_uds` takes a transformers/TRL trainer class or a config class, got {cls.__name__}."
-        )
+        raise ValueError(f"`with_uds` takes a transformers/TRL trainer class or a config class, got {cls.__name__}.")
     _UDS_CLASSES[cls] = new
     return new

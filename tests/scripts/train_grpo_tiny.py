@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from trl import GRPOTrainer
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_grpo_trainer import make_trainer, step_logs  # noqa: E402  (the test's own trainer setup)
 
 from hf_plugins import FusedGRPOTrainer  # noqa: E402
+
 
 model_dir, out, cell = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
 for which, cls in (("stock", GRPOTrainer), ("fused", FusedGRPOTrainer)):

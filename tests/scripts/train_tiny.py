@@ -8,17 +8,30 @@ import os
 import sys
 
 import torch
-
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
+
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer
 from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
+
+
 model_dir, out, which = sys.argv[1:4]
 cls, cfg = (FusedSFTTrainer, FusedSFTConfig) if which == "fused" else (SFTTrainer, SFTConfig)
-args = cfg(output_dir=out, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-           learning_rate=5e-3, assistant_only_loss=True, **CPU_TRAINING_ARGS)
-t = cls(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=tiny_conversational_dataset(32),
-        processing_class=AutoTokenizer.from_pretrained(model_dir))
+args = cfg(
+    output_dir=out,
+    max_steps=3,
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    learning_rate=5e-3,
+    assistant_only_loss=True,
+    **CPU_TRAINING_ARGS,
+)
+t = cls(
+    model=AutoModelForCausalLM.from_pretrained(model_dir),
+    args=args,
+    train_dataset=tiny_conversational_dataset(32),
+    processing_class=AutoTokenizer.from_pretrained(model_dir),
+)
 t.train()
 if t.accelerator.is_main_process:
     json.dump([h["loss"] for h in t.state.log_history if "loss" in h], open(os.path.join(out, "losses.json"), "w"))

@@ -11,20 +11,34 @@ import os
 import sys
 
 import torch
-
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from hf_plugins import FusedSFTTrainer, with_uds
 from hf_plugins.testing import CPU_TRAINING_ARGS, tiny_conversational_dataset
+
 
 model_dir, out = sys.argv[1:3]
 checkpoint = sys.argv[3] if len(sys.argv) > 3 else None
 cls = with_uds(FusedSFTTrainer)
-args = cls.config_class(output_dir=out, **{**CPU_TRAINING_ARGS, "save_strategy": "steps"}, save_steps=2, max_steps=4,
-                        per_device_train_batch_size=4, uds_keep=1, uds_alpha=1.0, learning_rate=5e-3,
-                        assistant_only_loss=True, disable_tqdm=True)
+args = cls.config_class(
+    output_dir=out,
+    **{**CPU_TRAINING_ARGS, "save_strategy": "steps"},
+    save_steps=2,
+    max_steps=4,
+    per_device_train_batch_size=4,
+    uds_keep=1,
+    uds_alpha=1.0,
+    learning_rate=5e-3,
+    assistant_only_loss=True,
+    disable_tqdm=True,
+)
 model = AutoModelForCausalLM.from_pretrained(model_dir, attention_dropout=0.1)
-t = cls(model=model, args=args, train_dataset=tiny_conversational_dataset(64),
-        processing_class=AutoTokenizer.from_pretrained(model_dir))
+t = cls(
+    model=model,
+    args=args,
+    train_dataset=tiny_conversational_dataset(64),
+    processing_class=AutoTokenizer.from_pretrained(model_dir),
+)
 selections, subset = [], t._uds_subset
 
 
@@ -37,13 +51,21 @@ def record(batch, indices):
 t._uds_subset = record
 t.train(resume_from_checkpoint=checkpoint)
 rank = t.accelerator.process_index
-json.dump({"selections": selections, "memory_count": t.uds_callback.memory.count},
-          open(os.path.join(out, f"selections_{rank}.json"), "w"))
+json.dump(
+    {"selections": selections, "memory_count": t.uds_callback.memory.count},
+    open(os.path.join(out, f"selections_{rank}.json"), "w"),
+)
 if t.accelerator.is_main_process:
     logs = [h for h in t.state.log_history if "loss" in h]
-    json.dump({"losses": [h["loss"] for h in logs], "fraction": [h["uds/selected_fraction"] for h in logs],
-               "diversity": [h["uds/diversity"] for h in logs], "utility": [h["uds/utility"] for h in logs]},
-              open(os.path.join(out, "losses.json"), "w"))
+    json.dump(
+        {
+            "losses": [h["loss"] for h in logs],
+            "fraction": [h["uds/selected_fraction"] for h in logs],
+            "diversity": [h["uds/diversity"] for h in logs],
+            "utility": [h["uds/utility"] for h in logs],
+        },
+        open(os.path.join(out, "losses.json"), "w"),
+    )
     print("WORLD", t.accelerator.num_processes)
 # Tear the process group down before exit: gloo's threads otherwise race the interpreter's shutdown (an occasional
 # "terminate called without an active exception" abort)

@@ -21,6 +21,7 @@ from ..chunked import tile_slices
 from ..method import PLAIN_LOGITS, KernelSpec, KernelStats, LogitTransform, LossMethod
 from ..precomputed import precomputed_gradient_loss
 
+
 #: Vocabulary block per kernel iteration and warps per row program (OTR's sampled targets have their own pair: the
 #: sampler holds a K x BLOCK comparison). Measured on an H200, docs/benchmarks.md.
 DEFAULT_BLOCK_V = 4096
@@ -92,7 +93,11 @@ def run_tiles(
     w = weight.to(dtype)
     b = bias.to(dtype) if bias is not None else None
     # The weight gradient accumulates over row tiles in the weight's own precision (float32 under mixed precision)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, dtype), device=device) if need_weight else None
+    grad_weight = (
+        torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, dtype), device=device)
+        if need_weight
+        else None
+    )
     grad_hidden = torch.empty((n_rows, hidden_size), dtype=dtype, device=device) if need_hidden else None
     grad_bias = torch.zeros(vocab_size, dtype=acc_dtype, device=device) if need_bias else None
     stats = torch.zeros((n_rows, NUM_STATS), dtype=acc_dtype, device=device)
@@ -186,8 +191,15 @@ def run_tiles(
                 ref_tile.add_(ref_b)
         if spec.row_targets is None:
             last_pass = want_grad or spec.tempered_dense or reference is not None
-            launch(tile, ref_tile, rows, label_weight[rows] if label_weight is not None else None, None, want_grad,
-                   last_pass)
+            launch(
+                tile,
+                ref_tile,
+                rows,
+                label_weight[rows] if label_weight is not None else None,
+                None,
+                want_grad,
+                last_pass,
+            )
         else:
             # Two launches on the resident tile: the rows' statistics first, then the gradient of the weights the
             # method forms from them (no second matmul)
@@ -241,8 +253,17 @@ def triton_linear_loss(
 
     def compute(grad_scale, needs_grad):
         loss_sum, grads, stats = run_tiles(
-            hidden, weight, bias, labels, spec, chunk_size, grad_scale, needs_grad, method.logit_scale,
-            method.tile_groups(row_inputs), transform,
+            hidden,
+            weight,
+            bias,
+            labels,
+            spec,
+            chunk_size,
+            grad_scale,
+            needs_grad,
+            method.logit_scale,
+            method.tile_groups(row_inputs),
+            transform,
         )
         if metrics_out is not None:
             metrics_out.update(_metric_sums(method, row_inputs, stats))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 NUM_STATS = 6
 STAT_LOSS, STAT_LABEL_LOGP, STAT_ENTROPY, STAT_TOP1, STAT_AUX, STAT_LABEL_PROB = range(NUM_STATS)
 #: Scalars passed through a small tensor (exact in float64, and no Python-float argument quirks); kernels read
@@ -117,9 +118,7 @@ def weighted_target_ce_kernel(
     ref_softcap = tl.load(params_ptr + PARAM_REF_SOFTCAP)
 
     label = tl.load(labels_ptr + row)
-    z_label, _th = _transformed(
-        tl.load(z_row + label).to(ACC), label >= 0, model_scale, softcap, logit_scale, SOFTCAP
-    )
+    z_label, _th = _transformed(tl.load(z_row + label).to(ACC), label >= 0, model_scale, softcap, logit_scale, SOFTCAP)
 
     zero = grad_scale * 0.0  # a scalar of the accumulation dtype (the params tensor is in ACC)
     m = zero + ninf
@@ -148,8 +147,12 @@ def weighted_target_ce_kernel(
             z_sum = z_sum + tl.sum(tl.where(mask, z, 0.0), axis=0)
         if REFERENCE:
             zr, _thr = _transformed(
-                tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=0.0).to(ACC), mask, ref_scale,
-                ref_softcap, 1.0, REF_SOFTCAP,
+                tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=0.0).to(ACC),
+                mask,
+                ref_scale,
+                ref_softcap,
+                1.0,
+                REF_SOFTCAP,
             )
             mr, sr, _er, _rr = _online_update(mr, sr, zr, mask)
 
@@ -217,8 +220,12 @@ def weighted_target_ce_kernel(
         rewards = tl.where(hits, 1.0, miss_reward) / NUM_SAMPLES
         rewards = tl.where(kmask, rewards, 0.0)
         z_samples, _ths = _transformed(
-            tl.load(z_row + tl.maximum(samples, 0), mask=kmask, other=0.0).to(ACC), kmask, model_scale, softcap,
-            logit_scale, SOFTCAP,
+            tl.load(z_row + tl.maximum(samples, 0), mask=kmask, other=0.0).to(ACC),
+            kmask,
+            model_scale,
+            softcap,
+            logit_scale,
+            SOFTCAP,
         )
         total = total + tl.sum(rewards, axis=0)
         loss = loss + tl.sum(tl.where(kmask, rewards * (lse - z_samples), 0.0), axis=0)
@@ -270,8 +277,12 @@ def weighted_target_ce_kernel(
                 w = w + tl.where(mask, uniform, 0.0)
             if REFERENCE:
                 zr, _thr = _transformed(
-                    tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=0.0).to(ACC), mask, ref_scale,
-                    ref_softcap, 1.0, REF_SOFTCAP,
+                    tl.load(ref_ptr + row * ref_stride + offs, mask=mask, other=0.0).to(ACC),
+                    mask,
+                    ref_scale,
+                    ref_softcap,
+                    1.0,
+                    REF_SOFTCAP,
                 )
                 log_q = zr - lse_r
                 q = tl.where(mask & (zr > ninf), tl.exp(log_q), 0.0)
