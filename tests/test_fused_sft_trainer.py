@@ -153,6 +153,44 @@ def test_eval_loss_matches_stock_and_materialised_logits(tiny_model_dir, tmp_pat
     assert one_batch.evaluate()["eval_loss"] == pytest.approx(total / count, rel=1e-5)
 
 
+def test_compute_metrics_and_preprocess_logits_see_the_models_logits_as_in_stock(tiny_model_dir, tmp_path):
+    """Evaluation with `compute_metrics` needs the logits: Trainer's prediction step gets them from the model's own
+    forward, as in stock SFTTrainer (the fused head computes only the loss), and `preprocess_logits_for_metrics`
+    sees the same tensors."""
+    dataset = tiny_prompt_completion_dataset(8)
+    seen = defaultdict(list)
+
+    def preprocess(logits, labels):
+        seen["shapes"].append(tuple(logits.shape))
+        return logits.argmax(-1)
+
+    def accuracy(prediction):
+        predicted, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]
+        mask = labels != -100
+        return {"next_token_accuracy": float((predicted == labels)[mask].mean()), "supervised": int(mask.sum())}
+
+    results = {}
+    for trainer_cls, config_cls in ((SFTTrainer, SFTConfig), (FusedSFTTrainer, FusedSFTConfig)):
+        trainer = make_trainer(
+            trainer_cls,
+            config_cls,
+            tiny_model_dir,
+            tmp_path,
+            dataset,
+            eval_dataset=dataset,
+            per_device_eval_batch_size=4,
+            trainer_kwargs={"compute_metrics": accuracy, "preprocess_logits_for_metrics": preprocess},
+        )
+        results[trainer_cls.__name__] = trainer.evaluate()
+    stock, fused = results["SFTTrainer"], results["FusedSFTTrainer"]
+    assert fused["eval_supervised"] == stock["eval_supervised"] > 0
+    assert fused["eval_next_token_accuracy"] == stock["eval_next_token_accuracy"]
+    assert fused["eval_loss"] == pytest.approx(stock["eval_loss"], abs=1e-6)
+    vocab = AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size
+    assert seen["shapes"] and all(shape[-1] == vocab for shape in seen["shapes"])
+    assert len(seen["shapes"]) == 2 * math.ceil(len(dataset) / 4)
+
+
 def test_assistant_only_mask_ignores_prompt_tokens(tiny_model_dir, tmp_path):
     """Two datasets that differ only in a trailing user turn (prompt tokens after the last assistant turn): with
     assistant-only loss the training losses are identical; with loss on every token they differ."""

@@ -11,7 +11,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_pt_utils import LabelSmoother
 from trl import SFTConfig, SFTTrainer
 
-from hf_plugins import ASFTConfig, ASFTTrainer, FusedSFTConfig, FusedSFTTrainer, OTRConfig, OTRTrainer
+from hf_plugins import (
+    ASFTConfig,
+    ASFTTrainer,
+    FusedSFTConfig,
+    FusedSFTTrainer,
+    OTRConfig,
+    OTRTrainer,
+    PoFTConfig,
+    PoFTTrainer,
+    TLConfig,
+    TLTrainer,
+)
 from hf_plugins.losses import sft_loss
 from hf_plugins.ops import fused_linear_loss
 from hf_plugins.ops.liger import liger_available
@@ -170,7 +181,10 @@ def test_dft_ignores_label_smoothing_like_stock(tiny_model_dir, tmp_path):
         torch.testing.assert_close(p_fused, p_stock, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("trainer_cls, config_cls", [(ASFTTrainer, ASFTConfig), (OTRTrainer, OTRConfig)])
+@pytest.mark.parametrize(
+    "trainer_cls, config_cls",
+    [(ASFTTrainer, ASFTConfig), (OTRTrainer, OTRConfig), (PoFTTrainer, PoFTConfig), (TLTrainer, TLConfig)],
+)
 def test_method_trainers_refuse_label_smoothing(tiny_model_dir, tmp_path, trainer_cls, config_cls):
     with pytest.raises(ValueError, match=f"`label_smoothing_factor=0.1` cannot be used with {trainer_cls.__name__}"):
         make_trainer(trainer_cls, config_cls, tiny_model_dir, tmp_path, label_smoothing_factor=EPS)
