@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from testing_utils import logged, logged_in
+from testing_utils import CLI_CPU_FLAGS, logged, logged_in
 
 import hf_plugins
 from hf_plugins.cli import main
@@ -23,28 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "configs"
 #: What every CLI run here overrides: a CPU, two steps, small batches, no saving of checkpoints.
 CPU_FLAGS = [
+    *CLI_CPU_FLAGS,
     "--max_steps",
     "2",
-    "--bf16",
-    "False",
-    "--use_cpu",
-    "True",
-    "--gradient_checkpointing",
-    "False",
     "--per_device_train_batch_size",
     "2",
     "--gradient_accumulation_steps",
     "1",
     "--max_length",
     "128",
-    "--report_to",
-    "none",
-    "--save_strategy",
-    "no",
     "--logging_steps",
     "1",
-    "--dataloader_num_workers",
-    "0",
 ]
 #: The same for `hf-plugins grpo` (prompts completed by generation instead of `--max_length` sequences), with a reward
 #: by import path, as `trl grpo` takes one
@@ -93,6 +82,11 @@ def tool_model_dir(tiny_model_dir, tmp_path_factory):
     return str(folder)
 
 
+def paths(model, dataset, output_dir) -> list:
+    """The three paths of a run, as command-line arguments."""
+    return ["--model_name_or_path", model, "--dataset_name", dataset, "--output_dir", output_dir]
+
+
 def run_cli(capsys, *argv):
     code = main([str(a) for a in argv])
     captured = capsys.readouterr()
@@ -129,12 +123,7 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
         method,
         "--config",
         config,
-        "--model_name_or_path",
-        model,
-        "--dataset_name",
-        data,
-        "--output_dir",
-        out,
+        *paths(model, data, out),
         *cpu_flags(method),
         *extra,
     )
@@ -215,12 +204,7 @@ def test_sft_command_matches_the_trainer_in_python(capsys, tmp_path, tiny_model_
     code, _, err = run_cli(
         capsys,
         "sft",
-        "--model_name_or_path",
-        tiny_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        out,
+        *paths(tiny_model_dir, data_dirs["chat"], out),
         "--learning_rate",
         "5e-3",
         *CPU_FLAGS,
@@ -337,12 +321,7 @@ def test_field_of_another_method(capsys, tiny_model_dir, data_dirs, tmp_path):
     code, _, err = run_cli(
         capsys,
         "otr",
-        "--model_name_or_path",
-        tiny_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(tiny_model_dir, data_dirs["chat"], tmp_path),
         "--kl_coef",
         "0.1",
         *CPU_FLAGS,
@@ -382,12 +361,7 @@ def test_the_unloadable_model_fails_loudly_once_the_input_is_fine(capsys, unload
     code, _, err = run_cli(
         capsys,
         "sft",
-        "--model_name_or_path",
-        unloadable_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(unloadable_model_dir, data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
     )
     assert code != 0 and "not-a-model-type" in err
@@ -413,12 +387,7 @@ def test_dataset_column_conversation_instead_of_messages(capsys, unloadable_mode
     code, _, err = run_cli(
         capsys,
         "sft",
-        "--model_name_or_path",
-        unloadable_model_dir,
-        "--dataset_name",
-        bad_data_dirs["conversation"],
-        "--output_dir",
-        tmp_path,
+        *paths(unloadable_model_dir, bad_data_dirs["conversation"], tmp_path),
         *CPU_FLAGS,
     )
     _one_line_error(code, err, "`conversation`", "`messages`", "rename_column('conversation', 'messages')")
@@ -453,12 +422,7 @@ def test_model_path_that_does_not_exist(capsys, data_dirs, tmp_path):
     code, _, err = run_cli(
         capsys,
         "sft",
-        "--model_name_or_path",
-        missing,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(missing, data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
     )
     _one_line_error(code, err, "--model_name_or_path", str(missing), "no such folder")
@@ -466,12 +430,7 @@ def test_model_path_that_does_not_exist(capsys, data_dirs, tmp_path):
     code, _, err = run_cli(
         capsys,
         "sft",
-        "--model_name_or_path",
-        "some-org/not-in-the-cache",
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths("some-org/not-in-the-cache", data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
     )
     _one_line_error(code, err, "some-org/not-in-the-cache", "offline", "local Hub cache")
@@ -479,12 +438,7 @@ def test_model_path_that_does_not_exist(capsys, data_dirs, tmp_path):
     code, _, err = run_cli(
         capsys,
         "sft",
-        "--model_name_or_path",
-        tmp_path,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(tmp_path, data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
     )
     _one_line_error(code, err, "config.json")
@@ -493,12 +447,7 @@ def test_model_path_that_does_not_exist(capsys, data_dirs, tmp_path):
 def test_resume_from_a_checkpoint_that_does_not_exist(capsys, unloadable_model_dir, data_dirs, tmp_path):
     args = [
         "sft",
-        "--model_name_or_path",
-        unloadable_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(unloadable_model_dir, data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
     ]
     code, _, err = run_cli(capsys, *args, "--resume_from_checkpoint", tmp_path / "checkpoint-9")
@@ -535,12 +484,7 @@ def test_assistant_only_loss_on_conversations_without_an_assistant_turn(
 def test_no_assistant_turn_with_the_default_settings(capsys, unloadable_model_dir, bad_data_dirs, tmp_path):
     args = [
         "sft",
-        "--model_name_or_path",
-        unloadable_model_dir,
-        "--dataset_name",
-        bad_data_dirs["no-assistant"],
-        "--output_dir",
-        tmp_path,
+        *paths(unloadable_model_dir, bad_data_dirs["no-assistant"], tmp_path),
         *CPU_FLAGS,
     ]
     code, _, err = run_cli(capsys, *args)
@@ -553,12 +497,7 @@ def test_no_assistant_turn_with_the_default_settings(capsys, unloadable_model_di
 def test_typo_gets_did_you_mean(capsys, unloadable_model_dir, data_dirs, tmp_path):
     args = [
         "sft",
-        "--model_name_or_path",
-        unloadable_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(unloadable_model_dir, data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
     ]
     code, _, err = run_cli(capsys, *args, "--learnig_rate", "1e-3")
@@ -573,12 +512,7 @@ def test_uds_keep_is_a_count_not_a_fraction(capsys, unloadable_model_dir, data_d
     code, _, err = run_cli(
         capsys,
         "sft",
-        "--model_name_or_path",
-        unloadable_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(unloadable_model_dir, data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
         "--per_device_train_batch_size",
         "4",
@@ -592,12 +526,7 @@ def test_uds_keep_is_a_count_not_a_fraction(capsys, unloadable_model_dir, data_d
 def test_roste_with_use_peft_names_the_cli_flag(capsys, unloadable_model_dir, data_dirs, tmp_path, how):
     args = [
         "roste",
-        "--model_name_or_path",
-        unloadable_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(unloadable_model_dir, data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
     ]
     if how == "flag":
@@ -623,12 +552,7 @@ def test_bad_input_prints_one_line_in_a_fresh_process(tmp_path, data_dirs):
             "-m",
             "hf_plugins.cli",
             "sft",
-            "--model_name_or_path",
-            str(tmp_path / "nope"),
-            "--dataset_name",
-            data_dirs["chat"],
-            "--output_dir",
-            str(tmp_path),
+            *paths(str(tmp_path / "nope"), data_dirs["chat"], str(tmp_path)),
             *CPU_FLAGS,
             "--learnig_rate",
             "1",
@@ -807,12 +731,7 @@ def test_uds_is_an_option_of_any_command(capsys, tmp_path, tiny_model_dir, data_
     out = tmp_path / "out"
     args = [
         "asft",
-        "--model_name_or_path",
-        tiny_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        out,
+        *paths(tiny_model_dir, data_dirs["chat"], out),
         *CPU_FLAGS,
         "--per_device_train_batch_size",
         "4",
@@ -834,12 +753,7 @@ def test_uds_fields_without_uds_are_refused(capsys, tmp_path, tiny_model_dir, da
     code, _, err = run_cli(
         capsys,
         "sft",
-        "--model_name_or_path",
-        tiny_model_dir,
-        "--dataset_name",
-        data_dirs["chat"],
-        "--output_dir",
-        tmp_path,
+        *paths(tiny_model_dir, data_dirs["chat"], tmp_path),
         *CPU_FLAGS,
         "--uds_keep",
         "5",
@@ -862,12 +776,7 @@ def test_grpo_reward_that_cannot_be_loaded(capsys, unloadable_model_dir, data_di
     code, _, err = run_cli(
         capsys,
         "grpo",
-        "--model_name_or_path",
-        unloadable_model_dir,
-        "--dataset_name",
-        data_dirs["grpo"],
-        "--output_dir",
-        tmp_path,
+        *paths(unloadable_model_dir, data_dirs["grpo"], tmp_path),
         *GRPO_FLAGS,
         "--reward_funcs",
         reward,

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from testing_utils import TORCHRUN, logged_in, run_script
+from testing_utils import CLI_CPU_FLAGS, TORCHRUN, logged_in, run_script
 
 
 SCRIPT = Path(__file__).parent / "scripts" / "train_tiny.py"
@@ -49,18 +49,9 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_d
         tiny_model_dir,
         "--dataset_name",
         str(data),
+        *CLI_CPU_FLAGS,
         "--max_steps",
         "3",
-        "--bf16",
-        "False",
-        "--use_cpu",
-        "True",
-        "--gradient_checkpointing",
-        "False",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
         "--logging_steps",
         "1",
         "--seed",
@@ -69,8 +60,6 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_d
         "5e-3",
         "--max_length",
         "128",
-        "--dataloader_num_workers",
-        "0",
         "--assistant_only_loss",
         "True",
     ]

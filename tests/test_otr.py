@@ -23,6 +23,7 @@ from testing_utils import (
     LargestTensor,
     assert_matches,
     assert_same_parameters,
+    checkpointed_with_evaluation,
     float64_copies,
     gen,
     logged,
@@ -538,20 +539,8 @@ def test_resume_from_checkpoint_continues_the_sample_stream(tiny_model_dir, tmp_
 def test_gradient_checkpointing_and_evaluation_do_not_change_the_stream(tiny_model_dir, tmp_path):
     """The head is outside the checkpointed layers (no resampling), and evaluation uses the exact expectation (no
     draws): neither changes the training losses."""
-    plain = make_trainer(tiny_model_dir, tmp_path / "plain")
-    plain.train()
-    busy = make_trainer(
-        tiny_model_dir,
-        tmp_path / "busy",
-        eval_dataset=tiny_conversational_dataset(8, seed=1),
-        gradient_checkpointing=True,
-        eval_strategy="steps",
-        eval_steps=1,
-    )
-    busy.train()
-    assert logged(busy) == pytest.approx(logged(plain), abs=1e-6)
-    eval_losses = logged(busy, "eval_loss")
-    assert len(eval_losses) == 3 and all(math.isfinite(x) for x in eval_losses)
+    busy = checkpointed_with_evaluation(partial(make_trainer, tiny_model_dir), tmp_path)
+    assert len(logged(busy, "eval_loss")) == 3
 
 
 def test_exact_expectation_trainer(tiny_model_dir, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import testing_utils
 import torch
 import torch.nn.functional as F
-from testing_utils import F64, assert_same_parameters, gen, logged, uninterrupted_and_resumed
+from testing_utils import CLI_CPU_FLAGS, F64, assert_same_parameters, gen, logged, uninterrupted_and_resumed
 from transformers import BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
 
 from hf_plugins import FusedSFTConfig, FusedSFTTrainer, RoSTEConfig, RoSTETrainer
@@ -425,18 +425,7 @@ def test_cli_export_quantized_then_load_roste_model_reproduces_the_training_forw
             "4",
             "--rotation_search_max_length",
             "32",
-            "--bf16",
-            "False",
-            "--use_cpu",
-            "True",
-            "--gradient_checkpointing",
-            "False",
-            "--report_to",
-            "none",
-            "--save_strategy",
-            "no",
-            "--dataloader_num_workers",
-            "0",
+            *CLI_CPU_FLAGS,
         ]
     )
     assert code == 0, capsys.readouterr().err[-2000:]

@@ -5,6 +5,7 @@ selection and its FIFO memory, loss normalisation of the selected subset, checkp
 import math
 import os
 import shutil
+from functools import partial
 
 import pytest
 import testing_utils
@@ -14,6 +15,7 @@ from testing_utils import (
     CPU_ARGS,
     F64,
     assert_same_parameters,
+    checkpointed_with_evaluation,
     gen,
     logged,
     tiny_lora_config,
@@ -568,18 +570,7 @@ def test_start_step_trains_on_every_candidate_before_it(tiny_model_dir, tmp_path
 
 
 def test_gradient_checkpointing_and_evaluation(tiny_model_dir, tmp_path):
-    plain = make_trainer(tiny_model_dir, tmp_path / "plain")
-    plain.train()
-    busy = make_trainer(
-        tiny_model_dir,
-        tmp_path / "busy",
-        eval_dataset=tiny_conversational_dataset(8, seed=1),
-        gradient_checkpointing=True,
-        eval_strategy="steps",
-        eval_steps=1,
-    )
-    busy.train()
-    assert logged(busy) == pytest.approx(logged(plain), abs=1e-6)
+    busy = checkpointed_with_evaluation(partial(make_trainer, tiny_model_dir), tmp_path)
     assert len(logged(busy, "eval_loss")) == 3
 
 

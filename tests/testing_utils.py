@@ -34,6 +34,22 @@ CPU_ARGS = dict(**CPU_TRAINING_ARGS, learning_rate=5e-3, disable_tqdm=True)
 #: step (the dropout masks of every forward included) continues from the checkpoint's state.
 CLI_LORA_DROPOUT = 0.05
 #: The command prefix that runs a script on 2 CPU processes (gloo)
+#: What a command-line run on a CPU needs besides its own arguments: float32, no gradient checkpointing (TRL's
+#: default is on), no reports, no checkpoints, data loading in the process
+CLI_CPU_FLAGS = [
+    "--bf16",
+    "False",
+    "--use_cpu",
+    "True",
+    "--gradient_checkpointing",
+    "False",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--dataloader_num_workers",
+    "0",
+]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 ON_GPU = torch.cuda.is_available()
 #: Skips a test of the Triton backend where it cannot run: it needs a GPU or Triton's interpreter (which conftest.py
@@ -296,6 +312,28 @@ def train_and_resume(make_trainer, output_dir, save_steps: int = 2):
     resumed = make_trainer(output_dir, **saving)
     resumed.train(resume_from_checkpoint=checkpoint)
     return resumed, checkpoint
+
+
+def checkpointed_with_evaluation(make_trainer, output_dir, eval_steps: int = 1):
+    """A plain run and one with gradient checkpointing and evaluation every `eval_steps` steps, from
+    `make_trainer(output_dir, **overrides)`; asserts that neither changes the training losses and that every
+    evaluation loss is finite, and returns the second trainer."""
+    import math
+
+    plain = make_trainer(Path(output_dir) / "plain")
+    plain.train()
+    busy = make_trainer(
+        Path(output_dir) / "busy",
+        eval_dataset=tiny_conversational_dataset(8, seed=1),
+        gradient_checkpointing=True,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+    )
+    busy.train()
+    assert logged(busy) == pytest.approx(logged(plain), abs=1e-6)
+    eval_losses = logged(busy, "eval_loss")
+    assert eval_losses and all(math.isfinite(x) for x in eval_losses)
+    return busy
 
 
 def uninterrupted_and_resumed(make_trainer, output_dir, save_steps: int = 2):
