@@ -36,12 +36,10 @@ When TRL logs (`log`), the pending device values are read back at once and TRL a
 from __future__ import annotations
 
 import copy
-import dataclasses
 import warnings
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
 from trl import SFTTrainer
 
 from ..data import DataCollatorWithExtraColumns
@@ -49,6 +47,7 @@ from ..data.packing import pack_with_columns
 from ..modeling import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head
 from ..ops.method import LossMethod
 from ..utils import destroy_process_group_at_exit
+from .args_coercion import coerce_args
 from .chat_template_setup import use_training_chat_template
 from .fused_sft_config import FusedSFTConfig
 from .metric_logging import read_on_host, reduce_head_metrics
@@ -99,19 +98,14 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
     def coerce_args(cls, model, args):
         """`args` as an instance of `config_class`: a default one named after the model when None; another config
         (a plain `SFTConfig`, `TrainingArguments`) keeps its values and the method's fields take their defaults."""
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            return cls.config_class(f"{model_name.split('/')[-1]}-{cls.__name__}")
-        if isinstance(args, cls.config_class):
-            return args
-        if not isinstance(args, TrainingArguments):
-            raise ValueError(
-                f"`args` must be a {cls.config_class.__name__} (or a TRL/transformers config), got "
-                f"{type(args).__name__}. The positional order is SFTTrainer's: pass other objects by keyword (e.g. a "
-                "reference model as the keyword argument `ref_model=` of ASFTTrainer)."
-            )
-        # Copied field by field: `to_dict()` would replace secrets such as `hub_token` with placeholders
-        return cls.config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+        return coerce_args(
+            cls.config_class,
+            cls.__name__,
+            model,
+            args,
+            "The positional order is SFTTrainer's: pass other objects by keyword (e.g. a reference model as the "
+            "keyword argument `ref_model=` of ASFTTrainer).",
+        )
 
     def __init__(self, model, args: FusedSFTConfig | None = None, *positional, **kwargs):
         args = self.coerce_args(model, args)

@@ -12,18 +12,18 @@ lm_head matmuls per micro-step, two with a frozen head under LoRA, against TRL's
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import ProcessorMixin, TrainingArguments
+from transformers import ProcessorMixin
 from trl import GRPOTrainer
 
 from ..losses.grpo import STATISTICS_METRIC, GRPOMethod
 from ..modeling import PREPENDING_PEFT_TYPES, LossHead, add_loss_head_forward, forward_with_head, logit_transform
 from ..utils import destroy_process_group_at_exit, triton_usable
+from .args_coercion import coerce_args
 from .grpo_config import FusedGRPOConfig
 from .model_card import ModelCardMixin
 
@@ -85,22 +85,17 @@ class FusedGRPOTrainer(ModelCardMixin, GRPOTrainer):
     def coerce_args(cls, model, args):
         """`args` as an instance of `config_class`: a default one named after the model when None; another config
         (a plain `GRPOConfig`, `TrainingArguments`) keeps its values and the fields it lacks take their defaults."""
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            return cls.config_class(f"{model_name.split('/')[-1]}-{cls.__name__}")
-        if isinstance(args, cls.config_class):
-            return args
-        if not isinstance(args, TrainingArguments):
-            raise ValueError(
-                f"`args` must be a {cls.config_class.__name__} (or a TRL/transformers config), got "
-                f"{type(args).__name__}. The positional order is GRPOTrainer's: (model, reward_funcs, args, ...)."
-            )
-        # Copied field by field: `to_dict()` would replace secrets such as `hub_token` with placeholders
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        if values.get("steps_per_generation") is not None:
-            # `GRPOConfig.__post_init__` set both; the steps give the same generation batch, and both are refused
-            values.pop("generation_batch_size", None)
-        return cls.config_class(**values)
+        # `GRPOConfig.__post_init__` sets both `steps_per_generation` and `generation_batch_size`; the steps give the
+        # same generation batch, and a config with both set is refused
+        drop = ("generation_batch_size",) if getattr(args, "steps_per_generation", None) is not None else ()
+        return coerce_args(
+            cls.config_class,
+            cls.__name__,
+            model,
+            args,
+            "The positional order is GRPOTrainer's: (model, reward_funcs, args, ...).",
+            drop=drop,
+        )
 
     def __init__(self, model, reward_funcs=None, args: FusedGRPOConfig | None = None, *positional, **kwargs):
         args = self.coerce_args(model, args)

@@ -33,6 +33,7 @@ from ..modeling import (
     logit_transform,
 )
 from ..utils import destroy_process_group_at_exit
+from .args_coercion import default_output_dir, init_values
 from .uds_config import UDSConfig
 
 
@@ -77,8 +78,7 @@ class UDSMixin:
         if isinstance(args, UDSConfig):
             return args
         if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            return with_uds(SFTConfig)(f"{model_name.split('/')[-1]}-{cls.__name__}")
+            return with_uds(SFTConfig)(default_output_dir(model, cls.__name__))
         if not isinstance(args, TrainingArguments):
             raise ValueError(
                 f"`args` must be a trainer config (e.g. `with_uds(SFTConfig)(...)`), got {type(args).__name__}."
@@ -87,7 +87,7 @@ class UDSMixin:
         if issubclass(cls, SFTTrainer) and not isinstance(args, SFTConfig):
             base = SFTConfig
         names = {f.name for f in dataclasses.fields(base) if f.init}
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and f.name in names}
+        values = {name: value for name, value in init_values(args).items() if name in names}
         return with_uds(base)(**values)
 
     def _uds_setup(self) -> None:
