@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The one GPU check of this repository: the GPU tests, the loss-head benchmark at N=16384, V=151936, D=4096, bf16,
-# and the RoSTE training-step benchmark at Qwen2.5-0.5B's block shapes.
+# The one GPU check of this repository, in parts (GPU_CHECK_PARTS, default all of them):
+#   tests      the `gpu`-marked tests;
+#   loss_head  the loss-head benchmark (benchmarks/loss_head_gpu.py) at N=16384, V=151936, D=4096, bf16;
+#   grpo_head  GRPO's loss head (benchmarks/grpo_head.py --device cuda) at the same shape, dapo beta 0.04 off-policy,
+#              token and sequence level: ours on triton, TRL's head + TRL's loss, Liger's GRPO loss, the floor;
+#   roste      the RoSTE training-step benchmark at Qwen2.5-0.5B's block shapes.
 #
-#   bash benchmarks/gpu_check.sh                              # results under $OUT (default: ./gpu_check_out)
-#   GPU_CHECK_PARTS="tests roste" bash benchmarks/gpu_check.sh  # a subset of: tests loss_head roste
+#   bash benchmarks/gpu_check.sh                                  # results under $OUT (default: ./gpu_check_out)
+#   GPU_CHECK_PARTS="tests grpo_head" bash benchmarks/gpu_check.sh  # a subset of: tests loss_head grpo_head roste
 #
 # Packages the GPU image may lack (trl, liger-kernel, datasets and what they import) can be brought as wheels in
 # ./.whl: they are installed into /tmp/site and put on PYTHONPATH; with no ./.whl the installed packages are used.
@@ -26,8 +30,8 @@ for name in ('transformers', 'trl', 'liger_kernel'):
     except Exception as e: print(name, 'unavailable:', e)
 "; } 2>&1 | tee "$OUT/machine.txt"
 
-PARTS=" ${GPU_CHECK_PARTS:-tests loss_head roste} "
-tests_rc=0 bench_rc=0 roste_rc=0
+PARTS=" ${GPU_CHECK_PARTS:-tests loss_head grpo_head roste} "
+tests_rc=0 bench_rc=0 grpo_rc=0 roste_rc=0
 
 if [[ "$PARTS" == *" tests "* ]]; then
     echo "== GPU tests"
@@ -43,6 +47,15 @@ if [[ "$PARTS" == *" loss_head "* ]]; then
     bench_rc=${PIPESTATUS[0]}
 fi
 
+if [[ "$PARTS" == *" grpo_head "* ]]; then
+    echo "== GRPO head benchmark"
+    # results are written after each level, so a run the timeout cuts short keeps the token level
+    timeout 150 python3 benchmarks/grpo_head.py --device cuda -N 16384 -V 151936 -D 4096 --dtype bfloat16 \
+        --backend triton --rounds 3 --json "$OUT/grpo_head_gpu.json" --markdown "$OUT/grpo_head_gpu.md" \
+        2>&1 | tee "$OUT/grpo_head.log"
+    grpo_rc=${PIPESTATUS[0]}
+fi
+
 if [[ "$PARTS" == *" roste "* ]]; then
     echo "== RoSTE step benchmark"
     timeout 240 python3 benchmarks/roste.py --device cuda --preset qwen2.5-0.5b --batch-size 8 --max-length 1024 \
@@ -50,5 +63,6 @@ if [[ "$PARTS" == *" roste "* ]]; then
     roste_rc=${PIPESTATUS[0]}
 fi
 
-echo "gpu tests rc=$tests_rc, loss-head benchmark rc=$bench_rc, roste benchmark rc=$roste_rc"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$roste_rc" = 0 ]
+echo "gpu tests rc=$tests_rc, loss-head benchmark rc=$bench_rc, grpo-head benchmark rc=$grpo_rc," \
+    "roste benchmark rc=$roste_rc"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$grpo_rc" = 0 ] && [ "$roste_rc" = 0 ]
