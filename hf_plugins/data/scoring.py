@@ -152,7 +152,7 @@ def sequence_log_probs(
     head, with the model's logit soft-cap and scale (and no sampling temperature): never more than a `[chunk, V]`
     tile of logits. Any model patched (here) with `add_loss_head_forward`, PEFT ones through their own forward
     (adapters, virtual tokens). The first position of a row is never scored: nothing predicts it."""
-    from ..modeling import add_loss_head_forward, forward_hidden_states
+    from ..modeling import add_loss_head_forward, forward_hidden_states, gather_lm_head
     from ..ops.chunked import chunked_label_log_probs, default_chunk_size
 
     # A PEFT model scores through its own forward (adapters, virtual tokens): the patch goes on its base model
@@ -164,14 +164,15 @@ def sequence_log_probs(
     # Position t predicts token t + 1
     rows = scored[:, 1:].to(hidden.device)
     labels = input_ids[:, 1:].to(hidden.device)[rows]
-    log_probs = chunked_label_log_probs(
-        hidden[:, :-1][rows],
-        weight,
-        bias,
-        labels.to(weight.device),
-        chunk_size or default_chunk_size(weight.shape[0]),
-        transform=outputs.logit_transform,
-    )
+    with gather_lm_head(weight, bias):  # under DeepSpeed ZeRO-3 the head is sharded outside its own forward
+        log_probs = chunked_label_log_probs(
+            hidden[:, :-1][rows],
+            weight,
+            bias,
+            labels.to(weight.device),
+            chunk_size or default_chunk_size(weight.shape[0]),
+            transform=outputs.logit_transform,
+        )
     sequence = torch.arange(input_ids.shape[0], device=rows.device).unsqueeze(1).expand_as(rows)[rows]
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=rows.device)
     sums = sums.index_add(0, sequence, log_probs.double().to(rows.device))
