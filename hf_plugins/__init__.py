@@ -21,6 +21,11 @@ _TRAIN_COMMANDS = {
     "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
     "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
     "grpo": ("FusedGRPOConfig", "FusedGRPOTrainer", "GRPO, every TRL loss_type, with the fused policy-loss head"),
+    "srppo": (
+        "SRPPOConfig",
+        "SRPPOTrainer",
+        "Self-Rewarding PPO: the SFT/base log-ratio as the GRPO reward, on the fused head",
+    ),
 }
 
 # Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers

@@ -250,9 +250,10 @@ def check_inputs(method: str, training_args, model_args) -> None:
         cache_dir=cache_dir,
         gguf_file=init_kwargs.get("gguf_file"),
     )
-    ref_model = getattr(training_args, "ref_model", None)
-    if isinstance(ref_model, str) and ref_model:
-        check_model_path(ref_model, flag="--ref_model", cache_dir=cache_dir)
+    for field in ("ref_model", "base_model", "sft_adapter_path"):  # ASFT's reference, SRPPO's two models
+        path = getattr(training_args, field, None)
+        if isinstance(path, str) and path:
+            check_model_path(path, flag=f"--{field}", cache_dir=cache_dir)
     if training_args.resume_from_checkpoint:
         check_checkpoint(training_args.resume_from_checkpoint)
 
@@ -272,11 +273,11 @@ def check_data(method: str, dataset, split: str, training_args, assistant_only_e
     check_assistant_turns(dataset, found, split, bool(assistant_only), assistant_only_explicit, every_row)
 
 
-def reward_functions(script_args) -> list:
+def reward_functions(script_args, required: bool = True) -> list:
     """The reward sources of `trl grpo`'s arguments, as its script resolves them: the reward model, then each of
     `reward_funcs`, a name of TRL's rewards (`accuracy_reward`, `reasoning_accuracy_reward`, `think_format_reward`,
     `get_soft_overlong_punishment` with its script's settings) or a dotted import path (the working directory is
-    importable). Checked before any model loads."""
+    importable). Checked before any model loads. `required=False`: none is fine (a trainer that rewards itself)."""
     import importlib
     import os
 
@@ -313,7 +314,7 @@ def reward_functions(script_args) -> list:
         if not callable(getattr(module, attribute, None)):
             raise UsageError(f"--reward_funcs {name}: {module_name} has no function {attribute!r}")
         funcs.append(getattr(module, attribute))
-    if not funcs:
+    if not funcs and required:
         raise UsageError(
             "no reward: pass --reward_funcs (TRL reward names or import paths) or --reward_model_name_or_path"
         )
@@ -335,7 +336,9 @@ def build_trainer(method: str, argv: list[str]):
     script_args, training_args, model_args, dataset_args = _parse(method, uds, argv, yaml)
     check_inputs(method, training_args, model_args)
     grpo = _is_grpo(method)
-    trainer_kwargs = {"reward_funcs": reward_functions(script_args)} if grpo else {}
+    trainer_class = _trainers()[method]
+    required = not getattr(trainer_class, "provides_reward", False)
+    trainer_kwargs = {"reward_funcs": reward_functions(script_args, required) or None} if grpo else {}
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,

@@ -68,6 +68,24 @@ def tiny_qwen2_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2", dtype=torch.float64)
 
 
+def save_sft_adapter(model_dir, folder, seed: int = 1) -> str:
+    """An 'SFT' LoRA adapter on the model at `model_dir` (SRPPO's pi_SFT): random, non-zero weights, so that it
+    differs from the base model (a fresh LoRA adapter is the base model exactly)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """An SFT LoRA adapter on the tiny model (`save_sft_adapter`)."""
+    return save_sft_adapter(tiny_model_dir, tmp_path_factory.mktemp("tiny-sft-adapter"))
+
+
 @pytest.fixture
 def tiny_tokenizer(tiny_model_dir):
     """A fresh tiny tokenizer per test, so changes one test makes to it (pad token, template) reach no other."""

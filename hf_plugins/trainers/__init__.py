@@ -14,6 +14,8 @@ from .poft_config import PoFTConfig
 from .poft_trainer import PoFTTrainer
 from .roste_config import RoSTEConfig
 from .roste_trainer import RoSTETrainer
+from .srppo_config import SRPPOConfig
+from .srppo_trainer import SRPPOTrainer
 from .tl_config import TLConfig
 from .tl_trainer import TLTrainer
 from .uds_config import UDSConfig
@@ -25,7 +27,16 @@ from .uds_trainer import UDSMixin, with_uds
 #: one more trainer here (CONTRIBUTING.md lists the rest).
 TRAINERS = {
     trainer.command: trainer
-    for trainer in (FusedSFTTrainer, ASFTTrainer, OTRTrainer, TLTrainer, PoFTTrainer, RoSTETrainer, FusedGRPOTrainer)
+    for trainer in (
+        FusedSFTTrainer,
+        ASFTTrainer,
+        OTRTrainer,
+        TLTrainer,
+        PoFTTrainer,
+        RoSTETrainer,
+        FusedGRPOTrainer,
+        SRPPOTrainer,
+    )
 }
 
 __all__ = [
@@ -41,6 +52,8 @@ __all__ = [
     "PoFTTrainer",
     "RoSTEConfig",
     "RoSTETrainer",
+    "SRPPOConfig",
+    "SRPPOTrainer",
     "TLConfig",
     "TLTrainer",
     "TRAINERS",

@@ -18,33 +18,17 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import AutoTokenizer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from trl.models import prepare_deepspeed, prepare_fsdp
-from trl.trainer.utils import create_model_from_path, get_config_model_id
+from trl.trainer.utils import get_config_model_id
 
-from ..modeling import add_loss_head_forward, forward_hidden_states, gather_lm_head, lm_head_parameters
+from ..modeling import forward_hidden_states, gather_lm_head
 from ..utils import get_logger
 from .asft_config import ASFTConfig
+from .frozen_models import load_frozen_model, parameter_bytes, place_frozen_model, tokenizer_differs, vocab_rows
 from .fused_sft_trainer import FusedSFTTrainer
 
 
 logger = get_logger(__name__)
-
-
-def _vocab_rows(model) -> int:
-    """Rows of the lm_head the loss reads (the vocabulary the model scores); the full size under ZeRO-3 too."""
-    weight, _ = lm_head_parameters(model.get_output_embeddings())
-    return int(getattr(weight, "ds_shape", weight.shape)[0])
-
-
-def _parameter_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def _text_tokenizer(processing_class):
-    """The tokenizer inside a processor (VLMs), or the tokenizer itself."""
-    return getattr(processing_class, "tokenizer", processing_class)
 
 
 class ASFTTrainer(FusedSFTTrainer):
@@ -148,12 +132,7 @@ class ASFTTrainer(FusedSFTTrainer):
         return ref_model
 
     def _from_pretrained(self, path: str, init_kwargs: dict[str, Any]):
-        init_kwargs = dict(init_kwargs)
-        # Distributed training requires device_map=None ("auto" would spread the model over every rank's GPUs)
-        if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            init_kwargs["device_map"] = None
-        init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-        return create_model_from_path(path, **init_kwargs)
+        return load_frozen_model(path, self.args, init_kwargs)
 
     def _initial_model_copy(self):
         """(c): a frozen copy of the starting model. Made here, before any step, so it holds the initial weights."""
@@ -170,41 +149,29 @@ class ASFTTrainer(FusedSFTTrainer):
         logger.info(
             "ASFT: no `ref_model` and no PEFT, so the reference is a frozen copy of the starting model: %.1f MiB more "
             "memory per process (%d parameters). Train with PEFT to use the adapters-off model at no memory cost.",
-            _parameter_bytes(reference) / 2**20,
+            parameter_bytes(reference) / 2**20,
             sum(p.numel() for p in reference.parameters()),
         )
         return reference
 
     def _check_reference_tokenizer(self, path: str, trust_remote_code: bool) -> None:
         """A reference loaded from a path that ships a tokenizer must tokenize like the policy's."""
-        try:
-            ref_tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError, TypeError, KeyError):
-            return  # no tokenizer at the path: only the vocabulary size can be checked
-        policy_tokenizer = _text_tokenizer(self.processing_class)
-        if policy_tokenizer is not None and ref_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        if tokenizer_differs(path, self.processing_class, trust_remote_code):
             raise ValueError(
-                f"The reference model at {path!r} has a different tokenizer from the policy's ({len(ref_tokenizer)} "
-                f"vs {len(policy_tokenizer)} tokens, or the same size with different ids): ASFT compares both models' "
-                "next-token distributions over one vocabulary. Use a reference that shares the policy's tokenizer."
+                f"The reference model at {path!r} has a different tokenizer from the policy's: ASFT compares both "
+                "models' next-token distributions over one vocabulary. Use a reference that shares the policy's "
+                "tokenizer."
             )
 
     def _prepare_reference(self, reference):
         """Freeze, check and patch the reference, then place it like TRL places reference models."""
-        policy_vocab, ref_vocab = _vocab_rows(self.model), _vocab_rows(reference)
+        policy_vocab, ref_vocab = vocab_rows(self.model), vocab_rows(reference)
         if policy_vocab != ref_vocab:
             raise ValueError(
                 f"The reference model scores {ref_vocab} tokens but the policy scores {policy_vocab}: ASFT's KL is "
                 "taken over one shared vocabulary. Use a reference with the policy's vocabulary (and tokenizer)."
             )
-        reference.eval()
-        reference.requires_grad_(False)
-        add_loss_head_forward(reference.get_base_model() if is_peft_model(reference) else reference)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(reference, self.accelerator)
-        if self.is_fsdp_enabled:
-            return prepare_fsdp(reference, self.accelerator)
-        return self.accelerator.prepare_model(reference, evaluation_mode=True)
+        return place_frozen_model(reference, self)
 
     @torch.no_grad()
     def reference_forward(self, model, inputs: dict[str, Any]):
