@@ -21,6 +21,11 @@ _TRAIN_COMMANDS = {
     "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
     "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
     "grpo": ("FusedGRPOConfig", "FusedGRPOTrainer", "GRPO, every TRL loss_type, with the fused policy-loss head"),
+    "truthrl": (
+        "TruthRLConfig",
+        "TruthRLTrainer",
+        "TruthRL: GRPO with the ternary truthfulness reward (correct +1, abstain 0, wrong -1)",
+    ),
 }
 
 # Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers
@@ -42,6 +47,8 @@ _EXPORTS = {
     "score_with_aligned_models": "data",
     "classify_tool_call": "rewards",
     "tool_call_reward": "rewards",
+    "make_truthrl_reward": "rewards",
+    "truthrl_reward": "rewards",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -16,6 +16,8 @@ from .roste_config import RoSTEConfig
 from .roste_trainer import RoSTETrainer
 from .tl_config import TLConfig
 from .tl_trainer import TLTrainer
+from .truthrl_config import TruthRLConfig
+from .truthrl_trainer import TruthRLTrainer
 from .uds_config import UDSConfig
 from .uds_trainer import UDSMixin, with_uds
 
@@ -25,7 +27,16 @@ from .uds_trainer import UDSMixin, with_uds
 #: one more trainer here (CONTRIBUTING.md lists the rest).
 TRAINERS = {
     trainer.command: trainer
-    for trainer in (FusedSFTTrainer, ASFTTrainer, OTRTrainer, TLTrainer, PoFTTrainer, RoSTETrainer, FusedGRPOTrainer)
+    for trainer in (
+        FusedSFTTrainer,
+        ASFTTrainer,
+        OTRTrainer,
+        TLTrainer,
+        PoFTTrainer,
+        RoSTETrainer,
+        FusedGRPOTrainer,
+        TruthRLTrainer,
+    )
 }
 
 __all__ = [
@@ -44,6 +55,8 @@ __all__ = [
     "TLConfig",
     "TLTrainer",
     "TRAINERS",
+    "TruthRLConfig",
+    "TruthRLTrainer",
     "UDSConfig",
     "UDSMixin",
     "with_uds",
