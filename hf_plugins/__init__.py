@@ -26,6 +26,11 @@ _TRAIN_COMMANDS = {
         "SRPPOTrainer",
         "Self-Rewarding PPO: the SFT/base log-ratio as the GRPO reward, on the fused head",
     ),
+    "truthrl": (
+        "TruthRLConfig",
+        "TruthRLTrainer",
+        "TruthRL: GRPO with the ternary truthfulness reward (correct +1, abstain 0, wrong -1)",
+    ),
 }
 
 # Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers
@@ -47,6 +52,8 @@ _EXPORTS = {
     "score_with_aligned_models": "data",
     "classify_tool_call": "rewards",
     "tool_call_reward": "rewards",
+    "make_truthrl_reward": "rewards",
+    "truthrl_reward": "rewards",
 }
 
 __all__ = ["__version__", *_EXPORTS]

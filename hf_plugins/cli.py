@@ -22,7 +22,7 @@ def usage() -> str:
     return f"""usage: hf-plugins <command> [options]
 
 training commands (`hf-plugins <method> --config run.yaml [--any_config_field value]`; the YAML of `trl sft`, and
-for `grpo` of `trl grpo`, works):
+for `grpo` and `truthrl` of `trl grpo`, works):
 {methods}
 
 other commands:

@@ -51,6 +51,7 @@ from transformers import (
 )
 
 from .chat_templates import load_template
+from .rewards.truthrl import TRUTHRL_SYSTEM_PROMPT
 
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "tiny_language_modeling_dataset",
     "tiny_prompt_completion_dataset",
     "tiny_tool_calling_dataset",
+    "tiny_truthrl_dataset",
 ]
 
 IM_START = "<|im_start|>"
@@ -739,6 +741,57 @@ def tiny_tool_calling_dataset(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_TRUTHRL_NAMES = (
+    "Mira", "Tomas", "Lena", "Ravi", "Ines", "Oskar", "Yuki", "Amara", "Bruno", "Chloe", "Dario", "Elif", "Farah",
+    "Goran", "Hana", "Ivo", "Jonas", "Kira", "Luca", "Maya", "Nadia", "Omar", "Petra", "Quinn", "Rosa", "Sami",
+)  # fmt: skip
+#: Invented names for the unknowable questions: no context, so no model can know the answer
+_TRUTHRL_STRANGERS = (
+    "Zorvath Quillby", "Brindle Okafew", "Tazmir Vollens", "Quenby Arkwright", "Olwen Trasker", "Vesper Mungo",
+    "Kesrin Dalloway", "Ulmo Fenwhistle", "Pryce Hollowell", "Idris Marrowby", "Sable Cortwin", "Fenna Rookwood",
+)  # fmt: skip
+_TRUTHRL_ATTRIBUTES = ("locker number", "house number", "room number", "bus number", "table number", "seat number")
+
+
+def tiny_truthrl_dataset(
+    n: int = 16, seed: int = 0, conversational: bool = False, unknowable_fraction: float = 0.5
+) -> Dataset:
+    """Synthetic question answering for TruthRL: *knowable* questions, whose fact is in the prompt ("Context: Mira's
+    locker number is 47."), and *unknowable* ones about invented people, without context, whose gold answer is a
+    random number that no answer can hit.
+
+    Args:
+        n (`int`, *optional*, defaults to `16`): number of rows.
+        seed (`int`, *optional*, defaults to `0`): seed of the content.
+        conversational (`bool`, *optional*, defaults to `False`): `prompt` as a conversation (TruthRL's system
+            prompt, `hf_plugins.rewards.TRUTHRL_SYSTEM_PROMPT`, then the user turn) instead of `"...\nAnswer:"` text.
+        unknowable_fraction (`float`, *optional*, defaults to `0.5`): the share of unknowable rows (alternating).
+
+    Returns:
+        [`~datasets.Dataset`]: columns `prompt`, `question`, `answers` (a list of one gold answer) and
+        `out_of_knowledge` (True for the unknowable rows).
+    """
+    rng = random.Random(seed)
+    rows = {"prompt": [], "question": [], "answers": [], "out_of_knowledge": []}
+    unknowable_rows = round(n * unknowable_fraction)
+    for index in range(n):
+        unknowable = index * unknowable_rows // max(n, 1) != (index + 1) * unknowable_rows // max(n, 1)
+        attribute, value = rng.choice(_TRUTHRL_ATTRIBUTES), str(rng.randint(10, 99))
+        name = rng.choice(_TRUTHRL_STRANGERS if unknowable else _TRUTHRL_NAMES)
+        question = f"What is {name}'s {attribute}?"
+        context = "" if unknowable else f"Context: {name}'s {attribute} is {value}.\n"
+        text = f"{context}Question: {question}"
+        if conversational:
+            prompt = [{"role": "system", "content": TRUTHRL_SYSTEM_PROMPT}, {"role": "user", "content": text}]
+        else:
+            prompt = f"{text}\nAnswer:"
+        rows["prompt"].append(prompt)
+        rows["question"].append(question)
+        rows["answers"].append([value])
+        rows["out_of_knowledge"].append(unknowable)
+    return Dataset.from_dict(rows)
+
+
 class ReplayedCompletions:
     """A `rollout_func` for TRL's `GRPOTrainer` (and `FusedGRPOTrainer`) that replays a fixed bank of completions
     instead of sampling: two trainers, or two runs of one (another process count, a resumed run), then train on
@@ -750,7 +803,9 @@ class ReplayedCompletions:
     `bank_size` token-id lists of the tokenizer's ordinary tokens (no special token), of lengths 1 to
     `max_completion_length`: about half end with the EOS token, and every third one fills `max_completion_length`
     without it (truncated, for `mask_truncated_completions`). `prompt_ids` are the tokenizer's ids of the prompt
-    text (use standard, not conversational, prompts). With `logprobs=True` it also returns sampler log-probs (a
+    text (use standard, not conversational, prompts). With `texts`, the bank is those completion texts instead, tokenized and
+    ended with the EOS token (cut at `max_completion_length`), for rewards that read the text (e.g. TruthRL's boxed
+    answers). With `logprobs=True` it also returns sampler log-probs (a
     deterministic function of each token and its position, as a vLLM sampler would report them), else `None`.
 
     Example:
@@ -761,12 +816,22 @@ class ReplayedCompletions:
     """
 
     def __init__(
-        self, tokenizer, max_completion_length: int, bank_size: int = 12, seed: int = 0, logprobs: bool = False
+        self,
+        tokenizer,
+        max_completion_length: int,
+        bank_size: int = 12,
+        seed: int = 0,
+        logprobs: bool = False,
+        texts: list[str] | None = None,
     ):
         if max_completion_length < 2:
             raise ValueError(f"`max_completion_length` must be at least 2, got {max_completion_length}.")
         self.tokenizer = tokenizer
         self.logprobs = logprobs
+        if texts is not None:
+            ids = [tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for text in texts]
+            self.bank = [entry[:max_completion_length] for entry in ids]
+            return
         rng = random.Random(seed)
         special = set(tokenizer.all_special_ids)
         ordinary = [i for i in range(len(tokenizer)) if i not in special]

@@ -273,14 +273,32 @@ def check_data(method: str, dataset, split: str, training_args, assistant_only_e
     check_assistant_turns(dataset, found, split, bool(assistant_only), assistant_only_explicit, every_row)
 
 
+def import_callable(flag: str, name: str):
+    """The function a dotted import path names (`my_module.my_function`; the working directory is importable), as
+    `trl grpo` imports its reward functions; a `UsageError` naming `flag` when it cannot be imported."""
+    import importlib
+    import os
+
+    if "." not in name:
+        raise UsageError(f"{flag} {name}: not a dotted import path such as my_module.my_function")
+    module_name, attribute = name.rsplit(".", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(f"{flag} {name}: cannot import {module_name} ({error})") from None
+    if not callable(getattr(module, attribute, None)):
+        raise UsageError(f"{flag} {name}: {module_name} has no function {attribute!r}")
+    return getattr(module, attribute)
+
+
 def reward_functions(script_args, required: bool = True) -> list:
     """The reward sources of `trl grpo`'s arguments, as its script resolves them: the reward model, then each of
     `reward_funcs`, a name of TRL's rewards (`accuracy_reward`, `reasoning_accuracy_reward`, `think_format_reward`,
     `get_soft_overlong_punishment` with its script's settings) or a dotted import path (the working directory is
-    importable). Checked before any model loads. `required=False`: none is fine (a trainer that rewards itself)."""
-    import importlib
-    import os
-
+    importable). Checked before any model loads. `required=False`: none is allowed (a trainer that builds its own
+    reward adds these to it)."""
     from trl import rewards
 
     named = {
@@ -304,21 +322,25 @@ def reward_functions(script_args, required: bool = True) -> list:
                 f"--reward_funcs {name}: not one of TRL's rewards ({', '.join(named)}) nor a dotted import path such "
                 "as my_rewards.length_reward"
             )
-        module_name, attribute = name.rsplit(".", 1)
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise UsageError(f"--reward_funcs {name}: cannot import {module_name} ({error})") from None
-        if not callable(getattr(module, attribute, None)):
-            raise UsageError(f"--reward_funcs {name}: {module_name} has no function {attribute!r}")
-        funcs.append(getattr(module, attribute))
+        funcs.append(import_callable("--reward_funcs", name))
     if not funcs and required:
         raise UsageError(
             "no reward: pass --reward_funcs (TRL reward names or import paths) or --reward_model_name_or_path"
         )
     return funcs
+
+
+def grpo_trainer_kwargs(method: str, script_args, training_args) -> dict:
+    """The GRPO trainer's reward functions (None: the trainer builds its own) and the callables its config names by
+    import path (`callable_fields`)."""
+    trainer_class = _trainers()[method]
+    funcs = reward_functions(script_args, required=not trainer_class.builds_own_reward)
+    kwargs = {"reward_funcs": funcs or None}
+    for field, keyword in trainer_class.callable_fields.items():
+        path = getattr(training_args, field, None)
+        if path:
+            kwargs[keyword] = import_callable(f"--{field}", path)
+    return kwargs
 
 
 def build_trainer(method: str, argv: list[str]):
@@ -336,9 +358,7 @@ def build_trainer(method: str, argv: list[str]):
     script_args, training_args, model_args, dataset_args = _parse(method, uds, argv, yaml)
     check_inputs(method, training_args, model_args)
     grpo = _is_grpo(method)
-    trainer_class = _trainers()[method]
-    required = not getattr(trainer_class, "provides_reward", False)
-    trainer_kwargs = {"reward_funcs": reward_functions(script_args, required) or None} if grpo else {}
+    trainer_kwargs = grpo_trainer_kwargs(method, script_args, training_args) if grpo else {}
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,

@@ -15,6 +15,7 @@ from hf_plugins.testing import (
     tiny_conversational_dataset,
     tiny_prompt_completion_dataset,
     tiny_tool_calling_dataset,
+    tiny_truthrl_dataset,
 )
 from hf_plugins.trainers import TRAINERS
 
@@ -49,17 +50,22 @@ GRPO_FLAGS = [
 ]
 
 
+#: `hf-plugins truthrl` builds its reward (TruthRL's) itself: no `--reward_funcs`, completions long enough for a box
+TRUTHRL_FLAGS = [*GRPO_FLAGS[: GRPO_FLAGS.index("--max_completion_length")], "--max_completion_length", "16"]
+TRUTHRL_FLAGS += ["--num_generations", "2"]
+
+
 def cpu_flags(method):
     if method == "srppo":  # rewards itself: no reward function needed
         return [flag for flag in GRPO_FLAGS if flag not in GRPO_FLAGS[-2:]]
-    return GRPO_FLAGS if method == "grpo" else CPU_FLAGS
+    return {"grpo": GRPO_FLAGS, "truthrl": TRUTHRL_FLAGS}.get(method, CPU_FLAGS)
 
 
 def data_of(method, data_dirs):
     """The dataset of `method`'s CLI runs: GRPO-side methods take prompts."""
     if method in ("grpo", "srppo"):
         return data_dirs["grpo"]
-    return data_dirs[method] if method == "poft" else data_dirs["tools" if method == "tl" else "chat"]
+    return data_dirs[method] if method in ("poft", "truthrl") else data_dirs["tools" if method == "tl" else "chat"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +81,15 @@ def data_dirs(tmp_path_factory):
     )
     prompts = root / "prompts"  # GRPO's prompts, which generation completes
     tiny_prompt_completion_dataset(12).select_columns(["prompt"]).save_to_disk(str(prompts))
-    return {"chat": str(chat), "tools": str(tools), "poft": str(scored), "grpo": str(prompts)}
+    questions = root / "questions"  # TruthRL's prompts with their gold `answers`
+    tiny_truthrl_dataset(12).save_to_disk(str(questions))
+    return {
+        "chat": str(chat),
+        "tools": str(tools),
+        "poft": str(scored),
+        "grpo": str(prompts),
+        "truthrl": str(questions),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -628,9 +642,18 @@ def _non_defaults(config_class):
             num_generations=4,
             steps_per_generation=2,
         ),
+        "TruthRLConfig": dict(
+            truthrl_scheme="binary_ook",
+            truthrl_answers_column="gold",
+            truthrl_ook_column="unknowable",
+            truthrl_abstain_phrases=["no idea", "i dont know"],
+            truthrl_balanced_braces=True,
+            truthrl_judge="my_judges.exact",
+            loss_backend="chunked",
+            num_generations=4,
+        ),
     }
-    # GRPO-side configs: no `max_length` (completions are generated), no `eos_token`
-    if config_class.__name__ in ("FusedGRPOConfig", "SRPPOConfig"):
+    if issubclass(config_class, hf_plugins.FusedGRPOConfig):  # no `max_length` (generated), no `eos_token`
         common.pop("max_length")
         common.pop("eos_token")
     assert config_class.__name__ in own, f"add non-default values of {config_class.__name__}'s own fields to `own`"

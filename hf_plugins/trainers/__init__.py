@@ -18,6 +18,8 @@ from .srppo_config import SRPPOConfig
 from .srppo_trainer import SRPPOTrainer
 from .tl_config import TLConfig
 from .tl_trainer import TLTrainer
+from .truthrl_config import TruthRLConfig
+from .truthrl_trainer import TruthRLTrainer
 from .uds_config import UDSConfig
 from .uds_trainer import UDSMixin, with_uds
 
@@ -36,6 +38,7 @@ TRAINERS = {
         RoSTETrainer,
         FusedGRPOTrainer,
         SRPPOTrainer,
+        TruthRLTrainer,
     )
 }
 
@@ -57,6 +60,8 @@ __all__ = [
     "TLConfig",
     "TLTrainer",
     "TRAINERS",
+    "TruthRLConfig",
+    "TruthRLTrainer",
     "UDSConfig",
     "UDSMixin",
     "with_uds",

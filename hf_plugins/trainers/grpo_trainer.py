@@ -74,6 +74,11 @@ class FusedGRPOTrainer(ModelCardMixin, GRPOTrainer):
     #: prompt datasets are checked by the GRPO side of the command line; no SFT-format needs
     dataset_needs: dict = {}
     full_fine_tuning: str | None = None
+    #: whether the trainer builds its reward from its config, so that the command line needs no `--reward_funcs`
+    builds_own_reward = False
+    #: config fields that name a callable by import path (`my_module.my_judge`), each with the keyword argument of
+    #: `__init__` that takes the callable: the command line imports them as it imports `--reward_funcs`
+    callable_fields: dict[str, str] = {}
 
     _tag_names = ["trl", "grpo", "hf-plugins"]
     _name = "Fused GRPO"

@@ -87,7 +87,7 @@ class SRPPOTrainer(FusedGRPOTrainer):
     command = "srppo"
     description = "Self-Rewarding PPO: the SFT/base log-ratio as the GRPO reward, on the fused head"
     #: The trainer computes its own reward: `hf-plugins srppo` needs no `--reward_funcs`
-    provides_reward = True
+    builds_own_reward = True
 
     _tag_names = ["trl", "grpo", "srppo", "hf-plugins"]
     _name = "SRPPO"
