@@ -76,7 +76,7 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
     from .data import score_with_aligned_models
     from .losses import asft_loss, dft_loss, grpo_loss, otr_loss, poft_loss, sft_loss, weighted_sft_loss
     from .ops import fused_linear_loss
-    from .rewards import classify_tool_call, tool_call_reward
+    from .rewards import classify_tool_call, make_truthrl_reward, tool_call_reward, truthrl_reward
     from .trainers import (
         ASFTConfig,
         ASFTTrainer,
@@ -90,8 +90,12 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
         PoFTTrainer,
         RoSTEConfig,
         RoSTETrainer,
+        SRPPOConfig,
+        SRPPOTrainer,
         TLConfig,
         TLTrainer,
+        TruthRLConfig,
+        TruthRLTrainer,
         UDSConfig,
         UDSMixin,
         with_uds,
