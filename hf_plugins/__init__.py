@@ -26,6 +26,11 @@ _TRAIN_COMMANDS = {
         "SRPPOTrainer",
         "Self-Rewarding PPO: the SFT/base log-ratio as the GRPO reward, on the fused head",
     ),
+    "tl-grpo": (
+        "TLGRPOConfig",
+        "TLGRPOTrainer",
+        "TL-Training's RL stage: GRPO with the tool-call category reward, on the fused head",
+    ),
 }
 
 # Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers

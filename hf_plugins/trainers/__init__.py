@@ -17,6 +17,8 @@ from .roste_trainer import RoSTETrainer
 from .srppo_config import SRPPOConfig
 from .srppo_trainer import SRPPOTrainer
 from .tl_config import TLConfig
+from .tl_grpo_config import TLGRPOConfig
+from .tl_grpo_trainer import TLGRPOTrainer
 from .tl_trainer import TLTrainer
 from .uds_config import UDSConfig
 from .uds_trainer import UDSMixin, with_uds
@@ -36,6 +38,7 @@ TRAINERS = {
         RoSTETrainer,
         FusedGRPOTrainer,
         SRPPOTrainer,
+        TLGRPOTrainer,
     )
 }
 
@@ -55,6 +58,8 @@ __all__ = [
     "SRPPOConfig",
     "SRPPOTrainer",
     "TLConfig",
+    "TLGRPOConfig",
+    "TLGRPOTrainer",
     "TLTrainer",
     "TRAINERS",
     "UDSConfig",
