@@ -31,6 +31,11 @@ _TRAIN_COMMANDS = {
         "TruthRLTrainer",
         "TruthRL: GRPO with the ternary truthfulness reward (correct +1, abstain 0, wrong -1)",
     ),
+    "tl-grpo": (
+        "TLGRPOConfig",
+        "TLGRPOTrainer",
+        "TL-Training's RL stage: GRPO with the tool-call category reward, on the fused head",
+    ),
 }
 
 # Public names and the submodule that defines each. Loaded on first use: the trainers import TRL and transformers

@@ -51,6 +51,8 @@ from transformers import (
 )
 
 from .chat_templates import load_template
+from .data.tool_calls import declared_tools
+from .rewards import parse_tool_call
 from .rewards.truthrl import TRUTHRL_SYSTEM_PROMPT
 
 
@@ -65,6 +67,7 @@ __all__ = [
     "MOE_ARCHS",
     "PAD_TOKEN",
     "ReplayedCompletions",
+    "ReplayedToolCalls",
     "SPECIAL_TOKENS",
     "SUPPORTED_ARCHS",
     "TOOL_CHAT_TEMPLATE",
@@ -851,20 +854,84 @@ class ReplayedCompletions:
                 rewards.add(reward)
         self.bank = bank
 
+    def completion_ids(self, prompt: str, k: int) -> list[int]:
+        """The completion of the `k`-th occurrence of `prompt` in a call."""
+        return list(self.bank[(zlib.crc32(prompt.encode()) + k) % len(self.bank)])
+
     def __call__(self, prompts: list, trainer=None) -> dict:
         seen: dict[str, int] = {}
         prompt_ids, completion_ids = [], []
         for prompt in prompts:
             if not isinstance(prompt, str):
-                raise ValueError("ReplayedCompletions replays completions of standard (text) prompts only.")
+                raise ValueError(f"{type(self).__name__} replays completions of standard (text) prompts only.")
             k = seen.get(prompt, 0)
             seen[prompt] = k + 1
             prompt_ids.append(self.tokenizer(prompt)["input_ids"])
-            completion_ids.append(list(self.bank[(zlib.crc32(prompt.encode()) + k) % len(self.bank)]))
+            completion_ids.append(self.completion_ids(prompt, k))
         logprobs = None
         if self.logprobs:
             logprobs = [[-0.3 - 0.05 * t - (token % 7) / 10 for t, token in enumerate(ids)] for ids in completion_ids]
         return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+
+def _call_text(name: str, arguments: dict) -> str:
+    """A call in the paper's `name(key='value', ...)` form."""
+    return f"{name}(" + ", ".join(f"{key}='{value}'" for key, value in arguments.items()) + ")"
+
+
+class ReplayedToolCalls(ReplayedCompletions):
+    """A `rollout_func` that replays tool calls: each prompt's completions are variants of its row's gold call that
+    fall in different categories of TL-Training's reward, so that the groups of `tool_call_reward` have a reward
+    spread (a group whose variants tie, e.g. two `correct` ones, has none, as in real runs).
+
+    `dataset` holds the rendered prompts (text `prompt`, as `hf_plugins.data.render_tool_prompt` makes them), with
+    the `gold_call` and `tools` columns. The `k`-th occurrence of a prompt in a call gets the variant
+    `(crc32(prompt) + k) % 8` of: the gold call (`correct`), another value (`wrong_value`), no arguments
+    (`param_redundant_or_missing`), another declared tool (`wrong_tool`), an extra undeclared argument
+    (`param_hallucinated`), an undeclared tool (`tool_hallucination`), prose (`format_error`) and the gold call as a
+    `<tool_call>` JSON block (`correct`, or `format_error` when `max_completion_length` cuts it). Every other one ends
+    with the EOS token; each is cut to `max_completion_length` tokens.
+
+    Example:
+        ```python
+        rollout = ReplayedToolCalls(tokenizer, rendered_dataset, max_completion_length=24)
+        trainer = GRPOTrainer(model, reward_funcs=tool_call_reward, rollout_func=rollout, train_dataset=rendered_dataset)
+        ```
+    """
+
+    def __init__(self, tokenizer, dataset, max_completion_length: int, logprobs: bool = False):
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs
+        self.variants: dict[str, list[list[int]]] = {}
+        for row in dataset:
+            gold = parse_tool_call(row["gold_call"], strict=False)
+            declared = declared_tools(row["tools"])
+            other = next(name for name in sorted(declared) if name != gold.name)
+            value = next(iter(gold.arguments.values()), "x")
+
+            texts = [
+                _call_text(gold.name, gold.arguments),
+                _call_text(gold.name, {key: f"{val}x" for key, val in gold.arguments.items()}),
+                _call_text(gold.name, {}),
+                _call_text(other, dict.fromkeys(sorted(declared[other]), value)),
+                _call_text(gold.name, {**gold.arguments, "undeclared_option": "1"}),
+                _call_text("search_everything", {"query": value}),
+                "I cannot help with that.",
+                f"<tool_call>\n{json.dumps({'name': gold.name, 'arguments': gold.arguments})}\n</tool_call>",
+            ]
+            variants = []
+            for i, text in enumerate(texts):
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if i % 2 == 0:
+                    ids = [*ids, tokenizer.eos_token_id]
+                variants.append(ids[:max_completion_length])
+            self.variants[row["prompt"]] = variants
+
+    def completion_ids(self, prompt: str, k: int) -> list[int]:
+        if prompt not in self.variants:
+            raise ValueError("ReplayedToolCalls got a prompt that is not one of its dataset's rendered prompts.")
+        variants = self.variants[prompt]
+        return list(variants[(zlib.crc32(prompt.encode()) + k) % len(variants)])
 
 
 def replayed_completion_reward(completion_ids, **kwargs) -> list[float]:

@@ -293,6 +293,16 @@ def import_callable(flag: str, name: str):
     return getattr(module, attribute)
 
 
+def check_grpo_data(method: str, dataset, split: str, training_args) -> None:
+    """A GRPO-side dataset: the trainer's own `check_dataset` for a trainer that builds its prompts itself
+    (TL-Training's RL stage renders `messages` + `tools`), else `trl grpo`'s `prompt` column."""
+    check = getattr(_trainers()[method], "check_dataset", None)
+    if check is None:
+        check_prompt_dataset(dataset, method, split)
+    else:
+        check(dataset, training_args, split)
+
+
 def reward_functions(script_args, required: bool = True) -> list:
     """The reward sources of `trl grpo`'s arguments, as its script resolves them: the reward model, then each of
     `reward_funcs`, a name of TRL's rewards (`accuracy_reward`, `reasoning_accuracy_reward`, `think_format_reward`,
@@ -374,14 +384,14 @@ def build_trainer(method: str, argv: list[str]):
     assistant_only_explicit = _flag_given(argv, yaml, "assistant_only_loss")
     train = _split(data, script_args.dataset_train_split, "train")
     if grpo:
-        check_prompt_dataset(train, method, "train")
+        check_grpo_data(method, train, "train", training_args)
     else:
         check_data(method, train, "train", training_args, assistant_only_explicit)
     evaluation = None
     if training_args.eval_strategy != "no":
         evaluation = _split(data, script_args.dataset_test_split, "test")
         if grpo:
-            check_prompt_dataset(evaluation, method, "test")
+            check_grpo_data(method, evaluation, "test", training_args)
         else:
             check_data(method, evaluation, "test", training_args, assistant_only_explicit)
 

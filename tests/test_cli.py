@@ -54,18 +54,23 @@ GRPO_FLAGS = [
 TRUTHRL_FLAGS = [*GRPO_FLAGS[: GRPO_FLAGS.index("--max_completion_length")], "--max_completion_length", "16"]
 TRUTHRL_FLAGS += ["--num_generations", "2"]
 
+#: The commands whose trainer brings its own reward: no reward function needed
+SELF_REWARDING = ("srppo", "tl-grpo")
+
 
 def cpu_flags(method):
-    if method == "srppo":  # rewards itself: no reward function needed
+    if method in SELF_REWARDING:
         return [flag for flag in GRPO_FLAGS if flag not in GRPO_FLAGS[-2:]]
     return {"grpo": GRPO_FLAGS, "truthrl": TRUTHRL_FLAGS}.get(method, CPU_FLAGS)
 
 
 def data_of(method, data_dirs):
-    """The dataset of `method`'s CLI runs: GRPO-side methods take prompts."""
+    """The dataset of `method`'s CLI runs: GRPO-side methods take prompts, TL-Training's stages tool calls."""
     if method in ("grpo", "srppo"):
         return data_dirs["grpo"]
-    return data_dirs[method] if method in ("poft", "truthrl") else data_dirs["tools" if method == "tl" else "chat"]
+    if method in ("tl", "tl-grpo"):
+        return data_dirs["tools"]
+    return data_dirs[method] if method in ("poft", "truthrl") else data_dirs["chat"]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +144,7 @@ def test_example_config_runs_two_steps(
 ):
     config = EXAMPLES / f"{method}.yaml"
     assert config.is_file(), f"examples/configs/{method}.yaml is missing"
-    model = tool_model_dir if method == "tl" else tiny_model_dir
+    model = tool_model_dir if method in ("tl", "tl-grpo") else tiny_model_dir
     data = data_of(method, data_dirs)
     out = tmp_path / "out"
     extra = {
@@ -160,6 +165,9 @@ def test_example_config_runs_two_steps(
     assert (out / "model.safetensors").exists() or any(out.glob("*.safetensors"))
     if method == "srppo":
         assert len(logged_in(out, "self_reward/per_token")) == 2
+    if method == "tl-grpo":  # the tool-call reward of every completion, by category
+        assert len(logged_in(out, "rewards/tool_call_reward/mean")) == 2
+        assert len(logged_in(out, "tool_call/format_error")) == 2
     card = (out / "README.md").read_text()
     trainer_class = TRAINERS[method]
     assert trainer_class._name in card
@@ -633,6 +641,7 @@ def _non_defaults(config_class):
             epsilon_high=5.0,
             num_generations=4,
         ),
+        "TLGRPOConfig": dict(gold_call_column="call", strict_tool_parsing=False, loss_type="grpo", beta=0.04),
         "FusedGRPOConfig": dict(
             loss_type="cispo",
             epsilon_high=5.0,
@@ -850,6 +859,34 @@ def test_grpo_input_errors_are_one_line_before_the_model_loads(capsys, unloadabl
     _one_line_error(code, err, "not an option of `hf-plugins grpo`")
     code, _, err = run_cli(capsys, "grpo", *common, "--dataset_name", data_dirs["grpo"], *GRPO_FLAGS, "--kl_coef", "1")
     _one_line_error(code, err, "`--kl_coef` is a field of `hf-plugins asft`")
+
+
+def test_tl_grpo_input_errors_are_one_line_before_the_model_loads(capsys, unloadable_model_dir, data_dirs, tmp_path):
+    """A dataset without the tools or the gold calls, or plain prompts without either, is refused with the missing
+    columns before the (unloadable) model is read; so is a gold call that cannot be parsed."""
+    from datasets import load_from_disk
+
+    common = ["--model_name_or_path", unloadable_model_dir, "--output_dir", tmp_path, *cpu_flags("tl-grpo")]
+    tools = load_from_disk(data_dirs["tools"])
+    cases = {
+        "no-gold": (tools.remove_columns("gold_call"), ["no `gold_call`", "gold_call_column"]),
+        "no-tools": (tools.remove_columns("tools"), ["no `tools`", "declared tools"]),
+        "no-prompts": (tools.remove_columns("messages"), ["no prompts", "`messages` column"]),
+        "bad-gold": (tools.map(lambda row: {"gold_call": "no call here"}), ["row 0", "cannot be parsed"]),
+    }
+    for name, (dataset, _) in cases.items():
+        dataset.save_to_disk(str(tmp_path / name))
+    capsys.readouterr()  # the progress bars of the lines above
+    for name, (_, needles) in cases.items():
+        code, _, err = run_cli(capsys, "tl-grpo", *common, "--dataset_name", tmp_path / name)
+        _one_line_error(code, err, *needles)
+    code, _, err = run_cli(capsys, "tl-grpo", *common, "--dataset_name", data_dirs["grpo"])  # prompts only
+    _one_line_error(code, err, "columns `prompt`", "no `tools` and `gold_call`")
+    code, _, err = run_cli(capsys, "tl-grpo", *common, "--dataset_name", data_dirs["tools"], "--gold_call_column", "x")
+    _one_line_error(code, err, "no `x`")
+    # with good input the run reaches the model and fails there: the errors above came first
+    code, _, err = run_cli(capsys, "tl-grpo", *common, "--dataset_name", data_dirs["tools"])
+    assert code != 0 and "not-a-model-type" in err
 
 
 def test_srppo_input_errors_are_one_line_before_the_model_loads(

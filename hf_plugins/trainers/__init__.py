@@ -17,6 +17,8 @@ from .roste_trainer import RoSTETrainer
 from .srppo_config import SRPPOConfig
 from .srppo_trainer import SRPPOTrainer
 from .tl_config import TLConfig
+from .tl_grpo_config import TLGRPOConfig
+from .tl_grpo_trainer import TLGRPOTrainer
 from .tl_trainer import TLTrainer
 from .truthrl_config import TruthRLConfig
 from .truthrl_trainer import TruthRLTrainer
@@ -39,6 +41,7 @@ TRAINERS = {
         FusedGRPOTrainer,
         SRPPOTrainer,
         TruthRLTrainer,
+        TLGRPOTrainer,
     )
 }
 
@@ -58,6 +61,8 @@ __all__ = [
     "SRPPOConfig",
     "SRPPOTrainer",
     "TLConfig",
+    "TLGRPOConfig",
+    "TLGRPOTrainer",
     "TLTrainer",
     "TRAINERS",
     "TruthRLConfig",
