@@ -98,6 +98,8 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
         SRPPOConfig,
         SRPPOTrainer,
         TLConfig,
+        TLGRPOConfig,
+        TLGRPOTrainer,
         TLTrainer,
         TruthRLConfig,
         TruthRLTrainer,
