@@ -490,3 +490,31 @@ def table(header: list, rows: list, markdown: bool = True, align: str | None = N
         lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- evidence scripts (*_quality.py)
+def add_evidence_arguments(parser, threads: int = 1, plot: bool = True) -> None:
+    """The arguments every evidence script takes: the model, the seed, the thread count, the JSON (and PNG) outputs."""
+    parser.add_argument("--model", default=None, help="local folder or Hub id; default: the demo's SmolLM2-135M")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--output", default=None, help="also write the JSON result here")
+    if plot:
+        parser.add_argument("--plot", default=None, help="write the PNG figure here")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed); matplotlib is the `bench` extra."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, title: str) -> None:
+    """Title the figure, lay it out and write it as a PNG."""
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -131,7 +131,6 @@ def run_all(args) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="local folder or Hub id; default: the demo's SmolLM2-135M")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=64)
@@ -141,11 +140,9 @@ def main():
     parser.add_argument("--w-bits", type=int, default=4)
     parser.add_argument("--a-bits", type=int, default=4)
     parser.add_argument("--kv-bits", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=None, help="also write the JSON result here")
+    bench.add_evidence_arguments(parser, threads=2, plot=False)
     args = parser.parse_args()
 
     torch = bench.setup(args.threads, quiet=False)

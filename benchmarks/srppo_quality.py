@@ -217,10 +217,7 @@ def run_all(args) -> dict:
 
 
 def plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = bench.pyplot()
 
     results = report["results"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -238,14 +235,11 @@ def plot(report: dict, path: str) -> None:
     right.set_xlabel("SRPPO step")
     right.set_ylabel("reward")
     right.legend()
-    fig.suptitle(f"SRPPO vs SFT on {report['model_name']} ({report['device']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bench.save_figure(fig, path, f"SRPPO vs SFT on {report['model_name']} ({report['device']})")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="local folder or Hub id; default: the demo's SmolLM2-135M")
     parser.add_argument("--sft-topics", nargs="+", default=list(SFT_TOPICS))
     parser.add_argument("--demonstrations", type=int, default=64)
     parser.add_argument("--sft-steps", type=int, default=40)
@@ -257,10 +251,7 @@ def main():
     parser.add_argument("--completion-tokens", type=int, default=32)
     parser.add_argument("--normalization", choices=("sum", "mean"), default="sum")
     parser.add_argument("--eval-prompts", type=int, default=48)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=None, help="also write the JSON result here")
-    parser.add_argument("--plot", default=None, help="write the PNG figure here")
+    bench.add_evidence_arguments(parser, threads=1)
     args = parser.parse_args()
 
     bench.setup(args.threads, quiet=True)

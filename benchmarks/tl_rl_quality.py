@@ -227,10 +227,7 @@ def run_all(args) -> dict:
 
 
 def plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = bench.pyplot()
 
     results = report["results"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -255,14 +252,11 @@ def plot(report: dict, path: str) -> None:
     right.plot(steps, [h["frac_reward_zero_std"] for h in history], label="frac_reward_zero_std", linestyle=":")
     right.set_xlabel("GRPO step")
     right.legend(fontsize=8)
-    fig.suptitle(f"TL-Training's RL stage on {report['model_name']} ({report['device']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    bench.save_figure(fig, path, f"TL-Training's RL stage on {report['model_name']} ({report['device']})")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="local folder or Hub id; default: the demo's SmolLM2-135M")
     parser.add_argument("--chat-template", default="chatml_tools", choices=("chatml_tools", "smollm2"))
     parser.add_argument("--sft-rows", type=int, default=64)
     parser.add_argument("--sft-steps", type=int, default=12)
@@ -276,13 +270,10 @@ def main():
     parser.add_argument("--completion-tokens", type=int, default=48)
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--eval-prompts", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", default=None, help="also write the JSON result here")
-    parser.add_argument("--plot", default=None, help="write the PNG figure here")
     parser.add_argument(
         "--from-partial", default=None, help="report a run cut short from its `.partial` log (same other arguments)"
     )
+    bench.add_evidence_arguments(parser, threads=1)
     args = parser.parse_args()
 
     bench.setup(args.threads, quiet=True)

@@ -131,10 +131,7 @@ def train(scheme: str, args, path, tokenizer, train_data) -> tuple:
 
 
 def plot(report: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = bench.pyplot()
 
     runs = [name for name in ("untrained", "binary", "ternary") if name in report["eval"]]
     metrics = ("accuracy", "abstain", "hallucination", "truthfulness")
@@ -150,26 +147,19 @@ def plot(report: dict, path: str) -> None:
     axes[0].set_ylabel("fraction")
     axes[1].legend()
     config = report["config"]
-    fig.suptitle(
-        f"TruthRL vs binary reward: SmolLM2-135M-Instruct, GRPO {config['steps']} steps, LoRA r=8, CPU", fontsize=10
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    title = f"TruthRL vs binary reward: SmolLM2-135M-Instruct, GRPO {config['steps']} steps, LoRA r=8, CPU"
+    bench.save_figure(fig, path, title)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="local folder or Hub id; default: the demo's SmolLM2-135M")
     parser.add_argument("--steps", type=int, default=35)
     parser.add_argument("--batch-size", type=int, default=8, help="completions per step (prompts x generations)")
     parser.add_argument("--generations", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--learning-rate", type=float, default=1e-5)
     parser.add_argument("--eval-questions", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=None, help="also write the JSON result here")
-    parser.add_argument("--plot", default=None, help="also draw the evaluation here (PNG)")
+    bench.add_evidence_arguments(parser, threads=2)
     args = parser.parse_args()
 
     bench.setup(args.threads, quiet=True)
