@@ -22,14 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from testing_utils import LargestTensor, tiny_lora_config, train_and_resume
+from testing_utils import GRPO_ARGS, GRPO_MAX_COMPLETION, LargestTensor, tiny_lora_config, train_and_resume
 from testing_utils import logged as logged_values
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from hf_plugins import FusedGRPOConfig, FusedGRPOTrainer
 from hf_plugins.testing import (
-    CPU_TRAINING_ARGS,
     ReplayedCompletions,
     replayed_completion_reward,
     save_tiny_model,
@@ -39,20 +38,7 @@ from hf_plugins.testing import (
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # `rollout_func` is experimental in TRL 1.16
 
-MAX_COMPLETION = 8
-ARGS = dict(
-    **CPU_TRAINING_ARGS,
-    max_steps=2,
-    per_device_train_batch_size=4,
-    num_generations=2,
-    max_completion_length=MAX_COMPLETION,
-    # plain SGD keeps the parameter comparison meaningful (Adam turns float32 noise in TRL's near-zero gradients into
-    # full-size steps of either sign); at 0.5 the ratios leave the clip range on both sides by the second step
-    optim="sgd",
-    learning_rate=0.5,
-    disable_dropout=True,
-    disable_tqdm=True,
-)
+MAX_COMPLETION, ARGS = GRPO_MAX_COMPLETION, GRPO_ARGS
 #: Wall-clock values (`step_time`, `train_runtime`, `eval_samples_per_second`, ...), not results
 TIMINGS = ("step_time", "runtime", "_per_second")
 ATOL = RTOL = 1e-5

@@ -13,27 +13,17 @@ import shutil
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
+from testing_utils import GRPO_ARGS, GRPO_MAX_COMPLETION
 from testing_utils import logged as logged_values
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from hf_plugins import FusedGRPOConfig, FusedGRPOTrainer, SRPPOConfig, SRPPOTrainer
-from hf_plugins.testing import CPU_TRAINING_ARGS, ReplayedCompletions, tiny_prompt_completion_dataset
+from hf_plugins.testing import ReplayedCompletions, tiny_prompt_completion_dataset
 
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # `rollout_func` is experimental in TRL 1.16
 
-MAX_COMPLETION = 8
-ARGS = dict(
-    **CPU_TRAINING_ARGS,
-    max_steps=2,
-    per_device_train_batch_size=4,
-    num_generations=2,
-    max_completion_length=MAX_COMPLETION,
-    optim="sgd",
-    learning_rate=0.5,
-    disable_dropout=True,
-    disable_tqdm=True,
-)
+MAX_COMPLETION, ARGS = GRPO_MAX_COMPLETION, GRPO_ARGS
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
 
 

@@ -34,6 +34,22 @@ CPU_ARGS = dict(**CPU_TRAINING_ARGS, learning_rate=5e-3, disable_tqdm=True)
 #: step (the dropout masks of every forward included) continues from the checkpoint's state.
 CLI_LORA_DROPOUT = 0.05
 #: The command prefix that runs a script on 2 CPU processes (gloo)
+#: GRPO's replayed completions are this many tokens at most (`hf_plugins.testing.ReplayedCompletions`)
+GRPO_MAX_COMPLETION = 8
+#: GRPO trainers in the tests: 2 steps of 2 prompts x 2 generations. Plain SGD keeps parameter comparisons
+#: meaningful (Adam turns float32 noise in TRL's near-zero gradients into full-size steps of either sign); at 0.5 the
+#: ratios leave the clip range on both sides by the second step
+GRPO_ARGS = dict(
+    **CPU_TRAINING_ARGS,
+    max_steps=2,
+    per_device_train_batch_size=4,
+    num_generations=2,
+    max_completion_length=GRPO_MAX_COMPLETION,
+    optim="sgd",
+    learning_rate=0.5,
+    disable_dropout=True,
+    disable_tqdm=True,
+)
 #: What a command-line run on a CPU needs besides its own arguments: float32, no gradient checkpointing (TRL's
 #: default is on), no reports, no checkpoints, data loading in the process
 CLI_CPU_FLAGS = [
