@@ -259,7 +259,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chat-template", default="chatml_tools", choices=("chatml_tools", "smollm2"))
     parser.add_argument("--sft-rows", type=int, default=64)
-    parser.add_argument("--sft-steps", type=int, default=12)
+    parser.add_argument("--sft-steps", type=int, default=40)
     parser.add_argument("--sft-batch", type=int, default=4)
     parser.add_argument("--sft-learning-rate", type=float, default=5e-4)
     parser.add_argument("--rl-rows", type=int, default=128)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections import namedtuple
 from pathlib import Path
 
@@ -382,5 +383,10 @@ def run_script(command, timeout=300, env=None):
     failure fails the test with the end of its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run([str(part) for part in command], env=env, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
+    if done.returncode != 0:
+        # the whole of stderr too (a crash report of several processes is longer than the message's tail)
+        handle, path = tempfile.mkstemp(prefix="run-script-", suffix=".stderr.log")
+        with os.fdopen(handle, "w") as log:
+            log.write(done.stderr)
+    assert done.returncode == 0, f"{done.stderr[-3000:]}\n(whole stderr: {path if done.returncode else ''})"
     return done
