@@ -86,6 +86,14 @@ class FusedGRPOTrainer(ModelCardMixin, GRPOTrainer):
     #: The config class of this trainer; `args` of another class are converted to it
     config_class = FusedGRPOConfig
 
+    @staticmethod
+    def reward_list(reward_funcs) -> list:
+        """`reward_funcs` as GRPOTrainer accepts it (None, one reward, or a list) made a list, for trainers that put
+        their own reward first (`builds_own_reward`)."""
+        if reward_funcs is None:
+            return []
+        return list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+
     @classmethod
     def coerce_args(cls, model, args):
         """`args` as an instance of `config_class`: a default one named after the model when None; another config

@@ -121,9 +121,7 @@ class SRPPOTrainer(FusedGRPOTrainer):
             if isinstance(named["model"], str):  # loaded here, so TRL's loading options are used here
                 quantization_config = named.pop("quantization_config", None)
             named["model"] = self._with_sft_adapter(named["model"], args, quantization_config)
-        funcs = named.get("reward_funcs")
-        funcs = [] if funcs is None else list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
-        named["reward_funcs"] = [self.self_reward, *funcs]
+        named["reward_funcs"] = [self.self_reward, *self.reward_list(named.get("reward_funcs"))]
         trl_logger = logging.getLogger(GRPOTrainer.__module__)
         loaded_here = _LoadedHere()  # TRL would say that `model_init_kwargs` are ignored: they were used here
         if self.self_reward_source == "adapter" and isinstance(model, str):

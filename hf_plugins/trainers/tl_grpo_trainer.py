@@ -91,12 +91,10 @@ class TLGRPOTrainer(FusedGRPOTrainer):
         self.check_dataset(train_dataset, args, "train")
         for split, dataset in _splits(eval_dataset).items():
             self.check_dataset(dataset, args, split)
-        if reward_funcs is None:
-            reward_funcs = []
-        elif not isinstance(reward_funcs, (list, tuple)):
-            reward_funcs = [reward_funcs]
         reward = make_tool_call_reward(args.gold_call_column, strict=args.strict_tool_parsing)
-        super().__init__(model, [reward, *reward_funcs], args, train_dataset, eval_dataset, *positional, **kwargs)
+        super().__init__(
+            model, [reward, *self.reward_list(reward_funcs)], args, train_dataset, eval_dataset, *positional, **kwargs
+        )
         # Rendered with the processing class GRPOTrainer generates with (the one passed, or the model's own)
         self.train_dataset = self._rendered(self.train_dataset)
         if isinstance(self.eval_dataset, dict):

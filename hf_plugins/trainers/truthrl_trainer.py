@@ -58,10 +58,7 @@ class TruthRLTrainer(FusedGRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: TruthRLConfig | None = None, *positional, judge=None, **kwargs):
         args = self.coerce_args(model, args)
-        if isinstance(reward_funcs, (list, tuple)):
-            given = list(reward_funcs)
-        else:
-            given = [] if reward_funcs is None else [reward_funcs]
+        given = self.reward_list(reward_funcs)
         preset = [func for func in given if hasattr(func, "truthrl_settings")]
         if preset:
             settings = preset[0].truthrl_settings
