@@ -239,7 +239,9 @@ def test_loss_is_stock_sft_on_the_masked_inputs(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "layout", [dict(packing=True, max_length=128), dict(padding_free=True, max_length=None)], ids=["bfd", "padding_free"]
+    "layout",
+    [dict(packing=True, max_length=128), dict(padding_free=True, max_length=None)],
+    ids=["bfd", "padding_free"],
 )
 def test_packed_batches_mask_response_tokens_only(tiny_model_dir, tmp_path, layout):
     trainer = testing_utils.make_trainer(

@@ -133,7 +133,7 @@ class MFTTrainer(MethodGeneratorMixin, FusedSFTTrainer):
         )
 
     def loss_method_inputs(self, model, inputs: dict[str, Any], extra_columns) -> dict[str, dict[str, Any]]:
-        if self.model.training and "labels" in inputs:
+        if self.model.training and "labels" in inputs and "input_ids" in inputs:
             rate = self.current_mask_rate()
             labels = inputs["labels"]
             inputs["input_ids"], masked = mask_response_tokens(
