@@ -434,11 +434,15 @@ def test_bad_config_values_raise(tmp_path, overrides, field):
     [(["--mask_rate", "1.0"], "mask_rate"), (["--use_peft", "True", "--replace_rate", "0"], "--mask_token pad")],
     ids=["mask-rate", "peft-with-new-token"],
 )
-def test_command_line_refuses_bad_input_before_loading(capsys, tmp_path, tiny_model_dir, flags, needle):
+def test_command_line_refuses_bad_input_before_loading(capsys, tmp_path, flags, needle):
+    # a model folder that cannot load: the refusal must come before any loading
+    model = tmp_path / "unloadable-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "not-a-model-type-loading-this-would-fail"}')
     data = tmp_path / "data"
     tiny_conversational_dataset(4).save_to_disk(str(data))
     capsys.readouterr()  # the saving's progress bars
-    code, _, err = run_cli(capsys, "mft", *paths(tiny_model_dir, data, tmp_path / "out"), *CPU_FLAGS, *flags)
+    code, _, err = run_cli(capsys, "mft", *paths(model, data, tmp_path / "out"), *CPU_FLAGS, *flags)
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("hf-plugins mft") and needle in lines[0], lines[0]
