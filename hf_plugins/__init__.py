@@ -20,6 +20,7 @@ _TRAIN_COMMANDS = {
     "tl": ("TLConfig", "TLTrainer", "TL-Training: tool-call SFT with key-token weights and bad-call masking"),
     "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
     "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
+    "mft": ("MFTConfig", "MFTTrainer", "Masked Thought: SFT on responses whose input tokens are partly masked"),
     "grpo": ("FusedGRPOConfig", "FusedGRPOTrainer", "GRPO, every TRL loss_type, with the fused policy-loss head"),
     "srppo": (
         "SRPPOConfig",
@@ -89,6 +90,8 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
         FusedGRPOTrainer,
         FusedSFTConfig,
         FusedSFTTrainer,
+        MFTConfig,
+        MFTTrainer,
         OTRConfig,
         OTRTrainer,
         PoFTConfig,

@@ -231,7 +231,12 @@ def check_inputs(method: str, training_args, model_args) -> None:
     """The checks that need no data: the model and reference paths, the checkpoint, the method's refusals."""
     if not model_args.model_name_or_path:
         raise UsageError("no model: pass --model_name_or_path (a Hub id or a local folder)")
-    why = _trainers()[method].full_fine_tuning
+    trainer = _trainers()[method]
+    why = trainer.full_fine_tuning
+    refusal = getattr(trainer, "adapter_refusal", None)  # settings that need every weight trainable (MFT's new token)
+    refusal = refusal(training_args) if refusal is not None and not why else None
+    if refusal and getattr(model_args, "use_peft", False):
+        raise UsageError(f"--use_peft (use_peft: true in a YAML) with `hf-plugins {method}`: {refusal}")
     if why:
         for flag in ("use_peft", "load_in_4bit", "load_in_8bit"):
             if getattr(model_args, flag, False):

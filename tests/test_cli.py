@@ -631,6 +631,13 @@ def _non_defaults(config_class):
         "OTRConfig": dict(num_samples=None, temperature=0.9, negative_reward=-0.3),
         "TLConfig": dict(max_weight=4.0, weight_normalization="token", mae=False),
         "PoFTConfig": dict(beta=0.5, gamma=0.1, poft_target_scope="full"),
+        "MFTConfig": dict(
+            mask_rate=0.2,
+            mask_rate_schedule="constant",
+            mask_rate_warmup_ratio=0.5,
+            replace_rate=0.0,
+            mask_token="pad",
+        ),
         "RoSTEConfig": dict(w_bits=3, a_bits=8, kv_sym=False, rotations="all", rotation_search_samples=16),
         "SRPPOConfig": dict(
             sft_adapter_path="some/adapter",

@@ -8,6 +8,8 @@ from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
 from .grpo_config import FusedGRPOConfig
 from .grpo_trainer import FusedGRPOTrainer
+from .mft_config import MFTConfig
+from .mft_trainer import MFTTrainer
 from .otr_config import OTRConfig
 from .otr_trainer import OTRTrainer
 from .poft_config import PoFTConfig
@@ -38,6 +40,7 @@ TRAINERS = {
         TLTrainer,
         PoFTTrainer,
         RoSTETrainer,
+        MFTTrainer,
         FusedGRPOTrainer,
         SRPPOTrainer,
         TruthRLTrainer,
@@ -52,6 +55,8 @@ __all__ = [
     "FusedGRPOTrainer",
     "FusedSFTConfig",
     "FusedSFTTrainer",
+    "MFTConfig",
+    "MFTTrainer",
     "OTRConfig",
     "OTRTrainer",
     "PoFTConfig",

@@ -8,23 +8,18 @@ uninterrupted run would have drawn.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import torch
-
-from ..utils import get_logger
 from .fused_sft_trainer import FusedSFTTrainer
+from .generator_state import MethodGeneratorMixin
 from .otr_config import OTRConfig
 
-
-logger = get_logger(__name__)
 
 #: Name of the file, inside a checkpoint folder, that holds the OTR generator state (one per process when distributed)
 OTR_RNG_STATE_NAME = "otr_rng_state"
 
 
-class OTRTrainer(FusedSFTTrainer):
+class OTRTrainer(MethodGeneratorMixin, FusedSFTTrainer):
     """
     Trainer for One-Token Rollout: TRL's `SFTTrainer` whose loss samples `num_samples` tokens per supervised position
     from the tempered policy and applies the REINFORCE surrogate (reward 1 for the label, `negative_reward` else).
@@ -40,6 +35,7 @@ class OTRTrainer(FusedSFTTrainer):
     """
 
     _tag_names = ["trl", "sft", "hf-plugins", "otr"]
+    generator_state_name = OTR_RNG_STATE_NAME
     config_class = OTRConfig
     command = "otr"
     description = "One-Token Rollout: a one-step policy gradient at every token"
@@ -51,13 +47,8 @@ class OTRTrainer(FusedSFTTrainer):
 
     def __init__(self, model, args: OTRConfig | None = None, *positional, **kwargs):
         super().__init__(model, args, *positional, **kwargs)
-        self.otr_generator = torch.Generator(device=self.accelerator.device)
-        self.otr_generator.manual_seed(self._otr_seed())
-
-    def _otr_seed(self) -> int:
-        base = self.args.otr_seed if self.args.otr_seed is not None else self.args.seed
-        # Ranks see different data but would draw the same uniforms from the same seed: decorrelate them
-        return base + self.args.process_index
+        # seeded per process, saved in every checkpoint and restored on resume (`MethodGeneratorMixin`)
+        self.otr_generator = self._make_method_generator(self.args.otr_seed)
 
     # ------------------------------------------------------------------ loss hooks
     def loss_method(self) -> str:
@@ -71,31 +62,3 @@ class OTRTrainer(FusedSFTTrainer):
         # checkpointing only the decoder layers are recomputed: the head runs outside the checkpointed backbone, so no
         # recomputation re-enters it and the generator advances exactly once per micro-batch either way.
         return {"other_inputs": {**settings, "num_samples": self.args.num_samples, "generator": self.otr_generator}}
-
-    # ------------------------------------------------------------------ generator state in checkpoints
-    def _otr_rng_file(self, folder: str) -> str:
-        suffix = "" if self.args.world_size <= 1 else f"_{self.args.process_index}"
-        return os.path.join(folder, f"{OTR_RNG_STATE_NAME}{suffix}.pth")
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        # Trainer saves the python/numpy/torch RNG states here, per process, in every full checkpoint: the sampling
-        # generator is one more RNG of the training state and travels with them
-        super()._save_rng_state(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        torch.save({"generator": self.otr_generator.get_state()}, self._otr_rng_file(output_dir))
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        # Trainer calls this when resuming, after skipping the batches already trained on and before the first new
-        # forward: the moment the sampling generator must be put back where the interrupted run left it
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
-        path = self._otr_rng_file(checkpoint)
-        if not os.path.isfile(path):
-            logger.warning(
-                f"No OTR sampling state in {checkpoint} ({os.path.basename(path)}): the resumed run draws other "
-                "samples than the uninterrupted run would have."
-            )
-            return
-        state = torch.load(path, weights_only=True, map_location="cpu")
-        self.otr_generator.set_state(state["generator"])
