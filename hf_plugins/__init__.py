@@ -20,6 +20,7 @@ _TRAIN_COMMANDS = {
     "tl": ("TLConfig", "TLTrainer", "TL-Training: tool-call SFT with key-token weights and bad-call masking"),
     "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
     "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
+    "lfu": ("LfUConfig", "LfUTrainer", "LfU: SFT plus hidden-state consistency under a gradient-ascent perturbation"),
     "grpo": ("FusedGRPOConfig", "FusedGRPOTrainer", "GRPO, every TRL loss_type, with the fused policy-loss head"),
     "srppo": (
         "SRPPOConfig",

@@ -8,6 +8,8 @@ from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
 from .grpo_config import FusedGRPOConfig
 from .grpo_trainer import FusedGRPOTrainer
+from .lfu_config import LfUConfig
+from .lfu_trainer import LfUTrainer
 from .otr_config import OTRConfig
 from .otr_trainer import OTRTrainer
 from .poft_config import PoFTConfig
@@ -38,6 +40,7 @@ TRAINERS = {
         TLTrainer,
         PoFTTrainer,
         RoSTETrainer,
+        LfUTrainer,
         FusedGRPOTrainer,
         SRPPOTrainer,
         TruthRLTrainer,
@@ -52,6 +55,8 @@ __all__ = [
     "FusedGRPOTrainer",
     "FusedSFTConfig",
     "FusedSFTTrainer",
+    "LfUConfig",
+    "LfUTrainer",
     "OTRConfig",
     "OTRTrainer",
     "PoFTConfig",
