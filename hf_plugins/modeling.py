@@ -296,7 +296,8 @@ def add_loss_head_forward(model) -> None:
     On a Mixture-of-Experts model, router logits are recorded when the call or the config asks for them, as in the
     model's own forward (`output_router_logits`), and the head gets the router load-balancing loss as `aux_loss`;
     heads that compute no loss (`uses_router_logits = False`) never make the backbone record them. Every head gets
-    the model's `logit_transform` (read from the config at each call; checked here, before any training)."""
+    the model's `logit_transform` (read from the config at each call; checked here, before any training). A head with
+    `layer_hidden_states` set makes the backbone keep those hidden states (`output_hidden_states`) and gets them too."""
     logit_transform(model)
     if getattr(model, "_hf_plugins_loss_head", False):
         return

@@ -259,7 +259,9 @@ class LfUTrainer(FusedSFTTrainer):
         if scaled_for_accumulation is None:
             scaled_for_accumulation = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         if scaled_for_accumulation:
-            scale = scale / self.current_gradient_accumulation_steps
+            # (set by the training loop; a direct `training_step` call, as in the benchmarks, has the configured count)
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            scale = scale / steps
         return scale
 
     def _log_lfu_metrics(self, sse, responses, width: int, norm) -> None:
