@@ -19,6 +19,7 @@ from testing_utils import (
     CLI_LORA_DROPOUT,
     IGNORE,
     assert_same_parameters,
+    checkpointed_with_evaluation,
     logged,
     tiny_lora_config,
     uninterrupted_and_resumed,
@@ -187,6 +188,12 @@ def test_resume_equals_the_uninterrupted_run(tiny_model_dir, tmp_path, lora_drop
     assert logged(resumed)[-2:] == pytest.approx(logged(full)[2:], abs=1e-12)
     assert logged(resumed, "consistency_loss")[-2:] == pytest.approx(logged(full, "consistency_loss")[2:], rel=1e-9)
     assert resumed.second_batches.draws == full.second_batches.draws == 4
+
+
+def test_gradient_checkpointing_and_evaluation_leave_the_training_losses_unchanged(tiny_model_dir, tmp_path):
+    """Under (non-reentrant) checkpointing the perturbed layers are recomputed while the parameters are perturbed."""
+    busy = checkpointed_with_evaluation(partial(make_trainer, tiny_model_dir, max_steps=2), tmp_path)
+    assert len(logged(busy, "consistency_loss")) == 2
 
 
 def test_second_batch_stream_is_seeded_sharded_and_restorable():
