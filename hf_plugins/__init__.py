@@ -21,6 +21,7 @@ _TRAIN_COMMANDS = {
     "poft": ("PoFTConfig", "PoFTTrainer", "Preference-oriented SFT against aligned models' scores (`ref_score`)"),
     "roste": ("RoSTEConfig", "RoSTETrainer", "RoSTE: rotated quantisation-aware SFT (W4A4KV4 fake quantisation)"),
     "mft": ("MFTConfig", "MFTTrainer", "Masked Thought: SFT on responses whose input tokens are partly masked"),
+    "lfu": ("LfUConfig", "LfUTrainer", "LfU: SFT plus hidden-state consistency under a gradient-ascent perturbation"),
     "grpo": ("FusedGRPOConfig", "FusedGRPOTrainer", "GRPO, every TRL loss_type, with the fused policy-loss head"),
     "srppo": (
         "SRPPOConfig",

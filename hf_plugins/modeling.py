@@ -171,11 +171,13 @@ class FusedHeadOutput(ModelOutput):
     `fused_linear_loss(..., return_metrics="sums")` gives them: `num_tokens`, the sum of each token mean over the
     supervised tokens, a `(sum, count)` pair for each metric with its own count), and on an MoE model asked for its
     router logits the unweighted router load-balancing loss (`aux_loss`), which the caller weights and adds like
-    TRL's SFTTrainer does (it is not in `loss`)."""
+    TRL's SFTTrainer does (it is not in `loss`). With a head's `layer_hidden_states` set, the backbone's hidden
+    states of those layers (`layer_hidden_states`, see `HiddenStateHead`)."""
 
     loss: torch.Tensor | None = None
     metric_sums: dict[str, Any] | None = None
     aux_loss: torch.Tensor | None = None
+    layer_hidden_states: tuple[torch.Tensor | None, ...] | None = None
 
 
 @dataclass
@@ -196,6 +198,9 @@ class LossHead:
         other_inputs: the other method inputs (per-sequence tensors, scalars, reference weights), passed as they are.
         sequence_length: the caller's sequence length (set by `forward_with_head`); the leading positions beyond it
             are virtual tokens.
+        layer_hidden_states: indices of the backbone's hidden states (`output_hidden_states`: 0 is the embedding
+            output, `num_hidden_layers` the last, normalised, state) to return with the loss, at the caller's positions
+            (`[B, T, D]` each, not shifted; None for the indices not asked for); None: none.
 
     Called with `aux_loss` (an MoE model's router load-balancing loss), it returns it as it is in its output; the
     model's `logit_transform` (soft-cap, scale) applies to the logits of the loss.
@@ -209,15 +214,24 @@ class LossHead:
     hidden_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     other_inputs: dict[str, Any] = field(default_factory=dict)
     sequence_length: int | None = None
+    layer_hidden_states: list[int] | None = None
 
     #: The head returns the MoE load-balancing loss when the model computes one (see `add_loss_head_forward`)
     uses_router_logits: ClassVar[bool] = True
 
     def __call__(
-        self, hidden_states, labels, lm_head, pre_shifted: bool, aux_loss=None, logit_transform=PLAIN_LOGITS
+        self,
+        hidden_states,
+        labels,
+        lm_head,
+        pre_shifted: bool,
+        aux_loss=None,
+        logit_transform=PLAIN_LOGITS,
+        all_hidden_states=None,
     ) -> FusedHeadOutput:
         weight, bias = lm_head_parameters(lm_head)
         virtual = virtual_prefix_length(hidden_states, self.sequence_length)
+        layers = _caller_positions(all_hidden_states, virtual)
         if virtual:
             hidden, labels, token_inputs = self._past_virtual_tokens(hidden_states, labels, virtual, pre_shifted)
         else:
@@ -243,7 +257,7 @@ class LossHead:
                 **token_inputs,
                 **self.other_inputs,
             )
-        return FusedHeadOutput(loss=loss, metric_sums=metrics, aux_loss=aux_loss)
+        return FusedHeadOutput(loss=loss, metric_sums=metrics, aux_loss=aux_loss, layer_hidden_states=layers)
 
     def _past_virtual_tokens(self, hidden_states, labels, virtual: int, pre_shifted: bool):
         """Hidden states, labels and method inputs, one row per caller position t, for a forward that prepended
@@ -282,7 +296,8 @@ def add_loss_head_forward(model) -> None:
     On a Mixture-of-Experts model, router logits are recorded when the call or the config asks for them, as in the
     model's own forward (`output_router_logits`), and the head gets the router load-balancing loss as `aux_loss`;
     heads that compute no loss (`uses_router_logits = False`) never make the backbone record them. Every head gets
-    the model's `logit_transform` (read from the config at each call; checked here, before any training)."""
+    the model's `logit_transform` (read from the config at each call; checked here, before any training). A head with
+    `layer_hidden_states` set makes the backbone keep those hidden states (`output_hidden_states`) and gets them too."""
     logit_transform(model)
     if getattr(model, "_hf_plugins_loss_head", False):
         return
@@ -306,10 +321,16 @@ def add_loss_head_forward(model) -> None:
             router_logits = text_config.output_router_logits if router_logits is None else router_logits
             router_logits = bool(router_logits) and getattr(loss_head, "uses_router_logits", False)
             kwargs["output_router_logits"] = router_logits
+        layers = getattr(loss_head, "layer_hidden_states", None)
+        if layers is not None:
+            # Only the asked-for states are kept (transformers' `output_hidden_states` takes a list of indices)
+            kwargs["output_hidden_states"] = list(layers)
         # Looked up on each call: PEFT, FSDP and DeepSpeed replace modules after the patch
         backbone_outputs = self.base_model(*args, **kwargs)
         pre_shifted = shift_labels is not None
         head_kwargs = {"logit_transform": logit_transform(self)}
+        if layers is not None:
+            head_kwargs["all_hidden_states"] = backbone_outputs.hidden_states
         if router_logits:
             head_kwargs["aux_loss"] = router_load_balancing_loss(
                 self, backbone_outputs.router_logits, kwargs.get("attention_mask")
@@ -337,26 +358,40 @@ class HiddenStateOutput(ModelOutput):
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     logit_transform: LogitTransform | None = None
+    layer_hidden_states: tuple[torch.Tensor | None, ...] | None = None
 
 
 @dataclass
 class HiddenStateHead:
     """A `loss_head` that computes no loss: it returns the hidden states at the caller's positions (the virtual
-    tokens of prompt tuning and p-tuning removed) and the lm_head parameters."""
+    tokens of prompt tuning and p-tuning removed) and the lm_head parameters; with `layer_hidden_states` (indices as
+    for `LossHead`), those layers' hidden states too."""
 
     sequence_length: int | None = None
+    layer_hidden_states: list[int] | None = None
 
     #: No loss, so no MoE load-balancing loss: an MoE backbone records no router logits for it
     uses_router_logits = False
 
     def __call__(
-        self, hidden_states, labels, lm_head, pre_shifted: bool, logit_transform=PLAIN_LOGITS
+        self, hidden_states, labels, lm_head, pre_shifted: bool, logit_transform=PLAIN_LOGITS, all_hidden_states=None
     ) -> HiddenStateOutput:
         weight, bias = lm_head_parameters(lm_head)
         virtual = virtual_prefix_length(hidden_states, self.sequence_length)
         return HiddenStateOutput(
-            hidden_states=hidden_states[:, virtual:], weight=weight, bias=bias, logit_transform=logit_transform
+            hidden_states=hidden_states[:, virtual:],
+            weight=weight,
+            bias=bias,
+            logit_transform=logit_transform,
+            layer_hidden_states=_caller_positions(all_hidden_states, virtual),
         )
+
+
+def _caller_positions(all_hidden_states, virtual: int):
+    """The backbone's per-layer hidden states without the `virtual` leading positions PEFT prepended (None stays)."""
+    if all_hidden_states is None:
+        return None
+    return tuple(None if h is None else h[:, virtual:] for h in all_hidden_states)
 
 
 def forward_with_head(model, inputs: dict[str, Any], head):

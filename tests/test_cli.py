@@ -560,6 +560,17 @@ def test_uds_keep_is_a_count_not_a_fraction(capsys, unloadable_model_dir, data_d
     _one_line_error(code, err, "--uds_keep 0.5", "is a count", "not a fraction", "--uds_keep 2")
 
 
+@pytest.mark.parametrize(
+    "flags, needles",
+    [(["--lfu_alpha", "0"], ["`lfu_alpha=0.0`", "> 0"]), (["--lfu_lambda", "-1"], ["`lfu_lambda=-1.0`", ">= 0"])],
+)
+def test_lfu_bad_settings_print_one_line(capsys, unloadable_model_dir, data_dirs, tmp_path, flags, needles):
+    code, _, err = run_cli(
+        capsys, "lfu", *paths(unloadable_model_dir, data_dirs["chat"], tmp_path), *CPU_FLAGS, *flags
+    )
+    _one_line_error(code, err, *needles)
+
+
 @pytest.mark.parametrize("how", ["flag", "yaml"])
 def test_roste_with_use_peft_names_the_cli_flag(capsys, unloadable_model_dir, data_dirs, tmp_path, how):
     args = [
@@ -638,6 +649,7 @@ def _non_defaults(config_class):
             replace_rate=0.0,
             mask_token="pad",
         ),
+        "LfUConfig": dict(lfu_alpha=0.05, lfu_lambda=2.0, lfu_layers=[0, 2], lfu_seed=11),
         "RoSTEConfig": dict(w_bits=3, a_bits=8, kv_sym=False, rotations="all", rotation_search_samples=16),
         "SRPPOConfig": dict(
             sft_adapter_path="some/adapter",

@@ -38,7 +38,7 @@ def _cli_losses(cmd, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "asft"])
+@pytest.mark.parametrize("method", ["sft", "asft", "lfu"])
 def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_dir, tmp_path, method):
     """examples/train.py (the script `accelerate launch` runs) on 2 CPU processes (torchrun, gloo) with 2 rows each
     gives the losses of 1 process with 4 rows per step."""

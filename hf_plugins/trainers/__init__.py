@@ -8,6 +8,8 @@ from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
 from .grpo_config import FusedGRPOConfig
 from .grpo_trainer import FusedGRPOTrainer
+from .lfu_config import LfUConfig
+from .lfu_trainer import LfUTrainer
 from .mft_config import MFTConfig
 from .mft_trainer import MFTTrainer
 from .otr_config import OTRConfig
@@ -41,6 +43,7 @@ TRAINERS = {
         PoFTTrainer,
         RoSTETrainer,
         MFTTrainer,
+        LfUTrainer,
         FusedGRPOTrainer,
         SRPPOTrainer,
         TruthRLTrainer,
@@ -57,6 +60,8 @@ __all__ = [
     "FusedSFTTrainer",
     "MFTConfig",
     "MFTTrainer",
+    "LfUConfig",
+    "LfUTrainer",
     "OTRConfig",
     "OTRTrainer",
     "PoFTConfig",

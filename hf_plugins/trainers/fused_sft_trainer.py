@@ -321,7 +321,12 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
                 num_items_in_batch = int(trained.sum())  # this batch's sequences
         return self._compute_head_loss(model, inputs, return_outputs, num_items_in_batch, global_count)
 
-    def _compute_head_loss(self, model, inputs, return_outputs, num_items_in_batch, global_count: bool):
+    def _compute_head_loss(
+        self, model, inputs, return_outputs, num_items_in_batch, global_count: bool, layer_hidden_states=None
+    ):
+        """The loss of one batch through the fused head (and with `return_outputs`, the logits of an extra forward).
+        With `layer_hidden_states` (hidden-state indices, see `hf_plugins.modeling.LossHead`), `(loss, states)`: the
+        same forward also returns those layers' hidden states, for a method that regularises them (LfU)."""
         mode = "train" if self.model.training else "eval"
         inputs = dict(inputs)
         columns = (*self.token_columns, *self.example_columns)
@@ -337,6 +342,7 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
             backend=self.args.loss_backend,
             chunk_size=self.args.loss_chunk_size,
             num_items_in_batch=num_items_in_batch,
+            layer_hidden_states=layer_hidden_states,
             **input_groups,
         )
         outputs = forward_with_head(model, inputs, head)
@@ -355,6 +361,8 @@ class FusedSFTTrainer(ModelCardMixin, SFTTrainer):
 
         self._log_head_metrics(mode, outputs.metric_sums, inputs, extra_columns)
 
+        if layer_hidden_states is not None:
+            return loss, outputs.layer_hidden_states
         if return_outputs:
             warnings.warn(
                 "`return_outputs=True` (used for `compute_metrics` / `preprocess_logits_for_metrics`) runs an extra "
