@@ -198,23 +198,22 @@ def test_greedy_soup_adds_only_strict_improvements_and_records_its_history(model
     good = [_save(_perturbed(build_tiny_model(tokenizer, num_layers=3), seed), tokenizer, tmp_path / f"g{seed}")
             for seed in (1, 2, 3)]  # fmt: skip
     bad = _save(_perturbed(build_tiny_model(tokenizer, num_layers=3), 9, scale=0.2), tokenizer, tmp_path / "bad")
-    copy = tmp_path / "copy"
-    shutil.copytree(good[0], copy)
     score = _distance_score(base)
     own = {str(path): score(AutoModelForCausalLM.from_pretrained(path)) for path in [*good, bad]}
-    own[str(copy)] = own[str(good[0])]
     best = max(good, key=lambda path: own[str(path)])
+    copy = tmp_path / "copy"
+    shutil.copytree(best, copy)
+    own[str(copy)] = own[str(best)]
     with caplog.at_level(logging.INFO, logger="hf_plugins.merging.soups"):
         result = greedy_soup([bad, *good, copy], score, output_dir=tmp_path / "soup", progress=False)
     ordered = sorted(own, key=own.get, reverse=True)
     assert [entry["ingredient"] for entry in result.history] == ordered
-    assert result.history[0] == {"ingredient": ordered[0], "score": own[ordered[0]], "best_before": None,
+    assert result.history[0] == {"ingredient": str(best), "score": own[str(best)], "best_before": None,
                                  "accepted": True, "soup_size": 1}  # fmt: skip
     decided = {entry["ingredient"]: entry["accepted"] for entry in result.history}
-    assert decided[str(bad)] is False
-    copy_of_best = str(copy) if str(best) == str(good[0]) else None
-    if copy_of_best:
-        assert decided[copy_of_best] is False
+    # the copy comes right after the best (a tie keeps the given order) and leaves the soup's score as it was
+    assert result.history[1]["ingredient"] == str(copy) and result.history[1]["score"] == own[str(best)]
+    assert decided[str(copy)] is False and decided[str(bad)] is False
     for entry in result.history[1:]:
         assert entry["accepted"] == (entry["score"] > entry["best_before"])
     assert result.ingredients == [entry["ingredient"] for entry in result.history if entry["accepted"]]
