@@ -96,12 +96,17 @@ def lines_scale(
             Folder of the edited model (with the fine-tune's config and tokenizer).
         tasks (`list`, *optional*):
             The task fine-tunes merged into `finetuned`, for `alpha="norm_ratio"`.
-        layer_pattern (`str`, *optional*, defaults to `r"(?:^|\\.)layers\\.(\\d+)\\."`):
-            Regex whose first group is the block index of a parameter name.
+        layer_pattern (`str`, *optional*):
+            Regex whose first group is the block index of a parameter name; defaults to
+            `DEFAULT_LAYER_PATTERN`, which matches `layers.<i>.` (Hugging Face decoders).
         num_layers (`int`, *optional*):
             Number of blocks L; defaults to the base config's `num_hidden_layers`.
-        max_shard_size, overwrite, progress:
-            As for [`uniform_soup`].
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`):
+            Largest output shard, as in `save_pretrained`.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace an existing output folder.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar over the shards.
 
     Returns:
         `Path`: the output folder (a full model, or an adapter when `finetuned` is one).

@@ -187,8 +187,12 @@ def greedy_soup(
         base (`str`, *optional*):
             Base model of LoRA ingredients, used to evaluate them (defaults to the adapter's
             `base_model_name_or_path`).
-        max_shard_size, overwrite, progress:
-            As for [`uniform_soup`].
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`):
+            Largest output shard, as in `save_pretrained`.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace an existing output folder.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar over the shards.
 
     Returns:
         [`GreedySoupResult`]: the soup's folder, its ingredients, every ingredient's score and the history of the

@@ -78,8 +78,12 @@ def transfer_finetuning(
             Folder of the result: the target base's config (with the fine-tune's `vocab_size`) and the fine-tune's
             tokenizer and generation config (its chat template and any added tokens); for an adapter, the adapter
             with `base_model_name_or_path` set to `target_base`.
-        max_shard_size, overwrite, progress:
-            As for [`uniform_soup`].
+        max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`):
+            Largest output shard, as in `save_pretrained`.
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace an existing output folder.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar over the shards.
 
     Returns:
         `Path`: the output folder.
