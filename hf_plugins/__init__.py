@@ -48,6 +48,11 @@ _EXPORTS = {
     "UDSMixin": "trainers",
     "with_uds": "trainers",
     "UDSCallback": "callbacks",
+    "LiNeSCallback": "callbacks",
+    "uniform_soup": "merging",
+    "greedy_soup": "merging",
+    "lines_scale": "merging",
+    "transfer_finetuning": "merging",
     "asft_loss": "losses",
     "dft_loss": "losses",
     "grpo_loss": "losses",
@@ -79,9 +84,10 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (tests/test_packaging.py keeps them true)
-    from .callbacks import UDSCallback
+    from .callbacks import LiNeSCallback, UDSCallback
     from .data import score_with_aligned_models
     from .losses import asft_loss, dft_loss, grpo_loss, otr_loss, poft_loss, sft_loss, weighted_sft_loss
+    from .merging import greedy_soup, lines_scale, transfer_finetuning, uniform_soup
     from .ops import fused_linear_loss
     from .rewards import classify_tool_call, make_truthrl_reward, tool_call_reward, truthrl_reward
     from .trainers import (

@@ -2,6 +2,7 @@
 
 hf-plugins <method> --config run.yaml [...]    train with a method's trainer (`hf_plugins.training_script`;
                                                the methods: `hf_plugins.trainers.TRAINERS`)
+hf-plugins merge soup|lines|transfer [...]     edit fine-tuned checkpoints without training (`hf_plugins.merging`)
 hf-plugins demo [--model ...] [--method ...]   fine-tune the embedded default model offline (see `hf_plugins.demo`)
 hf-plugins env                                 print the versions to paste into a bug report
 """
@@ -26,6 +27,7 @@ for `grpo` and `truthrl` of `trl grpo`, works):
 {methods}
 
 other commands:
+  merge   model soups, LiNeS and fine-tuning transfer of saved checkpoints (`hf-plugins merge --help`)
   demo    fine-tune SmolLM2-135M-Instruct with LoRA on real conversations, offline (`hf-plugins demo --help`)
   env     print library versions for bug reports
 """
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from .training_script import run_training_command
 
         return run_training_command(command, rest)
+    if command == "merge":
+        from .merge_command import main as merge_main
+
+        return merge_main(rest)
     if command == "demo":
         from .demo.run import main as demo_main
 
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print_env()
         return 0
     print(
-        f"hf-plugins: error: unknown command {command!r}; choose one of {', '.join([*TRAIN_COMMANDS, 'demo', 'env'])} "
+        f"hf-plugins: error: unknown command {command!r}; choose one of {', '.join([*TRAIN_COMMANDS, 'merge', 'demo', 'env'])} "
         "(`hf-plugins --help`).",
         file=sys.stderr,
     )
