@@ -46,6 +46,11 @@ _EXPORTS = {
     "UDSMixin": "trainers",
     "with_uds": "trainers",
     "UDSCallback": "callbacks",
+    "HFTConfig": "trainers",
+    "HFTMixin": "trainers",
+    "with_hft": "trainers",
+    "HFTCallback": "callbacks",
+    "apply_hft": "callbacks",
     "asft_loss": "losses",
     "dft_loss": "losses",
     "grpo_loss": "losses",
@@ -77,7 +82,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (tests/test_packaging.py keeps them true)
-    from .callbacks import UDSCallback
+    from .callbacks import HFTCallback, UDSCallback, apply_hft
     from .data import score_with_aligned_models
     from .losses import asft_loss, dft_loss, grpo_loss, otr_loss, poft_loss, sft_loss, weighted_sft_loss
     from .ops import fused_linear_loss
@@ -89,6 +94,8 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
         FusedGRPOTrainer,
         FusedSFTConfig,
         FusedSFTTrainer,
+        HFTConfig,
+        HFTMixin,
         OTRConfig,
         OTRTrainer,
         PoFTConfig,
@@ -105,5 +112,6 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
         TruthRLTrainer,
         UDSConfig,
         UDSMixin,
+        with_hft,
         with_uds,
     )
