@@ -10,6 +10,8 @@ import torch
 from testing_utils import (
     CLI_CPU_FLAGS,
     CPU_ARGS,
+    GRPO_ARGS,
+    GRPO_MAX_COMPLETION,
     assert_same_parameters,
     logged,
     logged_in,
@@ -23,12 +25,21 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from hf_plugins.callbacks.hft import HFTCallback, apply_hft, check_redraw_possible
 from hf_plugins.cli import main
 from hf_plugins.testing import (
+    ReplayedCompletions,
     build_tiny_model,
     build_tokenizer,
+    replayed_completion_reward,
     tiny_conversational_dataset,
     tiny_prompt_completion_dataset,
 )
-from hf_plugins.trainers import FusedSFTConfig, FusedSFTTrainer, with_hft, with_uds
+from hf_plugins.trainers import (
+    FusedGRPOConfig,
+    FusedGRPOTrainer,
+    FusedSFTConfig,
+    FusedSFTTrainer,
+    with_hft,
+    with_uds,
+)
 
 
 HFTSFTTrainer, HFTSFTConfig = with_hft(FusedSFTTrainer), with_hft(FusedSFTConfig)
@@ -219,6 +230,22 @@ def test_dpo_trains_the_same_half(tmp_path, tiny_model_dir):
         args=args,
         train_dataset=pairs,
         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    changed = train_and_list_changed_parameters(trainer)
+    assert changed == set(trainer.hft_selection.trainable) | set(ALWAYS_TRAINED)
+
+
+def test_our_grpo_trainer_trains_the_same_half(tmp_path, tiny_model_dir):
+    """`with_hft(FusedGRPOTrainer)`, on replayed completions: only the kept half (and the embeddings, final norm and
+    lm_head) changes."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trainer = with_hft(FusedGRPOTrainer)(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        reward_funcs=replayed_completion_reward,
+        args=with_hft(FusedGRPOConfig)(str(tmp_path), **GRPO_ARGS, hft_seed=2),
+        train_dataset=tiny_prompt_completion_dataset(8).select_columns(["prompt"]),
+        processing_class=tokenizer,
+        rollout_func=ReplayedCompletions(tokenizer, GRPO_MAX_COMPLETION),
     )
     changed = train_and_list_changed_parameters(trainer)
     assert changed == set(trainer.hft_selection.trainable) | set(ALWAYS_TRAINED)
