@@ -52,9 +52,12 @@ class HFTMixin:
     def __init__(self, *positional, **kwargs):
         # `args` is not the second positional argument of every trainer (DPOTrainer's is `ref_model`): find it by name
         bound = inspect.signature(super().__init__).bind_partial(*positional, **kwargs)
-        bound.arguments["args"] = self._hft_coerce_args(bound.arguments.get("model"), bound.arguments.get("args"))
+        args = self._hft_coerce_args(bound.arguments.get("model"), bound.arguments.get("args"))
+        bound.arguments["args"] = args
         super().__init__(*bound.args, **bound.kwargs)
-        self._hft_setup()
+        # read from the config given: a stock trainer may convert it to its own class (`SFTTrainer` a plain
+        # `TrainingArguments`), which drops the `hft_*` fields
+        self._hft_setup(args)
 
     @classmethod
     def _hft_coerce_args(cls, model, args):
@@ -73,11 +76,10 @@ class HFTMixin:
         values = {name: value for name, value in init_values(args).items() if name in names}
         return with_hft(base)(**values)
 
-    def _hft_setup(self) -> None:
-        args = self.args
+    def _hft_setup(self, args) -> None:
         redraw = args.hft_redraw
         # an engine chosen by `accelerate launch` rather than by the config shows on the trainer only
-        check_redraw_possible(args, redraw, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
+        check_redraw_possible(self.args, redraw, fsdp=self.is_fsdp_enabled, deepspeed=self.is_deepspeed_enabled)
         seed = args.hft_seed if args.hft_seed is not None else args.seed
         given = getattr(self.model, "hft_selector", None)
         wanted = {"ratio": float(args.hft_ratio), "balance": args.hft_balance, "seed": seed}
