@@ -268,6 +268,21 @@ def check_inputs(method: str, training_args, model_args) -> None:
         check_checkpoint(training_args.resume_from_checkpoint)
 
 
+def check_hft_model(model_args, training_args) -> None:
+    """HFT's refusal of a model without the modules of its category rule (GPT-2's fused `c_attn`, fused experts),
+    from the model's config alone, before the data and the weights load."""
+    from transformers import AutoConfig
+
+    from .callbacks.hft import check_hft_architecture
+
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    check_hft_architecture(config)
+
+
 def check_data(method: str, dataset, split: str, training_args, assistant_only_explicit: bool) -> None:
     """The dataset's columns against the method's format, and its assistant turns."""
     text_field = getattr(training_args, "dataset_text_field", "text")
@@ -379,6 +394,8 @@ def build_trainer(method: str, argv: list[str]):
     hft = hft or any(key.startswith("hft_") for key in yaml)
     script_args, training_args, model_args, dataset_args = _parse(method, uds, argv, yaml, hft)
     check_inputs(method, training_args, model_args)
+    if hft and not model_args.use_peft:  # (with an adapter, the trainer checks the adapted modules)
+        check_hft_model(model_args, training_args)
     grpo = _is_grpo(method)
     trainer_kwargs = grpo_trainer_kwargs(method, script_args, training_args) if grpo else {}
 

@@ -378,3 +378,15 @@ def test_a_bad_ratio_on_the_command_line_is_one_line(capsys, tmp_path, tiny_mode
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "hft_ratio" in lines[0] and "(0, 1)" in lines[0]
+
+
+def test_a_model_hft_cannot_select_in_is_refused_on_the_command_line(capsys, tmp_path, tokenizer, chat_dir):
+    """From the model's config, before the data or the weights load: one line, exit status 2."""
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    capsys.readouterr()  # what saving printed
+    code, err = _cli(capsys, folder, chat_dir, tmp_path / "out", "--hft")
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert len(lines) == 1 and "no decoder layer with q_proj" in lines[0] and "c_attn" in lines[0]

@@ -325,6 +325,16 @@ def apply_hft(model, ratio: float = 0.5, seed: int = 0, balance: str = "count") 
     return selector.selection
 
 
+def check_hft_architecture(config) -> None:
+    """Refuse, before any weight loads, a model whose decoder layers HFT cannot select in (a `ValueError`, as
+    `apply_hft` would raise): the model of `config` (a transformers config) is built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    HFTSelector._find_units(model)
+
+
 def _inner_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
