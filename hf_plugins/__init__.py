@@ -53,6 +53,11 @@ _EXPORTS = {
     "greedy_soup": "merging",
     "lines_scale": "merging",
     "transfer_finetuning": "merging",
+    "HFTConfig": "trainers",
+    "HFTMixin": "trainers",
+    "with_hft": "trainers",
+    "HFTCallback": "callbacks",
+    "apply_hft": "callbacks",
     "asft_loss": "losses",
     "dft_loss": "losses",
     "grpo_loss": "losses",
@@ -84,7 +89,7 @@ def __dir__():
 
 
 if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (tests/test_packaging.py keeps them true)
-    from .callbacks import LiNeSCallback, UDSCallback
+    from .callbacks import HFTCallback, LiNeSCallback, UDSCallback, apply_hft
     from .data import score_with_aligned_models
     from .losses import asft_loss, dft_loss, grpo_loss, otr_loss, poft_loss, sft_loss, weighted_sft_loss
     from .merging import greedy_soup, lines_scale, transfer_finetuning, uniform_soup
@@ -97,6 +102,8 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
         FusedGRPOTrainer,
         FusedSFTConfig,
         FusedSFTTrainer,
+        HFTConfig,
+        HFTMixin,
         MFTConfig,
         MFTTrainer,
         OTRConfig,
@@ -115,5 +122,6 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
         TruthRLTrainer,
         UDSConfig,
         UDSMixin,
+        with_hft,
         with_uds,
     )

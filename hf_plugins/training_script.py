@@ -7,6 +7,7 @@ YAML written for `trl sft` (or `trl grpo`) runs unchanged after changing the com
     hf-plugins asft --config run.yaml --kl_coef 0.05
     hf-plugins grpo --config run.yaml --reward_funcs my_rewards.length_reward
     hf-plugins sft --config run.yaml --uds --uds_keep 2        # UDS online batch selection on any method
+    hf-plugins sft --config run.yaml --hft --hft_ratio 0.5     # HFT (Half Fine-Tuning) on any method
     accelerate launch --config_file examples/accelerate/multi_gpu.yaml examples/train.py asft --config run.yaml
 
 `--config` takes a YAML file, a folder written by `<Config>.save_pretrained`, or a Hub repo id holding one. Datasets
@@ -54,9 +55,10 @@ def _is_grpo(method: str) -> bool:
     return issubclass(_trainers()[method], GRPOTrainer)
 
 
-def _classes(method: str, uds: bool):
-    """The method's (config class, trainer class); their UDS versions (`with_uds`) with `uds=True`."""
-    from .trainers import with_uds
+def _classes(method: str, uds: bool, hft: bool = False):
+    """The method's (config class, trainer class); their UDS versions (`with_uds`) with `uds=True`, their HFT
+    versions (`with_hft`, applied last) with `hft=True`."""
+    from .trainers import with_hft, with_uds
 
     trainer_class = _trainers()[method]
     config_class = trainer_class.config_class
@@ -66,6 +68,8 @@ def _classes(method: str, uds: bool):
         )
     if uds:
         config_class, trainer_class = with_uds(config_class), with_uds(trainer_class)
+    if hft:
+        config_class, trainer_class = with_hft(config_class), with_hft(trainer_class)
     return config_class, trainer_class
 
 
@@ -73,6 +77,12 @@ def _wants_uds(argv: list[str]) -> tuple[bool, list[str]]:
     """`--uds` (or any `--uds_*` field) turns on UDS online batch selection; the flag itself is ours, not a field."""
     uds = "--uds" in argv or any(arg.startswith("--uds_") for arg in argv)
     return uds, [arg for arg in argv if arg != "--uds"]
+
+
+def _wants_hft(argv: list[str]) -> tuple[bool, list[str]]:
+    """`--hft` (or any `--hft_*` field) turns on HFT, Half Fine-Tuning; the flag itself is ours, not a field."""
+    hft = "--hft" in argv or any(arg.startswith("--hft_") for arg in argv)
+    return hft, [arg for arg in argv if arg != "--hft"]
 
 
 def _script_arguments(method: str):
@@ -86,12 +96,12 @@ def _script_arguments(method: str):
     return ScriptArguments
 
 
-def _parser(method: str, uds: bool = False):
+def _parser(method: str, uds: bool = False, hft: bool = False):
     import argparse
 
     from trl import DatasetMixtureConfig, ModelConfig, TrlParser
 
-    config_class, trainer_class = _classes(method, uds)
+    config_class, trainer_class = _classes(method, uds, hft)
 
     class Parser(TrlParser):
         # argparse prints the whole usage (hundreds of options) before an error: one line is enough
@@ -200,11 +210,11 @@ def _bad_value_message(message: str, argv: list[str], yaml: dict) -> str:
     return f"{flag} {value}: {flag[2:]} takes {'a whole number' if kind == 'int' else 'a number'}"
 
 
-def _parse(method: str, uds: bool, argv: list[str], yaml: dict):
+def _parse(method: str, uds: bool, argv: list[str], yaml: dict, hft: bool = False):
     """The parsed dataclasses; unknown fields and bad values as one-line `UsageError`s."""
     from trl import DatasetMixtureConfig, ModelConfig
 
-    parser = _parser(method, uds)
+    parser = _parser(method, uds, hft)
     try:
         *parsed, yaml_unknown, argv_unknown = parser.parse_args_and_config(
             args=argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -218,7 +228,7 @@ def _parse(method: str, uds: bool, argv: list[str], yaml: dict):
         if strings and not names:
             raise UsageError(f"unexpected argument {strings[0]!r} (options are --name value)")
         if names:
-            config_class, _ = _classes(method, uds)
+            config_class, _ = _classes(method, uds, hft)
             known = _field_names(_script_arguments(method), config_class, ModelConfig, DatasetMixtureConfig)
             others = {
                 other: _field_names(trainer.config_class) for other, trainer in _trainers().items() if other != method
@@ -261,6 +271,21 @@ def check_inputs(method: str, training_args, model_args) -> None:
             check_model_path(path, flag=f"--{field}", cache_dir=cache_dir)
     if training_args.resume_from_checkpoint:
         check_checkpoint(training_args.resume_from_checkpoint)
+
+
+def check_hft_model(model_args, training_args) -> None:
+    """HFT's refusal of a model without the modules of its category rule (GPT-2's fused `c_attn`, fused experts),
+    from the model's config alone, before the data and the weights load."""
+    from transformers import AutoConfig
+
+    from .callbacks.hft import check_hft_architecture
+
+    config = AutoConfig.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    check_hft_architecture(config)
 
 
 def check_data(method: str, dataset, split: str, training_args, assistant_only_explicit: bool) -> None:
@@ -366,12 +391,16 @@ def build_trainer(method: str, argv: list[str]):
     from .trainers.hub_config import read_config_yaml
 
     uds, argv = _wants_uds(argv)
+    hft, argv = _wants_hft(argv)
     argv = _resolve_config(argv)
     yaml = read_config_yaml(argv[argv.index("--config") + 1]) if "--config" in argv else {}
     # a YAML that sets any `uds_*` field asks for UDS too
     uds = uds or any(key.startswith("uds_") for key in yaml)
-    script_args, training_args, model_args, dataset_args = _parse(method, uds, argv, yaml)
+    hft = hft or any(key.startswith("hft_") for key in yaml)
+    script_args, training_args, model_args, dataset_args = _parse(method, uds, argv, yaml, hft)
     check_inputs(method, training_args, model_args)
+    if hft and not model_args.use_peft:  # (with an adapter, the trainer checks the adapted modules)
+        check_hft_model(model_args, training_args)
     grpo = _is_grpo(method)
     trainer_kwargs = grpo_trainer_kwargs(method, script_args, training_args) if grpo else {}
 
@@ -400,7 +429,7 @@ def build_trainer(method: str, argv: list[str]):
         else:
             check_data(method, evaluation, "test", training_args, assistant_only_explicit)
 
-    _, trainer_class = _classes(method, uds)
+    _, trainer_class = _classes(method, uds, hft)
     trainer = trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -456,7 +485,8 @@ def run_training_command(method: str, argv: list[str]) -> int:
     """`hf-plugins <method> ...`: build, train, save (model, trainer state, model card), optionally push."""
     if any(arg in ("-h", "--help") for arg in argv):
         uds, _ = _wants_uds(argv)
-        _parser(method, uds).print_help()
+        hft, _ = _wants_hft(argv)
+        _parser(method, uds, hft).print_help()
         return 0
     held = _HeldBackUntilBuilt()
     with held:

@@ -34,6 +34,8 @@ pytestmark = [
 ]
 
 METHODS = sorted(path.stem for path in EXAMPLES.glob("*.yaml"))
+#: Example YAMLs of an option rather than a command (their `hft_*` keys turn the option on), and their command
+COMMAND_OF = {"hft": "sft"}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +83,10 @@ def test_example_config_runs_on_smollm2(capsys, tmp_path, request, smollm2_dir, 
     if method == "srppo":  # the YAML's SFT adapter, made here for SmolLM2
         extra = ["--sft_adapter_path", request.getfixturevalue("smollm2_sft_adapter")]
     out = tmp_path / "out"
+    command = COMMAND_OF.get(method, method)
     code, _, err = run_cli(
         capsys,
-        method,
+        command,
         "--config",
         EXAMPLES / f"{method}.yaml",
         "--model_name_or_path",
@@ -92,12 +95,12 @@ def test_example_config_runs_on_smollm2(capsys, tmp_path, request, smollm2_dir, 
         data,
         "--output_dir",
         out,
-        *cpu_flags(method),
+        *cpu_flags(command),
         *extra,
     )
     assert code == 0, err[-3000:]
     assert len(logged_in(out)) == 2 and all(math.isfinite(loss) for loss in logged_in(out))
-    if issubclass(TRAINERS[method], FusedGRPOTrainer):  # prompts, and no assistant mask to take from a template
+    if issubclass(TRAINERS[command], FusedGRPOTrainer):  # prompts, and no assistant mask to take from a template
         return
     # The run trained on SmolLM2's training template, which is saved with the model
     saved = Path(out) / "chat_template.jinja"

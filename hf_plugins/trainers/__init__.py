@@ -1,6 +1,6 @@
 """Trainer/config pairs, one per method, drop-in subclasses of TRL's `SFTTrainer` / `SFTConfig` (and of
 `GRPOTrainer` / `GRPOConfig` for GRPO); UDS online batch
-selection as a mixin for any of them (`with_uds`); `TRAINERS`, the registry of the methods."""
+selection as a mixin for any of them (`with_uds`), and HFT (Half Fine-Tuning) for any trainer (`with_hft`); `TRAINERS`, the registry of the methods."""
 
 from .asft_config import ASFTConfig
 from .asft_trainer import ASFTTrainer
@@ -8,6 +8,8 @@ from .fused_sft_config import FusedSFTConfig
 from .fused_sft_trainer import FusedSFTTrainer
 from .grpo_config import FusedGRPOConfig
 from .grpo_trainer import FusedGRPOTrainer
+from .hft_config import HFTConfig
+from .hft_trainer import HFTMixin, with_hft
 from .lfu_config import LfUConfig
 from .lfu_trainer import LfUTrainer
 from .mft_config import MFTConfig
@@ -62,6 +64,8 @@ __all__ = [
     "MFTTrainer",
     "LfUConfig",
     "LfUTrainer",
+    "HFTConfig",
+    "HFTMixin",
     "OTRConfig",
     "OTRTrainer",
     "PoFTConfig",
@@ -79,5 +83,6 @@ __all__ = [
     "TruthRLTrainer",
     "UDSConfig",
     "UDSMixin",
+    "with_hft",
     "with_uds",
 ]
