@@ -104,6 +104,8 @@ if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (t
         FusedSFTTrainer,
         HFTConfig,
         HFTMixin,
+        LfUConfig,
+        LfUTrainer,
         MFTConfig,
         MFTTrainer,
         OTRConfig,
