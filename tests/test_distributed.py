@@ -38,10 +38,12 @@ def _cli_losses(cmd, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["sft", "asft", "lfu"])
-def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_dir, tmp_path, method):
+@pytest.mark.parametrize(
+    "method, flags", [("sft", []), ("asft", []), ("lfu", []), ("sft", ["--hft"])], ids=["sft", "asft", "lfu", "hft"]
+)
+def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_dir, tmp_path, method, flags):
     """examples/train.py (the script `accelerate launch` runs) on 2 CPU processes (torchrun, gloo) with 2 rows each
-    gives the losses of 1 process with 4 rows per step."""
+    gives the losses of 1 process with 4 rows per step (with `--hft`, both processes freeze the same half)."""
     from hf_plugins.testing import tiny_conversational_dataset
 
     data = tmp_path / "data"
@@ -66,6 +68,7 @@ def test_two_processes_equal_one_process_over_the_same_global_batch(tiny_model_d
         "128",
         "--assistant_only_loss",
         "True",
+        *flags,
     ]
     one = _cli_losses(
         [sys.executable, *common, "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "one")],
