@@ -55,6 +55,7 @@ _EXPORTS = {
     "weighted_sft_loss": "losses",
     "fused_linear_loss": "ops",
     "score_with_aligned_models": "data",
+    "compare": "comparison",
     "classify_tool_call": "rewards",
     "tool_call_reward": "rewards",
     "make_truthrl_reward": "rewards",
@@ -78,6 +79,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (tests/test_packaging.py keeps them true)
     from .callbacks import UDSCallback
+    from .comparison import compare
     from .data import score_with_aligned_models
     from .losses import asft_loss, dft_loss, grpo_loss, otr_loss, poft_loss, sft_loss, weighted_sft_loss
     from .ops import fused_linear_loss
