@@ -99,6 +99,21 @@ def test_finished_methods_are_not_trained_again(compared, paths, capsys, monkeyp
     assert code == 2 and "with other settings" in capsys.readouterr().err
 
 
+def test_held_out_tokens_are_reused_only_with_the_same_settings(compared, paths, tmp_path):
+    """A rerun reuses the tokenized held-out sets; other tokenization settings (here `max_length`) tokenize again."""
+    import shutil
+
+    results, output_dir = compared
+    shutil.copytree(output_dir / "held_out", tmp_path / "held_out")
+    shorter = hf_plugins.compare(
+        ["sft"], paths.config, args={"max_length": 24, "max_steps": 1}, general_eval_dataset=paths.general,
+        output_dir=tmp_path, plots=False, save_models=False,
+    )  # fmt: skip
+    tokens = shorter["held_out"]["eval"]["tokens"]
+    assert 0 < tokens < results["held_out"]["eval"]["tokens"]
+    assert len(load_from_disk(str(tmp_path / "held_out" / "eval"))[0]["input_ids"]) <= 24
+
+
 def _materialised(model, start, dataset):
     """NLL, token accuracy and KL(start || model) per supervised token from the full logits, in float64."""
     nll = correct = kl = tokens = 0.0
@@ -189,3 +204,14 @@ def test_compare_is_a_command_and_a_lazy_export(capsys):
     assert main(["compare", "--help"]) == 0 and "--general_eval_dataset" in capsys.readouterr().out
     assert hf_plugins.compare.__module__ == "hf_plugins.comparison"
     assert Path(hf_plugins.compare.__code__.co_filename).parent.name == "comparison"
+
+
+def test_chatterbot_topics():
+    """The reproductions read chatterbot topics apart (`load_chatterbot(topics=...)`)."""
+    from hf_plugins.demo import load_chatterbot
+
+    everything, science = load_chatterbot(), load_chatterbot(topics=["science"])
+    assert 0 < len(science["train"]) < len(everything["train"])
+    assert set(map(str, science["train"]["messages"])) <= set(map(str, everything["train"]["messages"]))
+    with pytest.raises(ValueError, match="no topic astrology"):
+        load_chatterbot(topics=["astrology"])

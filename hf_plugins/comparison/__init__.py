@@ -151,6 +151,8 @@ def _check_held_out(dataset, flag: str, args) -> None:
     loss)."""
     from ..cli_checks import check_assistant_turns, check_dataset_format
 
+    if len(dataset) == 0:
+        raise UsageError(f"{flag}: the held-out set has no rows")
     found = check_dataset_format(dataset, "compare", flag, args.dataset_text_field)
     check_assistant_turns(dataset, found, flag, bool(args.assistant_only_loss), True, True)
 
@@ -268,10 +270,10 @@ def _prepare(methods, config, args, method_args, eval_dataset, general_eval_data
         settings = {"argv": argv[2:] if config else argv, "config": yaml}
         runs.append(_Run(method, argv, folder, settings))
     # Every method's held-out tokens are those plain SFT would train on, with the settings every method shares
+    sft_argv = _method_argv(config, common, "sft", [], output_dir / "sft")
     sft_args = next((run.setup.training_args for run in runs if run.method == "sft"), None)
     if sft_args is None:
-        sft_args = _Run("sft", _method_argv(config, common, "sft", [], output_dir / "sft"), output_dir, {}).setup
-        sft_args = sft_args.training_args
+        sft_args = _Run("sft", sft_argv, output_dir, {}).setup.training_args
     first = runs[0].setup
     sources = {"eval": eval_dataset}
     if eval_dataset is None:
@@ -293,7 +295,9 @@ def _prepare(methods, config, args, method_args, eval_dataset, general_eval_data
         run.settings["held_out"] = identity
         run.finished_record()  # a finished run with other settings is refused here
     plots = _report().matplotlib_available() if plots is None else plots
-    return runs, {"sources": sources, "args": sft_args, "identity": identity}, plots
+    # the tokenized held-out sets are reused only for the same sets tokenized with the same settings
+    stamp = {"held_out": identity, "tokenized_with": {"argv": sft_argv, "config": yaml}}
+    return runs, {"sources": sources, "args": sft_args, "stamp": stamp}, plots
 
 
 def _report():
@@ -311,13 +315,19 @@ def _held_out_sets(trainer, held_out_sources: dict, output_dir: Path) -> dict:
 
     folder = output_dir / "held_out"
     stamp = folder / "sources.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == held_out_sources["identity"]:
-        return {name: load_from_disk(str(folder / name)) for name in held_out_sources["identity"]}
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(held_out_sources["stamp"])):
+        return {name: load_from_disk(str(folder / name)) for name in held_out_sources["sources"]}
     sets = {}
     for name, dataset in held_out_sources["sources"].items():
         sets[name] = tokenize_held_out(trainer, dataset, held_out_sources["args"], f"held-out {name}")
+        if len(sets[name]) == 0:
+            flag = "--eval_dataset" if name == "eval" else "--general_eval_dataset"
+            raise ValueError(
+                f"{flag}: no row keeps a supervised token once tokenized (max_length, assistant-only or completion-only "
+                "masks): pass longer --max_length or other held-out rows"
+            )
         sets[name].save_to_disk(str(folder / name))
-    _report().write_json(stamp, held_out_sources["identity"])
+    _report().write_json(stamp, held_out_sources["stamp"])
     return sets
 
 

@@ -82,7 +82,7 @@ def markdown_table(results: dict) -> str:
             _number(_start(record, "eval_loss")),
             _number(_final(record, "eval_loss")),
             _number(_final(record, "eval_token_accuracy")),
-            _number(_final(record, f"{drift_on}_drift"), 5),
+            "-" if _final(record, f"{drift_on}_drift") is None else f"{_final(record, f'{drift_on}_drift'):.3g}",
             _number(record["train_loss"][-1]["loss"] if record["train_loss"] else None),
             _number(record["train_runtime_s"], 1),
         ]
