@@ -114,6 +114,27 @@ def test_held_out_tokens_are_reused_only_with_the_same_settings(compared, paths,
     assert len(load_from_disk(str(tmp_path / "held_out" / "eval"))[0]["input_ids"]) <= 24
 
 
+def test_an_interrupted_method_continues_from_its_checkpoint(paths, tmp_path):
+    """A run cut short after a checkpoint continues from it, with the evaluations made before it, to the same end."""
+    import shutil
+
+    def run():
+        return hf_plugins.compare(
+            ["sft"], paths.config, args={"save_strategy": "steps", "save_steps": 1},
+            general_eval_dataset=paths.general, output_dir=tmp_path, plots=False, save_models=False,
+        )["runs"]["sft"]  # fmt: skip
+
+    uninterrupted = run()
+    (tmp_path / "sft" / "compare_run.json").unlink()  # as if stopped after step 1's checkpoint
+    shutil.rmtree(tmp_path / "sft" / "checkpoint-2")
+    resumed = run()
+    assert [entry["step"] for entry in resumed["evaluations"]] == [0, 1, 2]
+    for expected, actual in zip(uninterrupted["evaluations"], resumed["evaluations"], strict=True):
+        assert actual == pytest.approx(expected, rel=1e-9)
+    losses = [[entry["loss"] for entry in run["train_loss"]] for run in (uninterrupted, resumed)]
+    assert len(losses[1]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-9)
+
+
 def _materialised(model, start, dataset):
     """NLL, token accuracy and KL(start || model) per supervised token from the full logits, in float64."""
     nll = correct = kl = tokens = 0.0
@@ -205,13 +226,3 @@ def test_compare_is_a_command_and_a_lazy_export(capsys):
     assert hf_plugins.compare.__module__ == "hf_plugins.comparison"
     assert Path(hf_plugins.compare.__code__.co_filename).parent.name == "comparison"
 
-
-def test_chatterbot_topics():
-    """The reproductions read chatterbot topics apart (`load_chatterbot(topics=...)`)."""
-    from hf_plugins.demo import load_chatterbot
-
-    everything, science = load_chatterbot(), load_chatterbot(topics=["science"])
-    assert 0 < len(science["train"]) < len(everything["train"])
-    assert set(map(str, science["train"]["messages"])) <= set(map(str, everything["train"]["messages"]))
-    with pytest.raises(ValueError, match="no topic astrology"):
-        load_chatterbot(topics=["astrology"])

@@ -294,7 +294,10 @@ def _prepare(methods, config, args, method_args, eval_dataset, general_eval_data
     for run in runs:
         run.settings["held_out"] = identity
         run.finished_record()  # a finished run with other settings is refused here
-    plots = _report().matplotlib_available() if plots is None else plots
+    if plots is None:
+        plots = _report().matplotlib_available()
+        if not plots:
+            print("compare: matplotlib is not installed (pip install 'hf-plugins[bench]'): no plots will be written")
     # the tokenized held-out sets are reused only for the same sets tokenized with the same settings
     stamp = {"held_out": identity, "tokenized_with": {"argv": sft_argv, "config": yaml}}
     return runs, {"sources": sources, "args": sft_args, "stamp": stamp}, plots

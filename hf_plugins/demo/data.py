@@ -57,10 +57,7 @@ def _held_out(question: str, eval_fraction: float) -> bool:
 
 
 def load_chatterbot(
-    eval_fraction: float = 0.05,
-    system_prompt: str | None = None,
-    language: str = "english",
-    topics: list[str] | None = None,
+    eval_fraction: float = 0.05, system_prompt: str | None = None, language: str = "english"
 ) -> DatasetDict:
     """Load the chatterbot corpus as conversations with a deterministic train/held-out split.
 
@@ -69,8 +66,6 @@ def load_chatterbot(
         system_prompt: Put first in every conversation as a system message. With `None`, the model's chat
             template decides (SmolLM2's adds its own default system prompt).
         language: A data folder of the corpus.
-        topics: The topics to read (the corpus's file names without `.yml`, e.g. `["science", "history"]`); `None`:
-            every topic.
 
     Returns:
         A `DatasetDict` with `train` and `test` splits and one column, `messages`, in TRL's conversational format:
@@ -80,14 +75,7 @@ def load_chatterbot(
     splits: dict[str, list] = {"train": [], "test": []}
     seen: set[tuple[tuple[str, str], ...]] = set()
     # Sorted, so the rows come in the same order whatever order the file system lists them in.
-    folder = corpus_folder(language)
-    known = sorted(path.stem for path in folder.glob("*.yml"))
-    unknown = sorted(set(topics or ()) - set(known))
-    if unknown:
-        raise ValueError(f"chatterbot-corpus has no topic {', '.join(unknown)} in {language!r}: choose from {known}.")
-    for path in sorted(folder.glob("*.yml")):
-        if topics is not None and path.stem not in topics:
-            continue
+    for path in sorted(corpus_folder(language).glob("*.yml")):
         with open(path, encoding="utf-8") as f:
             document = yaml.safe_load(f) or {}
         for utterances in document.get("conversations") or []:
