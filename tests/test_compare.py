@@ -225,4 +225,3 @@ def test_compare_is_a_command_and_a_lazy_export(capsys):
     assert main(["compare", "--help"]) == 0 and "--general_eval_dataset" in capsys.readouterr().out
     assert hf_plugins.compare.__module__ == "hf_plugins.comparison"
     assert Path(hf_plugins.compare.__code__.co_filename).parent.name == "comparison"
-

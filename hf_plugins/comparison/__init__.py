@@ -78,7 +78,10 @@ def _as_flags(options, what: str) -> list[str]:
     if isinstance(options, dict):
         flags = []
         for name, value in options.items():
-            flags += [f"--{name}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+            if isinstance(value, (list, tuple)):  # a list field takes its items as separate values, as on the CLI
+                flags += [f"--{name}", *map(str, value)]
+            else:
+                flags += [f"--{name}", json.dumps(value) if isinstance(value, dict) else str(value)]
         return flags
     if isinstance(options, str) or not isinstance(options, Sequence):
         raise UsageError(f"{what}: pass a list of flags (['--max_steps', '60']) or a mapping {{'max_steps': 60}}")
