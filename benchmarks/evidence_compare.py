@@ -248,6 +248,9 @@ def common_settings(args, model_path: str) -> dict:
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
         "max_length": args.max_length,
+        # the answers only: the chat template's tokens and SmolLM2's default system prompt, the same in every
+        # conversation, would otherwise dominate the held-out loss and the drift
+        "assistant_only_loss": True,
         "eval_steps": max(1, args.steps // args.evaluations),
         "logging_steps": 1,
         "seed": args.seed,

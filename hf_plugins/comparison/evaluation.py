@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from typing import Any
 
 import torch
@@ -180,9 +181,11 @@ class HeldOutEvaluation(TrainerCallback):
     def _record(self, state) -> None:
         if any(LOG_PREFIX + "step" in entry and entry["step"] == state.global_step for entry in state.log_history):
             return  # evaluated before the checkpoint this run resumed from
-        state.log_history.append(
-            {"step": state.global_step, LOG_PREFIX + "step": state.global_step, **self.evaluate()}
-        )
+        started = time.perf_counter()
+        metrics = self.evaluate()
+        # the evaluations run inside `train()`: their time is taken out of the training time reported
+        metrics[LOG_PREFIX + "seconds"] = time.perf_counter() - started
+        state.log_history.append({"step": state.global_step, LOG_PREFIX + "step": state.global_step, **metrics})
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.every = evaluation_steps(args.eval_steps, state.max_steps)

@@ -33,12 +33,15 @@ def run_record(method: str, log_history: list[dict], settings: dict, extra: dict
             metrics = {key[len(LOG_PREFIX) :]: value for key, value in entry.items() if key.startswith(LOG_PREFIX)}
             evaluations.append({"step": metrics.pop("step"), **metrics})
     runtime = next((entry["train_runtime"] for entry in reversed(log_history) if "train_runtime" in entry), None)
+    evaluating = sum(entry.pop("seconds", 0.0) for entry in evaluations)
     return {
         "method": method,
         "settings": settings,
         "train_loss": train,
         "evaluations": evaluations,
-        "train_runtime_s": runtime,
+        # `train_runtime` of the trainer (of the last session, for a resumed run) without the held-out evaluations
+        "train_runtime_s": None if runtime is None else max(runtime - evaluating, 0.0),
+        "evaluation_s": evaluating,
         "extra": extra or {},
     }
 
