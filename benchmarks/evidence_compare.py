@@ -348,11 +348,13 @@ def reproduction(name: str, args, model_path: str, workdir: Path) -> dict:
     config = folder / "run.yaml"
     config.write_text(yaml.safe_dump(settings))
     started = time.perf_counter()
-    results = hf_plugins.compare(methods, config, output_dir=folder / "compare", **kwargs)
+    results = hf_plugins.compare(methods, config, output_dir=folder / "compare", save_models=False, **kwargs)
     if name == "uds":  # the random-selection baseline: UDS's own `uds_mode="random"`, same settings
+        random_selection = {"uds": {"uds_keep": 1, "uds_mode": "random"}}
+        others = {key: value for key, value in kwargs.items() if key != "method_args"}
         baseline = hf_plugins.compare(
-            ["uds"], config, output_dir=folder / "compare-random", method_args={"uds": {"uds_keep": 1, "uds_mode": "random"}},
-            **{k: v for k, v in kwargs.items() if k != "method_args"},
+            ["uds"], config, output_dir=folder / "compare-random", save_models=False, method_args=random_selection,
+            **others,
         )  # fmt: skip
         results["methods"].append("uds-random")
         results["runs"]["uds-random"] = baseline["runs"]["uds"]

@@ -329,8 +329,8 @@ def _held_out_sets(trainer, held_out_sources: dict, output_dir: Path) -> dict:
         if len(sets[name]) == 0:
             flag = "--eval_dataset" if name == "eval" else "--general_eval_dataset"
             raise ValueError(
-                f"{flag}: no row keeps a supervised token once tokenized (max_length, assistant-only or completion-only "
-                "masks): pass longer --max_length or other held-out rows"
+                f"{flag}: no row keeps a supervised token once tokenized (max_length, assistant-only or "
+                "completion-only masks): pass a longer --max_length or other held-out rows"
             )
         sets[name].save_to_disk(str(folder / name))
     _report().write_json(stamp, held_out_sources["stamp"])
