@@ -67,6 +67,7 @@ _EXPORTS = {
     "weighted_sft_loss": "losses",
     "fused_linear_loss": "ops",
     "score_with_aligned_models": "data",
+    "compare": "comparison",
     "classify_tool_call": "rewards",
     "tool_call_reward": "rewards",
     "make_truthrl_reward": "rewards",
@@ -90,6 +91,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # the lazy exports, spelled out for type checkers and IDEs (tests/test_packaging.py keeps them true)
     from .callbacks import HFTCallback, LiNeSCallback, UDSCallback, apply_hft
+    from .comparison import compare
     from .data import score_with_aligned_models
     from .losses import asft_loss, dft_loss, grpo_loss, otr_loss, poft_loss, sft_loss, weighted_sft_loss
     from .merging import greedy_soup, lines_scale, transfer_finetuning, uniform_soup

@@ -3,6 +3,8 @@
 hf-plugins <method> --config run.yaml [...]    train with a method's trainer (`hf_plugins.training_script`;
                                                the methods: `hf_plugins.trainers.TRAINERS`)
 hf-plugins merge soup|lines|transfer [...]     edit fine-tuned checkpoints without training (`hf_plugins.merging`)
+hf-plugins compare --methods sft,dft,... --config run.yaml
+                                               train several methods alike and compare them (`hf_plugins.comparison`)
 hf-plugins demo [--model ...] [--method ...]   fine-tune the embedded default model offline (see `hf_plugins.demo`)
 hf-plugins env                                 print the versions to paste into a bug report
 """
@@ -28,6 +30,8 @@ for `grpo` and `truthrl` of `trl grpo`, works):
 
 other commands:
   merge   model soups, LiNeS and fine-tuning transfer of saved checkpoints (`hf-plugins merge --help`)
+  compare train several methods from the same model, data and budget; compare them on held-out sets
+          (`hf-plugins compare --methods sft,dft,asft --config run.yaml`; `hf-plugins compare --help`)
   demo    fine-tune SmolLM2-135M-Instruct with LoRA on real conversations, offline (`hf-plugins demo --help`)
   env     print library versions for bug reports
 """
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         from .merge_command import main as merge_main
 
         return merge_main(rest)
+    if command == "compare":
+        from .comparison import main as compare_main
+
+        return compare_main(rest)
     if command == "demo":
         from .demo.run import main as demo_main
 
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print_env()
         return 0
     print(
-        f"hf-plugins: error: unknown command {command!r}; choose one of {', '.join([*TRAIN_COMMANDS, 'merge', 'demo', 'env'])} "
+        f"hf-plugins: error: unknown command {command!r}; choose one of {', '.join([*TRAIN_COMMANDS, 'merge', 'compare', 'demo', 'env'])} "
         "(`hf-plugins --help`).",
         file=sys.stderr,
     )

@@ -18,12 +18,14 @@ with a one-line error and exit status 2, before any model is loaded where possib
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from .cli_checks import (
     UsageError,
@@ -383,11 +385,27 @@ def grpo_trainer_kwargs(method: str, script_args, training_args) -> dict:
     return kwargs
 
 
-def build_trainer(method: str, argv: list[str]):
-    """Parse `argv`, check it, load and check the data, and build the method's trainer (not yet trained); returns it
-    with the name(s) of the training data, for the model card."""
-    from trl import get_peft_config, get_quantization_config
+@dataclasses.dataclass
+class TrainingSetup:
+    """What `hf-plugins <method>` has parsed, checked and loaded before the model loads: the trainer's class and
+    arguments, the data (`data`: every split loaded; `train`, `evaluation`: the checked splits) and the names of the
+    training data, for the model card."""
 
+    method: str
+    trainer_class: type
+    script_args: Any
+    training_args: Any
+    model_args: Any
+    data: Any
+    train: Any
+    evaluation: Any
+    trainer_kwargs: dict
+    dataset_names: Any
+
+
+def prepare_training(method: str, argv: list[str]) -> TrainingSetup:
+    """Parse `argv`, check it, load and check the data: everything `build_trainer` does before the model loads, so
+    that a caller running several methods (`hf-plugins compare`) can refuse bad input before any training."""
     from .trainers.hub_config import read_config_yaml
 
     uds, argv = _wants_uds(argv)
@@ -430,17 +448,33 @@ def build_trainer(method: str, argv: list[str]):
             check_data(method, evaluation, "test", training_args, assistant_only_explicit)
 
     _, trainer_class = _classes(method, uds, hft)
-    trainer = trainer_class(
-        model=model_args.model_name_or_path,
-        args=training_args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        peft_config=get_peft_config(model_args),
-        quantization_config=get_quantization_config(model_args),
-        **trainer_kwargs,
-    )
     dataset_names = script_args.dataset_name or [dataset.path for dataset in dataset_args.datasets or ()]
-    return trainer, dataset_names
+    return TrainingSetup(
+        method, trainer_class, script_args, training_args, model_args, data, train, evaluation, trainer_kwargs,
+        dataset_names,
+    )  # fmt: skip
+
+
+def trainer_from(setup: TrainingSetup):
+    """The trainer of a `prepare_training` result (this loads the model), not yet trained."""
+    from trl import get_peft_config, get_quantization_config
+
+    return setup.trainer_class(
+        model=setup.model_args.model_name_or_path,
+        args=setup.training_args,
+        train_dataset=setup.train,
+        eval_dataset=setup.evaluation,
+        peft_config=get_peft_config(setup.model_args),
+        quantization_config=get_quantization_config(setup.model_args),
+        **setup.trainer_kwargs,
+    )
+
+
+def build_trainer(method: str, argv: list[str]):
+    """Parse `argv`, check it, load and check the data, and build the method's trainer (not yet trained); returns it
+    with the name(s) of the training data, for the model card."""
+    setup = prepare_training(method, argv)
+    return trainer_from(setup), setup.dataset_names
 
 
 class _HeldBackUntilBuilt(logging.Handler):

@@ -109,7 +109,16 @@ def test_demo_offers_registered_methods():
 #: among `hf_plugins.losses`, whose methods are written against the rest of `ops` (the method interface and backends):
 #: it sits above the method math, the rest of the head below it.
 LAYERS = {
-    "entry points": ("hf_plugins", "cli", "cli_checks", "training_script", "merge_command", "demo", "testing"),
+    "entry points": (
+        "hf_plugins",
+        "cli",
+        "cli_checks",
+        "training_script",
+        "merge_command",
+        "comparison",
+        "demo",
+        "testing",
+    ),
     "trainers": ("trainers",),
     "method parts": ("data", "callbacks", "merging", "quantization", "rewards", "modeling", "chat_templates"),
     "fused loss head entry point": ("ops.dispatch",),

@@ -12,7 +12,6 @@ Where the reference comes from:
 
 from __future__ import annotations
 
-import copy
 import textwrap
 from typing import Any
 
@@ -24,7 +23,14 @@ from trl.trainer.utils import get_config_model_id
 from ..modeling import forward_hidden_states, gather_lm_head
 from ..utils import get_logger
 from .asft_config import ASFTConfig
-from .frozen_models import load_frozen_model, parameter_bytes, place_frozen_model, tokenizer_differs, vocab_rows
+from .frozen_models import (
+    initial_copy,
+    load_frozen_model,
+    parameter_bytes,
+    place_frozen_model,
+    tokenizer_differs,
+    vocab_rows,
+)
 from .fused_sft_trainer import FusedSFTTrainer
 
 
@@ -142,10 +148,7 @@ class ASFTTrainer(FusedSFTTrainer):
             init_kwargs.setdefault("dtype", self.model.dtype)
             reference = self._from_pretrained(get_config_model_id(self.model.config), init_kwargs)
         else:
-            reference = copy.deepcopy(self.model)
-            # The copy inherits the policy's patched forward, which closes over the policy: drop it, re-patch later
-            reference.__dict__.pop("forward", None)
-            reference.__dict__.pop("_hf_plugins_loss_head", None)
+            reference = initial_copy(self.model)
         logger.info(
             "ASFT: no `ref_model` and no PEFT, so the reference is a frozen copy of the starting model: %.1f MiB more "
             "memory per process (%d parameters). Train with PEFT to use the adapters-off model at no memory cost.",

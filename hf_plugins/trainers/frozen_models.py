@@ -3,6 +3,7 @@ like TRL places its reference models."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from accelerate.utils import is_peft_model
@@ -26,6 +27,15 @@ def parameter_bytes(model) -> int:
 def text_tokenizer(processing_class):
     """The tokenizer inside a processor (VLMs), or the tokenizer itself."""
     return getattr(processing_class, "tokenizer", processing_class)
+
+
+def initial_copy(model):
+    """A copy of `model` as it is now (before any step: its starting weights), without the fused-head forward patch
+    (`add_loss_head_forward`) it inherits, which closes over `model`: `place_frozen_model` patches the copy itself."""
+    duplicate = copy.deepcopy(model)
+    duplicate.__dict__.pop("forward", None)
+    duplicate.__dict__.pop("_hf_plugins_loss_head", None)
+    return duplicate
 
 
 def load_frozen_model(path: str, args, init_kwargs: dict[str, Any]):
