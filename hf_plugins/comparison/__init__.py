@@ -6,7 +6,8 @@
 Each method runs as `hf-plugins <method> --config run.yaml` would (`hf_plugins.training_script`: the same parsing,
 checks and trainer), with every option given to all of them, except the `--<method>.<field>` options, given to that
 method only. `sft` is the `sft` command with `loss_type nll`, `dft` the same with `loss_type dft`, `uds` the `sft`
-command with UDS online batch selection (`--uds`, so the same optimizer steps on fewer tokens); the other names are
+command with UDS online batch selection (`--uds`, so the same optimizer steps on fewer tokens), `hft` the `sft`
+command with Half Fine-Tuning (`--hft`); the other names are
 the SFT-side commands of `hf_plugins.trainers.TRAINERS`. Every run is evaluated on the same tokens
 (`hf_plugins.comparison.evaluation`), before its first step, every `eval_steps` steps (default: ten times) and after
 its last step.
@@ -39,6 +40,7 @@ SFT_VARIANTS = {
     "sft": ("sft", ["--loss_type", "nll"]),
     "dft": ("sft", ["--loss_type", "dft"]),
     "uds": ("sft", ["--uds", "--loss_type", "nll"]),
+    "hft": ("sft", ["--hft", "--loss_type", "nll"]),
 }
 
 
