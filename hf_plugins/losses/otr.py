@@ -10,9 +10,10 @@ the *untempered* log-probability is minimised:
 `w[t, v] = softmax(z_t / tau)[v] * R(v, y_t)`. At tau = 1 its gradient is (1 - beta) times DFT's.
 
 Sampling is inverse-CDF: the uniforms `u [N, K]` of a call are drawn once, in row-major order over the supervised
-positions, and each row's samples are `searchsorted(cumsum(softmax(z / tau)), u * total)`. The samples are thus a
-pure function of (logits, u): the functional loss, every backend of the fused head and any recomputation of a tile
-draw exactly the same tokens for the same generator state, and a row costs O(V + K log V), never [N, V] at once.
+positions, and each row's samples are `searchsorted(cumsum(softmax(z / tau)), u * total)` (searched block by block,
+see `sample_tokens`). The samples are thus a pure function of (logits, u): the functional loss, every backend of the
+fused head and any recomputation of a tile draw exactly the same tokens for the same generator state, and a row costs
+O(V + K log V), never [N, V] at once.
 """
 
 from __future__ import annotations
