@@ -322,6 +322,7 @@ def profile_chunked(cfg: dict, chunk_size, threads: int, method: str = "sft", to
         by_family[fam] = sum(r["self_ms"] for r in ops if r["op"] in names)
     by_family["other"] = total / 1e3 - sum(by_family.values())
     return {
+        "method": method,
         "threads": threads,
         "chunk_size": resolve_chunk(chunk_size, cfg["vocab"]),
         "wall_s": wall,
@@ -565,7 +566,8 @@ def render(res: dict, markdown: bool) -> str:
             total = prof["profiled_self_ms"]
             out += [
                 "",
-                f"Profile of one chunked sft call, {prof['threads']} thread(s), chunk_size={prof['chunk_size']}: "
+                f"Profile of one chunked {prof.get('method', 'sft')} call, {prof['threads']} thread(s), "
+                f"chunk_size={prof['chunk_size']}: "
                 f"{prof['wall_s']:.2f} s wall ({fmt(prof.get('user_s'))} s user, "
                 f"{fmt(prof.get('sys_s'))} s system CPU), "
                 f"{total:.0f} ms self CPU time recorded",
@@ -644,8 +646,9 @@ def parse_args(argv=None):
         type=int,
         nargs="*",
         default=None,
-        help="profile one chunked sft call at these chunk sizes (no value: the default chunk size)",
+        help="profile one chunked call at these chunk sizes (no value: the default chunk size)",
     )
+    p.add_argument("--profile_methods", nargs="+", default=["sft"], help="methods --profile profiles, one call each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all results to this path")
     p.add_argument(
@@ -808,8 +811,9 @@ def main(argv=None):
     if args.profile is not None:
         for threads in args.threads:
             for chunk in args.profile or [None]:
-                log(f"profiling chunked sft at {threads} thread(s), chunk_size={chunk or 'default'}")
-                profiles.append(profile_chunked(cfg, chunk, threads))
+                for method in args.profile_methods:
+                    log(f"profiling chunked {method} at {threads} thread(s), chunk_size={chunk or 'default'}")
+                    profiles.append(profile_chunked(cfg, chunk, threads, method))
 
     res = {
         "machine": machine_info(),

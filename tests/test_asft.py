@@ -367,6 +367,24 @@ def test_chunked_never_holds_either_models_full_logits():
     assert mode.largest <= chunk * V < N * V
 
 
+def test_chunked_allocates_its_tiles_once_per_call():
+    """The reference's logits, log-probs and probabilities go to two spare tiles the chunked backend keeps for the
+    whole call: a call allocates four `[chunk, V]` tiles whatever its number of chunks."""
+    N, V, D, chunk = 256, 20_000, 16, 32
+    g = gen(17)
+    hidden = torch.randn(N, D, generator=g).requires_grad_(True)
+    weight = (0.1 * torch.randn(V, D, generator=g)).requires_grad_(True)
+    ref_hidden, ref_weight = torch.randn(N, D, generator=g), 0.1 * torch.randn(V, D, generator=g)
+    labels = torch.randint(0, V, (N,), generator=g)
+    with LargestTensor() as mode:
+        loss = fused_linear_loss(
+            hidden, weight, labels, "asft", backend="chunked", chunk_size=chunk, ref_hidden=ref_hidden,
+            ref_weight=ref_weight, kl_coef=0.1,
+        )  # fmt: skip
+        torch.autograd.grad(loss, [hidden, weight])
+    assert sum(numel >= chunk * V for numel in mode.allocated) == 4
+
+
 class ConstantMethod(LossMethod):
     """SFT plus a per-row constant: the value moves by the constant's mean, the gradient does not."""
 

@@ -367,6 +367,27 @@ def test_chunked_never_holds_more_than_a_tile(method, return_metrics):
     assert mode.largest <= chunk * V < N * V
 
 
+def test_chunked_backward_hands_over_its_gradients_without_a_copy():
+    """`loss.backward()` (upstream gradient 1) makes the weight gradient computed in the forward `weight.grad` as it
+    is: one weight-sized allocation per call, not a second copy at the end of backward. With retain_graph a second
+    backward still starts from intact gradients."""
+    N, V, D, chunk = 64, 5_000, 8, 16
+    g = gen(21)
+    hidden = torch.randn(N, D, generator=g).requires_grad_(True)
+    weight = (0.1 * torch.randn(V, D, generator=g)).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), generator=g)
+    with LargestTensor() as mode:
+        fused_linear_loss(hidden, weight, labels, "sft", backend="chunked", chunk_size=chunk).backward()
+    assert sum(numel == V * D for numel in mode.allocated) == 1
+    once = (hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    loss = fused_linear_loss(hidden, weight, labels, "sft", backend="chunked", chunk_size=chunk)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(hidden.grad, 2 * once[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(weight.grad, 2 * once[1], rtol=1e-6, atol=0)
+
+
 def test_reference_holds_the_full_logits():
     """The same probe on the reference backend sees [N, V]: the check above can fail."""
     N, V, chunk = 256, 50_000, 64

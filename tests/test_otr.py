@@ -424,6 +424,20 @@ def test_chunked_never_holds_more_than_a_tile(num_samples):
     assert mode.largest <= max(chunk * V, N * (num_samples or 1)) < N * V
 
 
+def test_chunked_allocates_its_tiles_once_per_call():
+    """The sampler builds its tempered masses in a spare tile the chunked backend keeps for the whole call: a call
+    allocates three `[chunk, V]` tiles (log-probs, probabilities, masses) whatever its number of chunks."""
+    N, V, chunk = 512, 20_000, 32
+    g = gen(18)
+    hidden = torch.randn(N, 16, generator=g).requires_grad_(True)
+    weight = (0.1 * torch.randn(V, 16, generator=g)).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), generator=g)
+    with LargestTensor() as mode:
+        loss = fused_linear_loss(hidden, weight, labels, "otr", chunk_size=chunk, num_samples=8, generator=gen(0))
+        torch.autograd.grad(loss, [hidden, weight])
+    assert sum(numel >= chunk * V for numel in mode.allocated) == 3
+
+
 # ---------------------------------------------------------------------------------------------------- bad inputs
 
 BAD_SETTINGS = {

@@ -218,7 +218,9 @@ def one_block_per_row(monkeypatch):
 class LargestTensor(TorchDispatchMode):
     """Records the element count of the largest tensor any aten op returns inside it (forward and backward, inside
     autograd Functions too): the check that a loss head never builds `[N, V]` logits. It also records the output
-    shape of every matrix product (`matmul_outputs`), to count a head's matmuls.
+    shape of every matrix product (`matmul_outputs`), to count a head's matmuls, and the element count of every
+    tensor an op allocates (`allocated`: outputs that share no storage with the op's inputs, so neither views nor
+    in-place or `out=` results), to count a head's tile allocations.
 
         with LargestTensor() as tracker:
             fused_linear_loss(hidden, weight, labels, "sft").backward()
@@ -229,14 +231,22 @@ class LargestTensor(TorchDispatchMode):
         super().__init__()
         self.largest = 0
         self.matmul_outputs = []
+        self.allocated = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
             self.matmul_outputs.append(tuple(out.shape))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                if t.untyped_storage().data_ptr() not in inputs:
+                    self.allocated.append(t.numel())
         return out
 
 

@@ -5,8 +5,9 @@ Per supervised token, with `p = softmax(z)` the policy, `q = softmax(z_ref)` the
     l_t = -w * log p(y) + kl_coef * KL(q || p),        KL(q || p) = sum_v q_v * (log q_v - log p_v)
 
 As a target-weight rule this is `w * one_hot(y) + kl_coef * q`: the cross-entropy against that target equals the loss
-up to `kl_coef * sum_v q_v log q_v` per token (the reference's negative entropy, constant in the policy), so the fused
-head adds that constant back (`Targets.constant`) and reports the exact value, not only the exact gradient.
+up to `kl_coef * sum_v q_v log q_v` per token (the reference's negative entropy, constant in the policy). The fused
+head reports the exact value, not only the exact gradient: the method hands it the per-row loss computed from the KL
+(`Targets.loss`).
 
 Where the reference has no next-token distribution (`ref_mask` False: the first token, which a prompt-tuned policy
 predicts from its virtual tokens while a reference without them predicts nothing there), the token's loss is DFT's
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..ops.chunked import transform_logits_
 from ..ops.method import PLAIN_LOGITS, Chunk, KernelSpec, KernelStats, LogitTransform, LossMethod, Rows, Targets
 from ._common import compute_dtype, label_log_probs, reduce_sum
 
@@ -190,28 +192,35 @@ class ASFTMethod(LossMethod):
         # cast once per call rather than once per chunk
         weight, bias = chunk.inputs["reference"].in_dtype(dtype)
         ref_hidden = chunk.inputs["ref_hidden"].to(dtype)
-        ref_logits = torch.addmm(bias, ref_hidden, weight.t()) if bias is not None else ref_hidden @ weight.t()
-        ref_logits = chunk.inputs["reference"].transform(ref_logits)
-        ref_log_probs = torch.log_softmax(ref_logits, dim=-1)
-        del ref_logits
-        ref_probs = ref_log_probs.exp()
-        neg_entropy = torch.linalg.vecdot(ref_probs, ref_log_probs)
+        # The reference's logits, log-probs and probabilities in two of the backend's reusable tiles, as the chunked
+        # backend does for the policy: the logits tile becomes the probabilities, the other one the log-probs
+        ref_probs, ref_log_probs = chunk.tile(0), chunk.tile(1)
+        if bias is not None:
+            torch.addmm(bias, ref_hidden, weight.t(), out=ref_probs)
+        else:
+            torch.mm(ref_hidden, weight.t(), out=ref_probs)
+        transform_logits_(ref_probs, chunk.inputs["reference"].transform)
+        torch.ops.aten._log_softmax.out(ref_probs, -1, False, out=ref_log_probs)
+        torch.exp(ref_log_probs, out=ref_probs)
         # KL as sum q * (log q - log p) rather than a difference of two sums: exactly 0 when the policy still equals
-        # the reference, and no cancellation when it is small. The log-ratio reuses the reference log-probs tile.
-        kl = torch.linalg.vecdot(ref_probs, ref_log_probs.sub_(chunk.log_probs))
-        del ref_log_probs
+        # the reference, and no cancellation when it is small. Built in place in the log-probs tile (no product tile)
+        kl = ref_log_probs.sub_(chunk.log_probs).mul_(ref_probs).sum(-1)
         kl_weight = chunk.inputs.get("kl_weight")
         if kl_weight is not None:
             kl_weight = kl_weight.to(dtype)
             kl = kl * kl_weight
-        targets = ASFTTargets(index=chunk.labels.unsqueeze(-1), value=chunk.label_log_probs.exp().unsqueeze(-1), kl=kl)
-        if kl_coef and kl_weight is None:  # kl_coef = 0 is exactly DFT: no dense target, no constant
+        dft_weight = chunk.label_log_probs.exp()
+        targets = ASFTTargets(index=chunk.labels.unsqueeze(-1), value=dft_weight.unsqueeze(-1), kl=kl)
+        # The loss from the KL just computed: the cross-entropy against the targets below would need two more passes
+        # over the tile (its dense part, and the reference's negative entropy to add back)
+        loss = -dft_weight * chunk.label_log_probs
+        if kl_coef and kl_weight is None:  # kl_coef = 0 is exactly DFT: no dense target
             targets.dense = ref_probs.mul_(kl_coef)
-            targets.constant = kl_coef * neg_entropy
+            loss = loss + kl_coef * kl
         elif kl_coef:
-            coef = kl_coef * kl_weight
-            targets.dense = ref_probs.mul_(coef.unsqueeze(-1))
-            targets.constant = coef * neg_entropy
+            targets.dense = ref_probs.mul_((kl_coef * kl_weight).unsqueeze(-1))
+            loss = loss + kl_coef * kl  # `kl` carries the per-row factor already
+        targets.loss = loss
         return targets
 
     def metrics(self, chunk: Chunk, targets: ASFTTargets) -> dict[str, torch.Tensor]:

@@ -10,9 +10,10 @@ the *untempered* log-probability is minimised:
 `w[t, v] = softmax(z_t / tau)[v] * R(v, y_t)`. At tau = 1 its gradient is (1 - beta) times DFT's.
 
 Sampling is inverse-CDF: the uniforms `u [N, K]` of a call are drawn once, in row-major order over the supervised
-positions, and each row's samples are `searchsorted(cumsum(softmax(z / tau)), u * total)`. The samples are thus a
-pure function of (logits, u): the functional loss, every backend of the fused head and any recomputation of a tile
-draw exactly the same tokens for the same generator state, and a row costs O(V + K log V), never [N, V] at once.
+positions, and each row's samples are `searchsorted(cumsum(softmax(z / tau)), u * total)` (searched block by block,
+see `sample_tokens`). The samples are thus a pure function of (logits, u): the functional loss, every backend of the
+fused head and any recomputation of a tile draw exactly the same tokens for the same generator state, and a row costs
+O(V + K log V), never [N, V] at once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from ._common import check_labels, compute_dtype, reduce_sum
 DEFAULT_NUM_SAMPLES = 8
 DEFAULT_TEMPERATURE = 1.2
 DEFAULT_NEGATIVE_REWARD = -0.1
+#: Tokens per block of the sampler's two-level search (`sample_tokens`): the in-block scan covers K blocks of this
+#: size instead of the whole vocabulary, and the block sums are a short row
+SAMPLING_BLOCK = 128
 
 
 # ------------------------------------------------------------------------------------------------------ settings
@@ -95,28 +99,66 @@ def tempered_probs(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(log_probs / temperature, dim=-1)
 
 
-def sample_tokens(log_probs: torch.Tensor, uniforms: torch.Tensor, temperature: float) -> torch.Tensor:
+def sample_tokens(
+    log_probs: torch.Tensor, uniforms: torch.Tensor, temperature: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Inverse-CDF samples from `softmax(log_probs / temperature)`, one row per row of `log_probs`.
 
     Args:
-        log_probs (`torch.Tensor` of shape `[C, V]`): detached log-probabilities (or logits) of the rows.
+        log_probs (`torch.Tensor` of shape `[C, V]`): detached log-probabilities of the rows (not logits: at
+            tau >= 1 they are exponentiated unshifted).
         uniforms (`torch.Tensor` of shape `[C, K]`): uniforms in [0, 1).
         temperature (`float`): the sampling temperature.
+        out (`torch.Tensor` of shape `[C, V]`, *optional*): a tile to build the tempered masses in (overwritten);
+            by default one is allocated.
 
     Returns:
-        `torch.LongTensor` of shape `[C, K]`: token ids. Costs one extra `[C, V]` tile (the CDF, built in place).
+        `torch.LongTensor` of shape `[C, K]`: token ids.
+
+    The search has two levels, as the triton kernel's: the masses are summed per block of `SAMPLING_BLOCK` tokens, a
+    point first finds its block among the blocks' running sums, then its token in the running sum of that block
+    alone. A running sum over the whole tile (a sequential scan, the slowest pass of an OTR tile on CPU) is thus
+    only taken over the K blocks hit.
     """
-    scaled = log_probs / temperature
-    # The row max is subtracted before exp: at tau < 1 the scaled log-probs of a peaked row underflow otherwise
-    scaled -= scaled.amax(dim=-1, keepdim=True)
-    cdf = scaled.exp_().cumsum_(dim=-1)  # unnormalised: the last column is the row's total mass
+    rows, vocab = log_probs.shape
+    num_samples = uniforms.shape[-1]
+    masses = torch.empty_like(log_probs) if out is None else out
+    inverse = 1.0 / temperature
+    if temperature < 1:
+        # the scaled log-probs of a peaked row underflow at tau < 1: shift them by the row max (`add` with `alpha`
+        # scales and shifts in one pass)
+        torch.add(log_probs.amax(dim=-1, keepdim=True).mul_(-inverse), log_probs, alpha=inverse, out=masses)
+    else:
+        # log p / tau <= 0, and >= log(1 / V) / tau >= log(1 / V) for the likeliest token (its p >= 1 / V): the row's
+        # mass neither overflows nor underflows without the shift, which saves two passes over the tile
+        torch.mul(log_probs, inverse, out=masses)
+    masses.exp_()
+
+    # the K blocks a row searches hold no more tokens than the row itself (many samples: smaller blocks)
+    block = max(1, min(SAMPLING_BLOCK, vocab // max(num_samples, 1)))
+    full = vocab // block
+    block_sums = masses[:, : full * block].view(rows, full, block).sum(-1)
+    if full * block < vocab:  # a last, shorter block
+        block_sums = torch.cat([block_sums, masses[:, full * block :].sum(-1, keepdim=True)], dim=-1)
+    block_cdf = block_sums.cumsum_(-1)  # unnormalised: the last column is the row's total mass
     # Scaling u by the total instead of normalising the CDF keeps every token's interval exactly its own mass, so a
-    # token of probability 0 (an empty interval) is never drawn
-    points = uniforms.to(cdf.dtype) * cdf[:, -1:]
-    samples = torch.searchsorted(cdf, points, right=True)
-    # With u <= 1 - 2^-24, u * total rounds strictly below total, so every point lands in a token's interval; the
-    # clamp only keeps a row of NaN logits (whose search runs past the end) from indexing out of the vocabulary
-    return samples.clamp_(max=log_probs.shape[-1] - 1)
+    # token of probability 0 (an empty interval) is never drawn. With u <= 1 - 2^-24, u * total rounds strictly below
+    # total, so every point lands in a block whose running sum grew past the previous block's: one of positive mass.
+    # The clamps only keep a row of NaN logits (whose search runs past the end) from indexing out of the vocabulary.
+    points = uniforms.to(masses.dtype) * block_cdf[:, -1:]
+    block_index = torch.searchsorted(block_cdf, points, right=True).clamp_(max=block_cdf.shape[-1] - 1)
+    before = torch.nn.functional.pad(block_cdf, (1, 0))[:, :-1].gather(1, block_index)  # mass of the earlier blocks
+    tokens = block_index.unsqueeze(-1) * block + torch.arange(block, device=log_probs.device)  # [C, K, block]
+    flat = tokens.view(rows, num_samples * block).clamp(max=vocab - 1)
+    local = masses.gather(1, flat).view(rows, num_samples, block)
+    local_cdf = local.masked_fill_(tokens >= vocab, 0.0).cumsum_(-1)
+    # The point's offset into its block (>= 0: `before` <= point), kept below the block's own total, which rounds
+    # differently from its entry in `block_cdf`: the first token whose running sum passes it is then in the block and
+    # has positive mass (its running sum grew there)
+    below_total = torch.nextafter(local_cdf[..., -1], torch.zeros((), dtype=masses.dtype, device=masses.device))
+    offset = torch.minimum(points - before, below_total)
+    within = torch.searchsorted(local_cdf, offset.unsqueeze(-1), right=True).squeeze(-1)
+    return torch.gather(tokens, 2, within.clamp_(max=block - 1).unsqueeze(-1)).squeeze(-1).clamp_(max=vocab - 1)
 
 
 def sample_rewards(samples: torch.Tensor, labels: torch.Tensor, negative_reward: float, dtype) -> torch.Tensor:
@@ -238,7 +280,8 @@ class OTRMethod(LossMethod):
             label_weight = (1.0 - beta) * tempered.gather(1, labels)
             dense = tempered.mul_(beta) if beta != 0 else None
             return Targets(index=labels, value=label_weight, dense=dense)
-        samples = sample_tokens(chunk.log_probs, chunk.inputs["uniforms"], settings.temperature)
+        # the masses go to a tile the backend reuses across chunks: no fresh [C, V] allocation per chunk
+        samples = sample_tokens(chunk.log_probs, chunk.inputs["uniforms"], settings.temperature, out=chunk.tile(0))
         rewards = sample_rewards(samples, chunk.labels, beta, chunk.log_probs.dtype)
         return Targets(index=samples, value=rewards / settings.num_samples)
 

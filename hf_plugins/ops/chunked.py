@@ -1,9 +1,11 @@
 """The `chunked` backend: the fused linear loss head in pure torch, for CPU and any GPU.
 
 Rows are processed `chunk_size` at a time, so at most two `[chunk_size, V]` tiles exist at once (the log-probs and
-the probabilities, which then become the logits gradient in place). Because every method's target weights are known
-in the forward pass, the gradients w.r.t. hidden, weight and bias are computed there too and only scaled by the
-incoming gradient in backward: three matmuls per tile (logits, grad_hidden, grad_weight), no recompute.
+the probabilities, which then become the logits gradient in place), plus the spare tiles a method asks for
+(`Chunk.tile`: one for OTR's sampler, two for ASFT's reference); each is allocated once per call. Because every
+method's target weights are known in the forward pass, the gradients w.r.t. hidden, weight and bias are computed
+there too and only scaled by the incoming gradient in backward: three matmuls per tile (logits, grad_hidden,
+grad_weight), no recompute.
 
 A model's logit transform (`LogitTransform`: a scale, then a soft-cap `c * tanh(z / c)`) is applied to each tile in
 place; its Jacobian is diagonal, `scale * (1 - (z' / c)^2)`, so the logits gradient is multiplied by it elementwise,
@@ -114,6 +116,13 @@ def run_chunks(
     tile_rows = max(tile.stop - tile.start for tile in tiles)
     log_prob_buffer = torch.empty((tile_rows, w.shape[0]), dtype=dtype, device=hidden.device)
     prob_buffer = torch.empty_like(log_prob_buffer)
+    # and the spare tiles a method asks for (`Chunk.tile`: OTR's sampler, ASFT's reference), allocated on first use
+    spare_buffers: dict[int, torch.Tensor] = {}
+
+    def spare_tile(index: int, count: int) -> torch.Tensor:
+        if index not in spare_buffers:
+            spare_buffers[index] = torch.empty_like(log_prob_buffer)
+        return spare_buffers[index][:count]
 
     for rows in tiles:
         h = hidden[rows].to(dtype)
@@ -140,6 +149,7 @@ def run_chunks(
             label_log_probs=label_log_probs,
             rows=rows,
             inputs=chunk_inputs(row_inputs, rows),
+            scratch=lambda index, count=count: spare_tile(index, count),
         )
         targets = method.targets(chunk)
         loss_sum += targets.row_loss(log_probs).sum()
@@ -155,11 +165,7 @@ def run_chunks(
         if want_grad:
             # dl/dz = (sum_v w) * p - w, scaled by the reduction; built in place in the probabilities tile
             grad_logits = probs.mul_((targets.total() * grad_scale).unsqueeze(-1))
-            targets.value = targets.value * grad_scale if targets.value is not None else None
-            targets.dense = targets.dense * grad_scale if targets.dense is not None else None
-            if targets.uniform_mass is not None:
-                targets.uniform_mass = targets.uniform_mass * grad_scale
-            targets.subtract_from(grad_logits)
+            targets.subtract_from(grad_logits, grad_scale)
             if softcap is not None:
                 # times d softcap(x) / dx = 1 - tanh^2 = 1 - (z' / c)^2, z' rebuilt in the (now free) log-probs tile
                 tanh = log_probs.add_(log_normaliser.unsqueeze(-1)).div_(softcap * logit_scale)

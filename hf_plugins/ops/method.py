@@ -90,6 +90,9 @@ class Targets:
         uniform_mass (`torch.Tensor` of shape `[C]`, *optional*): a per-row weight spread evenly over the
             vocabulary, `uniform_mass / V` on every token (label smoothing: `eps`), kept as one number per row
             instead of a dense `[C, V]` tile.
+        loss (`torch.Tensor` of shape `[C]`, *optional*): the detached per-row loss, when the method computes it
+            together with its targets (ASFT, from its KL). It must equal the cross-entropy against the targets plus
+            `constant`; `row_loss` then returns it as its value, without another pass over the tile.
     """
 
     index: torch.Tensor | None = None
@@ -97,6 +100,7 @@ class Targets:
     dense: torch.Tensor | None = None
     constant: torch.Tensor | None = None
     uniform_mass: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
 
     def total(self) -> torch.Tensor:
         """`sum_v w[t, v]` per row, the factor of `softmax(z_t)` in the logits gradient."""
@@ -122,17 +126,22 @@ class Targets:
 
     def row_loss(self, log_probs: torch.Tensor) -> torch.Tensor:
         """The per-row loss `-sum_v w[t, v] * log_probs[t, v] (+ constant[t])`."""
+        if self.loss is not None and not log_probs.requires_grad:
+            return self.loss  # the backends that compute the gradients themselves only need the value
         loss = -self.weighted_log_prob(log_probs)
+        if self.loss is not None:
+            # autograd (the reference backend) gets the cross-entropy's gradient, the value is the method's
+            return self.loss + (loss - loss.detach())
         return loss if self.constant is None else loss + self.constant
 
-    def subtract_from(self, grad: torch.Tensor) -> torch.Tensor:
-        """`grad - w`, in place."""
+    def subtract_from(self, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """`grad - scale * w`, in place (the targets themselves are not scaled: no `[C, V]` copy of a dense part)."""
         if self.index is not None:
-            grad.scatter_add_(1, self.index, -self.value)
+            grad.scatter_add_(1, self.index, self.value * -scale)
         if self.dense is not None:
-            grad.sub_(self.dense)
+            grad.sub_(self.dense, alpha=scale)
         if self.uniform_mass is not None:
-            grad.sub_((self.uniform_mass / grad.shape[-1]).unsqueeze(-1))
+            grad.sub_((self.uniform_mass * scale / grad.shape[-1]).unsqueeze(-1))
         return grad
 
 
@@ -148,6 +157,7 @@ class Chunk:
         rows (`slice`): where the chunk lies among the supervised rows.
         inputs (`dict[str, Any]`): the result of the method's `prepare` for this call: its per-row tensors sliced to
             the chunk, its other values (per-call settings) as they are (see `chunk_inputs`).
+        scratch (`Callable[[int], torch.Tensor]`, *optional*): the backend's spare tiles, read through `tile`.
     """
 
     log_probs: torch.Tensor
@@ -156,6 +166,16 @@ class Chunk:
     label_log_probs: torch.Tensor
     rows: slice
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    scratch: Callable[[int], torch.Tensor] | None = None
+
+    def tile(self, index: int) -> torch.Tensor:
+        """A `[C, V]` tile in the compute dtype that the method may overwrite (contents undefined), for its own
+        per-chunk work and its targets; tiles of different `index` are distinct. The chunked backend keeps each for
+        the whole call and hands it to every chunk (a fresh `[C, V]` allocation per chunk costs page faults), so it
+        is valid only until the chunk's gradient is done. Without a backend's tiles, a new one."""
+        if self.scratch is None:
+            return torch.empty_like(self.log_probs)
+        return self.scratch(index)
 
 
 @dataclass

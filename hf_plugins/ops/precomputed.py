@@ -37,17 +37,20 @@ class PrecomputedGradientLoss(torch.autograd.Function):
                     "twice (retain_graph=True). Use backend='chunked' for that."
                 )
             ctx.consumed = True
-            # The loss is usually the last node (grad_output == 1): then skip a pass over the weight-sized gradient
-            unit = bool(torch.equal(grad_output, torch.ones_like(grad_output)))
+        # The loss is usually the last node (grad_output == 1): then the saved gradients are returned as they are, no
+        # pass over the weight-sized gradient and no second copy of it. Without retain_graph autograd frees the saved
+        # tensors once this returns, so the weight's AccumulateGrad takes the tensor itself as `.grad`; with it they
+        # stay saved, and AccumulateGrad copies them (it never keeps a tensor referenced elsewhere), so a second
+        # backward still starts from intact gradients.
+        unit = bool(torch.equal(grad_output, torch.ones_like(grad_output)))
         grads = []
         for grad, dtype in zip(ctx.saved_tensors, ctx.dtypes):
-            if grad is not None:
+            if grad is not None and not unit:
                 if not ctx.scale_in_place:
                     grad = grad * grad_output.to(grad.dtype)
-                elif not unit:  # in place: a second weight-sized buffer would raise the peak memory for nothing
+                else:  # in place: a second weight-sized buffer would raise the peak memory for nothing
                     grad.mul_(grad_output.to(grad.dtype))
-                grad = grad.to(dtype)
-            grads.append(grad)
+            grads.append(grad.to(dtype) if grad is not None else None)
         return (*grads, None, None, None)
 
 
