@@ -518,3 +518,23 @@ def save_figure(fig, path: str, title: str) -> None:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def run_evidence(args, run, plot=None) -> dict:
+    """An evidence script's run: `run(args)` gives the results, which are written with the settings, the machine and
+    the wall time as JSON (to `--output`, and printed), and drawn by `plot(report, path)` when `--plot` is given.
+    Returns the report."""
+    setup(args.threads, quiet=True)
+    started = time.time()
+    results = run(args)
+    report = {
+        "config": vars(args),
+        "device": device_label(args.threads),
+        "model_name": "SmolLM2-135M-Instruct" if args.model is None else args.model,
+        "wall_seconds": time.time() - started,
+        "results": results,
+    }
+    print(write_json(args.output, report))
+    if plot is not None and getattr(args, "plot", None):
+        plot(report, args.plot)
+    return report

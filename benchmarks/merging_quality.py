@@ -245,19 +245,7 @@ def main():
     bench.add_evidence_arguments(parser, threads=1)
     args = parser.parse_args()
 
-    bench.setup(args.threads, quiet=True)
-    started = time.time()
-    results = run_all(args)
-    report = {
-        "config": vars(args),
-        "device": bench.device_label(args.threads),
-        "model_name": "SmolLM2-135M-Instruct" if args.model is None else args.model,
-        "wall_seconds": time.time() - started,
-        "results": results,
-    }
-    print(bench.write_json(args.output, report))
-    if args.plot:
-        plot(report, args.plot)
+    bench.run_evidence(args, run_all, plot)
 
 
 if __name__ == "__main__":

@@ -276,19 +276,8 @@ def main():
     bench.add_evidence_arguments(parser, threads=1)
     args = parser.parse_args()
 
-    bench.setup(args.threads, quiet=True)
-    started = time.time()
-    results = from_partial(args.from_partial, args) if args.from_partial else run_all(args)
-    report = {
-        "config": vars(args),
-        "device": bench.device_label(args.threads),
-        "model_name": "SmolLM2-135M-Instruct" if args.model is None else args.model,
-        "wall_seconds": time.time() - started,
-        "results": results,
-    }
-    print(bench.write_json(args.output, report))
-    if args.plot:
-        plot(report, args.plot)
+    run = (lambda args: from_partial(args.from_partial, args)) if args.from_partial else run_all
+    results = bench.run_evidence(args, run, plot)["results"]
     for key, label in (("sft_only", "TL SFT only"), ("sft_then_grpo", "TL SFT + GRPO")):
         if key not in results:
             continue
