@@ -17,12 +17,13 @@ import logging
 import os
 from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from ..callbacks.hft import HFTCallback, HFTSelector, apply_hft, check_redraw_possible
 from .args_coercion import default_output_dir, init_values
 from .hft_config import HFTConfig
+from .option_classes import class_with_options
 from .uds_trainer import with_uds
 
 
@@ -187,27 +188,15 @@ def with_hft(cls: type) -> type:
         return cls
     if cls in _HFT_CLASSES:
         return _HFT_CLASSES[cls]
-    name = f"HFT{cls.__name__}"
-    if issubclass(cls, TrainingArguments):
-        attrs = {
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"`{cls.__name__}` with the HFT fields of [`HFTConfig`].",
-            "__reduce__": _reduce_hft_config,
-            "_hft_base": cls,
-        }
-        new = dataclasses.dataclass(type(name, (HFTConfig, cls), attrs))
-    elif issubclass(cls, Trainer):
-        attrs = {
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"`{cls.__name__}` with HFT, Half Fine-Tuning ([`HFTMixin`]).",
-            "_tag_names": [*getattr(cls, "_tag_names", []), "hft"],
-        }
-        if hasattr(cls, "config_class"):
-            attrs["config_class"] = with_hft(cls.config_class)
-        new = type(name, (HFTMixin, cls), attrs)
-    else:
-        raise ValueError(f"`with_hft` takes a transformers/TRL trainer class or a config class, got {cls.__name__}.")
+    new = class_with_options(
+        cls,
+        option="HFT",
+        fields=HFTConfig,
+        mixin=HFTMixin,
+        reduce=_reduce_hft_config,
+        module=__name__,
+        trainer_doc="HFT, Half Fine-Tuning",
+        wrap=with_hft,
+    )
     _HFT_CLASSES[cls] = new
     return new

@@ -34,6 +34,7 @@ from ..modeling import (
 )
 from ..utils import destroy_process_group_at_exit
 from .args_coercion import default_output_dir, init_values
+from .option_classes import class_with_options
 from .uds_config import UDSConfig
 
 
@@ -284,27 +285,15 @@ def with_uds(cls: type) -> type:
             )
     if cls in _UDS_CLASSES:
         return _UDS_CLASSES[cls]
-    name = f"UDS{cls.__name__}"
-    if issubclass(cls, TrainingArguments):
-        attrs = {
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"`{cls.__name__}` with the UDS fields of [`UDSConfig`].",
-            "__reduce__": _reduce_uds_config,
-            "_uds_base": cls,
-        }
-        new = dataclasses.dataclass(type(name, (UDSConfig, cls), attrs))
-    elif issubclass(cls, Trainer):
-        attrs = {
-            "__module__": __name__,
-            "__qualname__": name,
-            "__doc__": f"`{cls.__name__}` with UDS online batch selection ([`UDSMixin`]).",
-            "_tag_names": [*getattr(cls, "_tag_names", []), "uds"],
-        }
-        if hasattr(cls, "config_class"):
-            attrs["config_class"] = with_uds(cls.config_class)
-        new = type(name, (UDSMixin, cls), attrs)
-    else:
-        raise ValueError(f"`with_uds` takes a transformers/TRL trainer class or a config class, got {cls.__name__}.")
+    new = class_with_options(
+        cls,
+        option="UDS",
+        fields=UDSConfig,
+        mixin=UDSMixin,
+        reduce=_reduce_uds_config,
+        module=__name__,
+        trainer_doc="UDS online batch selection",
+        wrap=with_uds,
+    )
     _UDS_CLASSES[cls] = new
     return new
