@@ -4,10 +4,14 @@
 #   loss_head  the loss-head benchmark (benchmarks/loss_head_gpu.py) at N=16384, V=151936, D=4096, bf16;
 #   grpo_head  GRPO's loss head (benchmarks/grpo_head.py --device cuda) at the same shape, dapo beta 0.04 off-policy,
 #              token and sequence level: ours on triton, TRL's head + TRL's loss, Liger's GRPO loss, the floor;
-#   roste      the RoSTE training-step benchmark at Qwen2.5-0.5B's block shapes.
+#   roste      the RoSTE training-step benchmark at Qwen2.5-0.5B's block shapes;
+#   trainer_step  whole training steps (benchmarks/trainer_step.py) of FusedSFT (nll, dft), ASFT, OTR and PoFT
+#              against stock SFTTrainer: Qwen2.5-0.5B's shapes with random weights, bf16, full fine-tuning,
+#              batch 8 x 1024 tokens. Added in performance round 2; not yet measured on GPU.
 #
 #   bash benchmarks/gpu_check.sh                                  # results under $OUT (default: ./gpu_check_out)
 #   GPU_CHECK_PARTS="tests grpo_head" bash benchmarks/gpu_check.sh  # a subset of: tests loss_head grpo_head roste
+#                                                                    # trainer_step
 #
 # Packages the GPU image may lack (trl, liger-kernel, datasets and what they import) can be brought as wheels in
 # ./.whl: they are installed into /tmp/site and put on PYTHONPATH; with no ./.whl the installed packages are used.
@@ -30,8 +34,8 @@ for name in ('transformers', 'trl', 'liger_kernel'):
     except Exception as e: print(name, 'unavailable:', e)
 "; } 2>&1 | tee "$OUT/machine.txt"
 
-PARTS=" ${GPU_CHECK_PARTS:-tests loss_head grpo_head roste} "
-tests_rc=0 bench_rc=0 grpo_rc=0 roste_rc=0
+PARTS=" ${GPU_CHECK_PARTS:-tests loss_head grpo_head roste trainer_step} "
+tests_rc=0 bench_rc=0 grpo_rc=0 roste_rc=0 step_rc=0
 
 if [[ "$PARTS" == *" tests "* ]]; then
     echo "== GPU tests"
@@ -63,6 +67,15 @@ if [[ "$PARTS" == *" roste "* ]]; then
     roste_rc=${PIPESTATUS[0]}
 fi
 
+if [[ "$PARTS" == *" trainer_step "* ]]; then
+    echo "== whole training steps vs stock SFTTrainer"
+    # each trainer in its own process; 16 tiny conversations per row make rows of about 1024 tokens
+    timeout 240 python3 benchmarks/trainer_step.py --device cuda --preset qwen2.5-0.5b --full --batch_size 8 \
+        --max_length 1024 --conversations_per_row 16 --steps 6 --warmup 2 --trainers stock sft dft asft otr poft \
+        --json "$OUT/trainer_step_gpu.json" --markdown "$OUT/trainer_step_gpu.md" 2>&1 | tee "$OUT/trainer_step.log"
+    step_rc=${PIPESTATUS[0]}
+fi
+
 echo "gpu tests rc=$tests_rc, loss-head benchmark rc=$bench_rc, grpo-head benchmark rc=$grpo_rc," \
-    "roste benchmark rc=$roste_rc"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$grpo_rc" = 0 ] && [ "$roste_rc" = 0 ]
+    "roste benchmark rc=$roste_rc, trainer-step benchmark rc=$step_rc"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$grpo_rc" = 0 ] && [ "$roste_rc" = 0 ] && [ "$step_rc" = 0 ]

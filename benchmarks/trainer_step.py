@@ -1,12 +1,20 @@
-"""Training-step benchmark: stock `trl.SFTTrainer` vs `hf_plugins.FusedSFTTrainer`, same model, data and seed.
+"""Whole training-step benchmark: every trainer of the library against stock `trl.SFTTrainer`, same model, data,
+batch, seed and settings.
 
-Each trainer runs in its own fresh subprocess so that peak memory (`ru_maxrss`) is its own. Reports the median
-seconds per optimizer step (after warm-up), the peak resident memory of the process, and the final losses (which
-must agree: the fused trainer computes the same loss).
+Each trainer trains in its own fresh subprocess, so that its peak memory (`ru_maxrss`) is its own, for `--steps`
+optimizer steps (forward, backward, optimizer update, logging: `Trainer.train()` as a user runs it). The script
+reports the median seconds per step after `--warmup` steps, the time ratio to its baseline (ours / stock: below 1 is
+faster than stock) with the issue's target, and the peak resident memory. `--rounds` repeats the whole sequence of
+subprocesses, so that a burst of load from other processes on a shared machine lands on every trainer alike; the
+median over rounds is reported.
 
-    python benchmarks/trainer_step.py                       # SmolLM2-135M-Instruct from the demo cache, LoRA
-    python benchmarks/trainer_step.py --full                # full fine-tuning (the lm_head is trained too)
-    python benchmarks/trainer_step.py --model tiny          # the tiny offline test model (seconds)
+Baselines: stock `SFTTrainer` on the same conversations; for TL-Training, stock `SFTTrainer` on the same tool-calling
+conversations (`stock-tools`); UDS keeps 1 of 4 of each batch and is compared with stock training on the whole batch.
+
+    python benchmarks/trainer_step.py --model tiny                      # V=32000 tiny model, LoRA, every trainer
+    python benchmarks/trainer_step.py --model tiny --full               # full fine-tuning
+    python benchmarks/trainer_step.py --model smollm2 --trainers stock sft dft
+    python benchmarks/trainer_step.py --model tiny --markdown table.md --json results.json
 """
 
 from __future__ import annotations
@@ -15,96 +23,248 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
+from dataclasses import dataclass, field
 
 import _harness as bench
 
 
-def worker(args) -> dict:
-    from trl import SFTConfig, SFTTrainer
+@dataclass(frozen=True)
+class Variant:
+    """One trainer of the table: how to build it and what it is measured against."""
 
-    from hf_plugins import FusedSFTTrainer
+    trainer: str  # a name in `hf_plugins`, "SFTTrainer" (TRL's), or "with_uds"/"with_hft" of FusedSFTTrainer
+    method_args: dict = field(default_factory=dict)
+    data: str = "chat"  # "chat", "chat+score" (PoFT's `ref_score`), "tools" (tool-calling conversations)
+    baseline: str | None = "stock"
+    target: float | None = None  # the issue's target, as a time ratio to the baseline (ours / stock)
+    lora_target: float | None = None  # a different target under LoRA
+    full_only: bool = False
+    label: str = ""
 
-    bench.setup(args.threads, quiet=False)
-    if args.model == "tiny":
-        from hf_plugins.testing import save_tiny_model, tiny_conversational_dataset
 
-        model_dir = save_tiny_model(tempfile.mkdtemp())
-        dataset = tiny_conversational_dataset(256)
+VARIANTS = {
+    "stock": Variant("SFTTrainer", baseline=None, label="stock SFTTrainer"),
+    "sft": Variant("FusedSFTTrainer", {"loss_type": "nll"}, target=1.0, label="FusedSFT (nll)"),
+    "dft": Variant("FusedSFTTrainer", {"loss_type": "dft"}, target=1.0, label="FusedSFT (dft)"),
+    # ASFT's targets are >= 0.8x (full) and >= 0.75x (LoRA) of stock's throughput: 1.25x and 1.33x its step time
+    "asft": Variant("ASFTTrainer", target=1.25, lora_target=1 / 0.75, label="ASFT"),
+    "otr": Variant("OTRTrainer", {"num_samples": 8}, target=1.0, label="OTR (K=8)"),
+    "otr-exact": Variant("OTRTrainer", {"num_samples": "exact"}, target=1.0, label="OTR (exact)"),
+    "poft": Variant("PoFTTrainer", data="chat+score", target=1.0, label="PoFT"),
+    "stock-tools": Variant("SFTTrainer", data="tools", baseline=None, label="stock SFTTrainer, tool calls"),
+    "tl": Variant("TLTrainer", data="tools", baseline="stock-tools", target=1.0, label="TL-Training"),
+    "uds": Variant("with_uds", {"uds_keep": "quarter"}, target=0.6, label="UDS (keep 1 of 4)"),
+    "roste": Variant("RoSTETrainer", target=1.5, full_only=True, label="RoSTE (W4A4KV4)"),
+    "mft": Variant("MFTTrainer", label="MFT"),
+    "hft": Variant("with_hft", label="HFT (half frozen)"),
+    "lfu": Variant("LfUTrainer", label="LfU"),
+}
+
+
+def build_trainer(name: str, args, model_dir: str):
+    import hf_plugins
+    from hf_plugins.testing import TOOL_CHAT_TEMPLATE, tiny_conversational_dataset, tiny_tool_calling_dataset
+
+    variant = VARIANTS[name]
+    rows = args.batch_size * (args.steps + 1)
+    config = {}
+    if variant.data == "tools":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+        dataset = tiny_tool_calling_dataset(rows, seed=1)
+        if "gold_call" in dataset.column_names:
+            dataset = dataset.remove_columns("gold_call")
     else:
-        from hf_plugins.demo.data import load_chatterbot
-        from hf_plugins.demo.model import resolve_model
+        tokenizer = None
+        if args.model == "tiny":
+            dataset = merged_conversations(
+                tiny_conversational_dataset(rows * args.conversations_per_row, seed=1), args
+            )
+        else:
+            from hf_plugins.demo.data import load_chatterbot
 
-        model_dir = resolve_model(None if args.model == "smollm2" else args.model)
-        dataset = load_chatterbot()["train"]
+            dataset = load_chatterbot()["train"].select(range(rows))
+        if variant.data == "chat+score":
+            dataset = dataset.add_column("ref_score", [-3.0 + 0.01 * i for i in range(len(dataset))])
 
-    trainer_cls, config_cls = (FusedSFTTrainer, None) if args.worker == "fused" else (SFTTrainer, SFTConfig)
-    trainer = bench.make_trainer(
+    if variant.trainer == "SFTTrainer":
+        from trl import SFTConfig, SFTTrainer
+
+        trainer_cls, config_cls = SFTTrainer, SFTConfig
+    elif variant.trainer == "with_uds":
+        trainer_cls, config_cls = hf_plugins.with_uds(hf_plugins.FusedSFTTrainer), None
+    elif variant.trainer == "with_hft":
+        trainer_cls, config_cls = hf_plugins.with_hft(hf_plugins.FusedSFTTrainer), None
+    else:
+        trainer_cls, config_cls = getattr(hf_plugins, variant.trainer), None
+    method_args = dict(variant.method_args)
+    if method_args.get("uds_keep") == "quarter":
+        method_args["uds_keep"] = max(1, args.batch_size // 4)
+    if name == "mft" and not args.full:
+        method_args["mask_token"] = "pad"  # a new `<mask>` row could not train under LoRA (MFTTrainer refuses it)
+    config.update(method_args)
+    return bench.make_trainer(
         trainer_cls,
         model_dir,
         dataset,
+        tokenizer,
         config_cls=config_cls,
         peft_config=None if args.full else bench.lora_config(),
+        seed=0,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         max_length=args.max_length,
+        assistant_only_loss=True,
+        **({"use_cpu": False, "bf16": True} if args.device == "cuda" else {}),
+        **config,
     )
-    timer = bench.step_timer()
+
+
+def merged_conversations(dataset, args):
+    """`dataset` with every `--conversations_per_row` consecutive conversations joined into one (one system turn,
+    then all their user and assistant turns): long rows for long `--max_length` from a set of short ones."""
+    if args.conversations_per_row == 1:
+        return dataset
+    from datasets import Dataset
+
+    rows, step = [], args.conversations_per_row
+    for start in range(0, len(dataset) - step + 1, step):
+        group = dataset["messages"][start : start + step]
+        turns = [m for conversation in group for m in conversation if m["role"] != "system"]
+        rows.append([m for m in group[0] if m["role"] == "system"] + turns)
+    return Dataset.from_dict({"messages": rows})
+
+
+def worker(args) -> dict:
+    bench.setup(args.threads)
+    trainer = build_trainer(args.worker, args, args.model_dir)
+    on_gpu = args.device == "cuda"
+    timer = bench.step_timer(sync_gpu=on_gpu)
     trainer.add_callback(timer)
-    with bench.PeakMemory("cpu") as memory:
+    with bench.PeakMemory(args.device) as memory:
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     return {
-        "trainer": trainer_cls.__name__,
+        "trainer": type(trainer).__name__,
         "seconds_per_step": statistics.median(timer.times[args.warmup :]),
-        "peak_rss_mib": memory.peak_bytes / bench.MIB,
+        "step_seconds": timer.times,
+        "peak_rss_mib": memory.peak_bytes / bench.MIB,  # on the GPU: peak allocated GPU memory
         "training_growth_mib": memory.extra_bytes / bench.MIB,
         "losses": losses,
-        "vocab_size": trainer.model.config.vocab_size,
+        "vocab_size": trainer.model.get_output_embeddings().weight.shape[0],
     }
+
+
+def model_folder(args) -> str:
+    if args.model == "tiny":
+        folder, _, _ = bench.tiny_model_folder(
+            args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate or 4 * args.hidden, args.vocab
+        )
+        return folder
+    from hf_plugins.demo.model import resolve_model
+
+    return resolve_model(None if args.model == "smollm2" else args.model)
+
+
+def target_cell(variant: Variant, args) -> tuple[str, str]:
+    target = variant.lora_target if (variant.lora_target and not args.full) else variant.target
+    return ("", "") if target is None else (f"<= {target:.2f}", target)
+
+
+def table(results: dict, args) -> str:
+    rows = []
+    for name, runs in results.items():
+        variant = VARIANTS[name]
+        seconds = statistics.median(run["seconds_per_step"] for run in runs)
+        peak = max(run["peak_rss_mib"] for run in runs)
+        ratio, target_text, verdict = "", "", ""
+        if variant.baseline in results:
+            base = statistics.median(run["seconds_per_step"] for run in results[variant.baseline])
+            ratio_value = seconds / base
+            ratio = f"{ratio_value:.2f}x"
+            target_text, target = target_cell(variant, args)
+            if target_text:
+                verdict = "met" if ratio_value <= target else "missed"
+        rows.append([variant.label or name, f"{seconds:.3f}", ratio, target_text, verdict, f"{peak:.0f}"])
+    memory = "peak GPU memory MiB" if args.device == "cuda" else "peak RSS MiB"
+    header = ["trainer", "s/step", "time vs baseline", "target", "", memory]
+    return bench.table(header, rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="'smollm2' (demo cache), 'tiny', or a local folder")
+    parser.add_argument("--trainers", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--hidden", type=int, default=256, help="tiny model: hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="tiny model: decoder layers")
+    parser.add_argument("--heads", type=int, default=4, help="tiny model: attention heads")
+    parser.add_argument("--kv_heads", type=int, default=2, help="tiny model: key/value heads")
+    parser.add_argument("--intermediate", type=int, default=0, help="tiny model: MLP size (0: 4 x hidden)")
+    parser.add_argument("--vocab", type=int, default=32000, help="tiny model: lm_head rows")
+    parser.add_argument(
+        "--preset",
+        choices=("qwen2.5-0.5b",),
+        help="tiny model at a real model's shapes, random weights: hidden 896, 24 layers, 14/2 heads, MLP 4864, "
+        "V=151936",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bf16 on the GPU")
+    parser.add_argument(
+        "--conversations_per_row", type=int, default=1, help="tiny data: join this many conversations per row"
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the whole sequence of trainers")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA r=8 on every linear")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--worker", choices=["stock", "fused"], help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", help="write the table here")
+    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--model_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.preset == "qwen2.5-0.5b":
+        args.model, args.hidden, args.layers, args.heads, args.kv_heads = "tiny", 896, 24, 14, 2
+        args.intermediate, args.vocab = 4864, 151936
 
     if args.worker:
         bench.report_result(worker(args))
         return
 
-    results = {}
-    for which in ("stock", "fused"):
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-        try:
-            results[which] = bench.run_worker([__file__, *sys.argv[1:], "--worker", which], f"{which} worker", env)
-        except RuntimeError as error:
-            sys.exit(str(error))
+    names = [name for name in args.trainers if not (args.full is False and VARIANTS[name].full_only)]
+    for name in list(names):  # a trainer's baseline always runs with it
+        baseline = VARIANTS[name].baseline
+        if baseline and baseline not in names:
+            names.insert(0, baseline)
+    model_dir = model_folder(args)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    results = {name: [] for name in names}
+    for round_index in range(args.rounds):
+        for name in names:
+            bench.log(f"round {round_index + 1}/{args.rounds}: {name}")
+            argv = [__file__, *sys.argv[1:], "--worker", name, "--model_dir", model_dir]
+            try:
+                results[name].append(bench.run_worker(argv, f"{name} worker", env))
+            except RuntimeError as error:
+                sys.exit(str(error))
 
-    stock, fused = results["stock"], results["fused"]
-    mode = "full fine-tuning" if args.full else "LoRA r=8 all-linear"
-    print(
-        f"model={args.model} (V={fused['vocab_size']}), {mode}, batch {args.batch_size} x <= {args.max_length} "
-        f"tokens, {args.threads} threads, median of steps {args.warmup + 1}..{args.steps}"
+    vocab = results[names[0]][0]["vocab_size"]
+    mode = "full fine-tuning" if args.full else "LoRA r=8 on every linear layer"
+    mode += ", bf16 on the GPU" if args.device == "cuda" else ", float32 on the CPU"
+    heading = (
+        f"model={args.preset or args.model} (V={vocab}), {mode}, batch {args.batch_size} x <= {args.max_length} tokens, "
+        f"{args.threads} thread(s), median of steps {args.warmup + 1}..{args.steps}, {args.rounds} round(s)"
     )
-    print(f"{'trainer':<18}{'s/step':>10}{'peak RSS MiB':>15}{'growth in train MiB':>22}")
-    for row in (stock, fused):
-        print(
-            f"{row['trainer']:<18}{row['seconds_per_step']:>10.3f}{row['peak_rss_mib']:>15.0f}"
-            f"{row['training_growth_mib']:>22.0f}"
-        )
-    print(f"speed-up (stock / fused time): {stock['seconds_per_step'] / fused['seconds_per_step']:.2f}x")
-    diff = max(abs(a - b) for a, b in zip(stock["losses"], fused["losses"]))
-    print(f"max |loss difference| over {len(fused['losses'])} steps: {diff:.2e}")
-    bench.write_json(args.json, {"args": vars(args), **results})
+    text = heading + "\n\n" + table(results, args)
+    print(text)
+    if "sft" in results and "stock" in results:  # the fused head computes stock's loss: a like-for-like check
+        stock, fused = results["stock"][0]["losses"], results["sft"][0]["losses"]
+        diff = max(abs(a - b) for a, b in zip(stock, fused, strict=True))
+        print(f"max |loss difference| stock vs FusedSFT over {len(fused)} steps: {diff:.2e}")
+    bench.write_text(args.markdown, text + "\n")
+    bench.write_json(args.json, {"args": vars(args), "heading": heading, "results": results})
 
 
 if __name__ == "__main__":
