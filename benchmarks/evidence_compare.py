@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -182,7 +183,9 @@ def tool_call_accuracy(rows, max_new_tokens: int):
 
 
 def answer_accuracy(rows, max_new_tokens: int):
-    """`extra_metrics` of dft-reasoning: whether a greedy solution states the reference answer after "answer is"."""
+    """`extra_metrics` of dft-reasoning: whether a greedy solution states the reference answer after its first
+    "answer is" (the training solutions state it once, at their end; a model that goes on repeating itself after
+    stating its answer is scored on that first statement, not on where `max_new_tokens` cuts the repetition)."""
 
     def normalised(text: str) -> str:
         return "".join(text.lower().split()).rstrip(".")
@@ -194,13 +197,22 @@ def answer_accuracy(rows, max_new_tokens: int):
             for messages in rows["messages"]
         ]
         texts = greedy(trainer.model, tokenizer, prompts, max_new_tokens)
-        stated = [normalised(text.rsplit("answer is", 1)[1]) if "answer is" in text else "" for text in texts]
-        correct = [bool(s) and s.startswith(normalised(answer)) for s, answer in zip(stated, rows["answer"])]
+        # the statement runs to the end of its sentence or line ("The answer is 75. The answer is ..." -> "75")
+        stated = [
+            normalised(re.split(r"\.\s|\n", text.split("answer is", 1)[1], maxsplit=1)[0])
+            if "answer is" in text
+            else ""
+            for text in texts
+        ]
+        correct = [bool(s) and s == normalised(answer) for s, answer in zip(stated, rows["answer"])]
         return {
             "problems": len(rows),
             "exact_answer_accuracy": sum(correct) / len(rows),
             "states_an_answer": sum(bool(s) for s in stated) / len(rows),
-            "samples": [{"answer": a, "completion": t[-300:]} for a, t in list(zip(rows["answer"], texts))[:3]],
+            "samples": [
+                {"answer": a, "stated": st, "completion": t[:300]}
+                for a, st, t in list(zip(rows["answer"], stated, texts, strict=True))[:3]
+            ],
         }
 
     return measure
