@@ -137,16 +137,51 @@ def merged_conversations(dataset, args):
     return Dataset.from_dict({"messages": rows})
 
 
+def step_profiler(step: int, top: int):
+    """A `TrainerCallback` that runs torch.profiler over optimizer step `step` (1-based) and keeps the `top` ops by
+    self CPU time in `ops` (a step after the warm-up: the time the table's median is made of)."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            self.ops, self.total_ms = [], 0.0
+
+        def on_step_begin(self, _args, state, *_, **__):
+            if state.global_step + 1 == step:
+                self.profile = profile(activities=[ProfilerActivity.CPU])
+                self.profile.__enter__()
+
+        def on_step_end(self, _args, state, *_, **__):
+            if state.global_step == step:
+                self.profile.__exit__(None, None, None)
+                events = [e for e in self.profile.key_averages() if e.self_cpu_time_total > 0]
+                events.sort(key=lambda e: -e.self_cpu_time_total)
+                self.ops = [
+                    {"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3} for e in events[:top]
+                ]
+                self.total_ms = sum(e.self_cpu_time_total for e in events) / 1e3
+
+    return StepProfiler()
+
+
 def worker(args) -> dict:
     bench.setup(args.threads)
     trainer = build_trainer(args.worker, args, args.model_dir)
     on_gpu = args.device == "cuda"
     timer = bench.step_timer(sync_gpu=on_gpu)
     trainer.add_callback(timer)
+    profiler = step_profiler(args.warmup + 1, args.profile) if args.profile else None
+    if profiler is not None:
+        trainer.add_callback(profiler)
     with bench.PeakMemory(args.device) as memory:
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    if profiler is not None:
+        # the profiled step is slower than the others: leave it out of the median
+        del timer.times[args.warmup]
     return {
+        "profile": None if profiler is None else {"total_self_ms": profiler.total_ms, "top_ops": profiler.ops},
         "trainer": type(trainer).__name__,
         "seconds_per_step": statistics.median(timer.times[args.warmup :]),
         "step_seconds": timer.times,
@@ -220,6 +255,9 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA r=8 on every linear")
+    parser.add_argument(
+        "--profile", type=int, default=0, help="profile the first step after the warm-up; print this many top ops"
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--markdown", help="write the table here")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -263,6 +301,11 @@ def main() -> None:
         stock, fused = results["stock"][0]["losses"], results["sft"][0]["losses"]
         diff = max(abs(a - b) for a, b in zip(stock, fused, strict=True))
         print(f"max |loss difference| stock vs FusedSFT over {len(fused)} steps: {diff:.2e}")
+    if args.profile:
+        for name, runs in results.items():
+            profile = runs[0]["profile"]
+            ops = ", ".join(f"{op['op'].removeprefix('aten::')} {op['self_ms']:.0f}" for op in profile["top_ops"])
+            print(f"{name}: {profile['total_self_ms']:.0f} ms self CPU in the profiled step; top ops (ms): {ops}")
     bench.write_text(args.markdown, text + "\n")
     bench.write_json(args.json, {"args": vars(args), "heading": heading, "results": results})
 
