@@ -86,6 +86,15 @@ def build_trainer(name: str, args, model_dir: str):
             from hf_plugins.demo.data import load_chatterbot
 
             dataset = load_chatterbot()["train"].select(range(rows))
+            # stock SFTTrainer needs a template with generation markers for `assistant_only_loss`; our trainers
+            # switch to the shipped training version of the model's template themselves: give every trainer that one
+            from transformers import AutoTokenizer
+
+            from hf_plugins.chat_templates import TEMPLATES_DIR, find_shipped_template
+
+            shipped = find_shipped_template(AutoTokenizer.from_pretrained(model_dir).chat_template)
+            if shipped is not None:
+                config["chat_template_path"] = str(TEMPLATES_DIR / shipped.file)
         if variant.data == "chat+score":
             dataset = dataset.add_column("ref_score", [-3.0 + 0.01 * i for i in range(len(dataset))])
 
