@@ -62,22 +62,21 @@ VARIANTS = {
 
 
 def build_trainer(name: str, args, model_dir: str):
+    from transformers import AutoTokenizer
+
     import hf_plugins
     from hf_plugins.testing import TOOL_CHAT_TEMPLATE, tiny_conversational_dataset, tiny_tool_calling_dataset
 
     variant = VARIANTS[name]
     rows = args.batch_size * (args.steps + 1)
     config = {}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if variant.data == "tools":
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         tokenizer.chat_template = TOOL_CHAT_TEMPLATE
         dataset = tiny_tool_calling_dataset(rows, seed=1)
         if "gold_call" in dataset.column_names:
             dataset = dataset.remove_columns("gold_call")
     else:
-        tokenizer = None
         if args.model == "tiny":
             dataset = merged_conversations(
                 tiny_conversational_dataset(rows * args.conversations_per_row, seed=1), args
@@ -88,11 +87,9 @@ def build_trainer(name: str, args, model_dir: str):
             dataset = load_chatterbot()["train"].select(range(rows))
             # stock SFTTrainer needs a template with generation markers for `assistant_only_loss`; our trainers
             # switch to the shipped training version of the model's template themselves: give every trainer that one
-            from transformers import AutoTokenizer
-
             from hf_plugins.chat_templates import TEMPLATES_DIR, find_shipped_template
 
-            shipped = find_shipped_template(AutoTokenizer.from_pretrained(model_dir).chat_template)
+            shipped = find_shipped_template(tokenizer.chat_template)
             if shipped is not None:
                 config["chat_template_path"] = str(TEMPLATES_DIR / shipped.file)
         if variant.data == "chat+score":
@@ -138,9 +135,9 @@ def merged_conversations(dataset, args):
         return dataset
     from datasets import Dataset
 
-    rows, step = [], args.conversations_per_row
-    for start in range(0, len(dataset) - step + 1, step):
-        group = dataset["messages"][start : start + step]
+    rows, step, conversations = [], args.conversations_per_row, dataset["messages"]
+    for start in range(0, len(conversations) - step + 1, step):
+        group = conversations[start : start + step]
         turns = [m for conversation in group for m in conversation if m["role"] != "system"]
         rows.append([m for m in group[0] if m["role"] == "system"] + turns)
     return Dataset.from_dict({"messages": rows})
@@ -212,9 +209,9 @@ def model_folder(args) -> str:
     return resolve_model(None if args.model == "smollm2" else args.model)
 
 
-def target_cell(variant: Variant, args) -> tuple[str, str]:
-    target = variant.lora_target if (variant.lora_target and not args.full) else variant.target
-    return ("", "") if target is None else (f"<= {target:.2f}", target)
+def target_for(variant: Variant, args) -> float | None:
+    """The round's target of `variant` in this mode, as a time ratio to its baseline (None: no target)."""
+    return variant.lora_target if (variant.lora_target and not args.full) else variant.target
 
 
 def table(results: dict, args) -> str:
@@ -226,11 +223,10 @@ def table(results: dict, args) -> str:
         ratio, target_text, verdict = "", "", ""
         if variant.baseline in results:
             base = statistics.median(run["seconds_per_step"] for run in results[variant.baseline])
-            ratio_value = seconds / base
-            ratio = f"{ratio_value:.2f}x"
-            target_text, target = target_cell(variant, args)
-            if target_text:
-                verdict = "met" if ratio_value <= target else "missed"
+            ratio = f"{seconds / base:.2f}x"
+            target = target_for(variant, args)
+            if target is not None:
+                target_text, verdict = f"<= {target:.2f}", "met" if seconds / base <= target else "missed"
         rows.append([variant.label or name, f"{seconds:.3f}", ratio, target_text, verdict, f"{peak:.0f}"])
     memory = "peak GPU memory MiB" if args.device == "cuda" else "peak RSS MiB"
     header = ["trainer", "s/step", "time vs baseline", "target", "", memory]
@@ -280,7 +276,9 @@ def main() -> None:
         bench.report_result(worker(args))
         return
 
-    names = [name for name in args.trainers if not (args.full is False and VARIANTS[name].full_only)]
+    names = [name for name in args.trainers if args.full or not VARIANTS[name].full_only]
+    if not names:
+        sys.exit(f"--trainers {' '.join(args.trainers)}: these train every weight; add --full")
     for name in list(names):  # a trainer's baseline always runs with it
         baseline = VARIANTS[name].baseline
         if baseline and baseline not in names:
