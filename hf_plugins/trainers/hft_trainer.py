@@ -158,8 +158,6 @@ class HFTMixin:
 
 # ---------------------------------------------------------------------------------------------------- with_hft
 
-_HFT_CLASSES: dict[type, type] = {}
-
 
 def _rebuild_hft_config(base: type, uds: bool, state: dict[str, Any]):
     cls = with_hft(with_uds(base) if uds else base)
@@ -186,9 +184,7 @@ def with_hft(cls: type) -> type:
         raise ValueError(f"`with_hft` takes a trainer or config class, got {cls!r}.")
     if issubclass(cls, (HFTMixin, HFTConfig)):
         return cls
-    if cls in _HFT_CLASSES:
-        return _HFT_CLASSES[cls]
-    new = class_with_options(
+    return class_with_options(
         cls,
         option="HFT",
         fields=HFTConfig,
@@ -198,5 +194,3 @@ def with_hft(cls: type) -> type:
         trainer_doc="HFT, Half Fine-Tuning",
         wrap=with_hft,
     )
-    _HFT_CLASSES[cls] = new
-    return new

@@ -13,6 +13,11 @@ from collections.abc import Callable
 from transformers import Trainer, TrainingArguments
 
 
+# one class per (option, base class): `with_uds(X) is with_uds(X)`, so isinstance checks and pickling by the
+# rebuilt class agree however often the class is asked for
+_MADE: dict[tuple[str, type], type] = {}
+
+
 def class_with_options(
     cls: type,
     *,
@@ -24,7 +29,8 @@ def class_with_options(
     trainer_doc: str,
     wrap: Callable[[type], type],
 ) -> type:
-    """`cls` (a transformers/TRL trainer or config class) with the option group `option` ("UDS", "HFT") mixed in.
+    """`cls` (a transformers/TRL trainer or config class) with the option group `option` ("UDS", "HFT") mixed in;
+    the same class object for the same `option` and `cls` every time.
 
     Parameters:
         cls (`type`): the trainer or config class.
@@ -37,6 +43,8 @@ def class_with_options(
         trainer_doc (`str`): what the option does, for the trainer class's docstring.
         wrap (`Callable`): `with_<option>`, applied to a trainer's `config_class`.
     """
+    if (option, cls) in _MADE:
+        return _MADE[option, cls]
     name = f"{option}{cls.__name__}"
     attrs = {"__module__": module, "__qualname__": name}
     if issubclass(cls, TrainingArguments):
@@ -45,15 +53,18 @@ def class_with_options(
             __reduce__=reduce,
             **{f"_{option.lower()}_base": cls},
         )
-        return dataclasses.dataclass(type(name, (fields, cls), attrs))
-    if issubclass(cls, Trainer):
+        made = dataclasses.dataclass(type(name, (fields, cls), attrs))
+    elif issubclass(cls, Trainer):
         attrs.update(
             __doc__=f"`{cls.__name__}` with {trainer_doc} ([`{mixin.__name__}`]).",
             _tag_names=[*getattr(cls, "_tag_names", []), option.lower()],
         )
         if hasattr(cls, "config_class"):
             attrs["config_class"] = wrap(cls.config_class)
-        return type(name, (mixin, cls), attrs)
-    raise ValueError(
-        f"`with_{option.lower()}` takes a transformers/TRL trainer class or a config class, got {cls.__name__}."
-    )
+        made = type(name, (mixin, cls), attrs)
+    else:
+        raise ValueError(
+            f"`with_{option.lower()}` takes a transformers/TRL trainer class or a config class, got {cls.__name__}."
+        )
+    _MADE[option, cls] = made
+    return made

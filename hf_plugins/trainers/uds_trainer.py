@@ -249,8 +249,6 @@ class UDSMixin:
 
 # ---------------------------------------------------------------------------------------------------- with_uds
 
-_UDS_CLASSES: dict[type, type] = {}
-
 
 def _rebuild_uds_config(base: type, state: dict[str, Any]):
     cls = with_uds(base)
@@ -283,9 +281,7 @@ def with_uds(cls: type) -> type:
                 f"or a subclass, e.g. `FusedSFT{kind.__name__[3:]}`); {cls.__name__} is not one: UDS online batch "
                 "selection has no form for other trainers yet."
             )
-    if cls in _UDS_CLASSES:
-        return _UDS_CLASSES[cls]
-    new = class_with_options(
+    return class_with_options(
         cls,
         option="UDS",
         fields=UDSConfig,
@@ -295,5 +291,3 @@ def with_uds(cls: type) -> type:
         trainer_doc="UDS online batch selection",
         wrap=with_uds,
     )
-    _UDS_CLASSES[cls] = new
-    return new
