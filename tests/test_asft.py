@@ -343,13 +343,20 @@ def test_kl_is_exactly_zero_when_the_reference_is_the_policy():
 # ------------------------------------------------------------------------------------------ memory and interface
 
 
-def test_chunked_never_holds_either_models_full_logits():
+def large_vocabulary_inputs():
+    """Policy and reference inputs over a 20000-token vocabulary, chunked by 32 rows: (N, V, chunk, hidden, weight,
+    ref_hidden, ref_weight, labels)."""
     N, V, D, chunk = 256, 20_000, 16, 32
     g = gen(17)
     hidden = torch.randn(N, D, generator=g).requires_grad_(True)
     weight = (0.1 * torch.randn(V, D, generator=g)).requires_grad_(True)
     ref_hidden, ref_weight = torch.randn(N, D, generator=g), 0.1 * torch.randn(V, D, generator=g)
     labels = torch.randint(0, V, (N,), generator=g)
+    return N, V, chunk, hidden, weight, ref_hidden, ref_weight, labels
+
+
+def test_chunked_never_holds_either_models_full_logits():
+    N, V, chunk, hidden, weight, ref_hidden, ref_weight, labels = large_vocabulary_inputs()
     with LargestTensor() as mode:
         loss, _ = fused_linear_loss(
             hidden,
@@ -370,12 +377,7 @@ def test_chunked_never_holds_either_models_full_logits():
 def test_chunked_allocates_its_tiles_once_per_call():
     """The reference's logits, log-probs and probabilities go to two spare tiles the chunked backend keeps for the
     whole call: a call allocates four `[chunk, V]` tiles whatever its number of chunks."""
-    N, V, D, chunk = 256, 20_000, 16, 32
-    g = gen(17)
-    hidden = torch.randn(N, D, generator=g).requires_grad_(True)
-    weight = (0.1 * torch.randn(V, D, generator=g)).requires_grad_(True)
-    ref_hidden, ref_weight = torch.randn(N, D, generator=g), 0.1 * torch.randn(V, D, generator=g)
-    labels = torch.randint(0, V, (N,), generator=g)
+    N, V, chunk, hidden, weight, ref_hidden, ref_weight, labels = large_vocabulary_inputs()
     with LargestTensor() as mode:
         loss = fused_linear_loss(
             hidden, weight, labels, "asft", backend="chunked", chunk_size=chunk, ref_hidden=ref_hidden,

@@ -408,13 +408,19 @@ def test_float32_matches_float64_functional():
     assert got.loss.dtype == torch.float32
 
 
-@pytest.mark.parametrize("num_samples", [256, None], ids=["K256", "exact"])
-def test_chunked_never_holds_more_than_a_tile(num_samples):
+def large_vocabulary_inputs():
+    """Inputs over a 20000-token vocabulary, chunked by 32 rows: (N, V, chunk, hidden, weight, labels)."""
     N, V, chunk = 512, 20_000, 32
     g = gen(18)
     hidden = torch.randn(N, 16, generator=g).requires_grad_(True)
     weight = (0.1 * torch.randn(V, 16, generator=g)).requires_grad_(True)
     labels = torch.randint(0, V, (N,), generator=g)
+    return N, V, chunk, hidden, weight, labels
+
+
+@pytest.mark.parametrize("num_samples", [256, None], ids=["K256", "exact"])
+def test_chunked_never_holds_more_than_a_tile(num_samples):
+    N, V, chunk, hidden, weight, labels = large_vocabulary_inputs()
     with LargestTensor() as mode:
         loss = fused_linear_loss(
             hidden, weight, labels, "otr", chunk_size=chunk, num_samples=num_samples, generator=gen(0)
@@ -427,11 +433,7 @@ def test_chunked_never_holds_more_than_a_tile(num_samples):
 def test_chunked_allocates_its_tiles_once_per_call():
     """The sampler builds its tempered masses in a spare tile the chunked backend keeps for the whole call: a call
     allocates three `[chunk, V]` tiles (log-probs, probabilities, masses) whatever its number of chunks."""
-    N, V, chunk = 512, 20_000, 32
-    g = gen(18)
-    hidden = torch.randn(N, 16, generator=g).requires_grad_(True)
-    weight = (0.1 * torch.randn(V, 16, generator=g)).requires_grad_(True)
-    labels = torch.randint(0, V, (N,), generator=g)
+    N, V, chunk, hidden, weight, labels = large_vocabulary_inputs()
     with LargestTensor() as mode:
         loss = fused_linear_loss(hidden, weight, labels, "otr", chunk_size=chunk, num_samples=8, generator=gen(0))
         torch.autograd.grad(loss, [hidden, weight])
